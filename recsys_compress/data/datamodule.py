@@ -1,0 +1,288 @@
+"""LightningDataModule: interactions -> split -> whole-tensor training batches and eval batches.
+
+Training batches are slices of tensors built once per epoch (fresh negatives, one shuffle), so
+there is no per-sample ``__getitem__`` and no collate on the hot path. Evaluation batches are
+built once: chunks of users with the items to exclude and the held-out items to find, or
+(sampled protocol) each held-out item with a fixed, seeded set of sampled negatives.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from recsys_compress.config import DataConfig, EvalConfig, LossConfig, SplitConfig
+from recsys_compress.data.interactions import Interactions, load_interactions
+from recsys_compress.data.sampling import ExclusionSampler
+from recsys_compress.data.splits import Split, make_split
+
+log = logging.getLogger(__name__)
+
+Batch = dict[str, torch.Tensor]
+
+
+class TrainBatches(IterableDataset):
+    """One epoch of shuffled training batches, with negatives drawn anew for each epoch.
+
+    ``bce``: pointwise (users, items, labels), ``k`` negatives per positive. ``bpr``: triples
+    (users, pos_items, neg_items), ``k`` per positive. ``mse``: (users, items, ratings). The epoch's
+    randomness comes from ``(seed, epoch)``, so an epoch can be replayed exactly.
+    """
+
+    def __init__(
+        self,
+        users: torch.Tensor,
+        items: torch.Tensor,
+        ratings: torch.Tensor,
+        sampler: ExclusionSampler,
+        loss: str,
+        num_negatives: int,
+        batch_size: int,
+        seed: int,
+        epoch_fn: Callable[[], int],
+    ) -> None:
+        self.users, self.items, self.ratings = users, items, ratings
+        self.sampler = sampler
+        self.loss = loss
+        self.num_negatives = num_negatives
+        self.batch_size = batch_size
+        self.seed = seed
+        self.epoch_fn = epoch_fn
+
+    def num_samples(self) -> int:
+        positives = len(self.users)
+        if self.loss == "bce":
+            return positives * (1 + self.num_negatives)
+        if self.loss == "bpr":
+            return positives * self.num_negatives
+        return positives
+
+    def __len__(self) -> int:
+        return -(-self.num_samples() // self.batch_size)
+
+    def epoch_tensors(self, epoch: int) -> Batch:
+        """The whole epoch, shuffled, as tensors of equal length."""
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        k = self.num_negatives
+        if self.loss == "bce":
+            negatives = self.sampler.sample(self.users, k, generator).reshape(-1)
+            data = {
+                "users": torch.cat([self.users, self.users.repeat_interleave(k)]),
+                "items": torch.cat([self.items, negatives]),
+                "labels": torch.cat([torch.ones(len(self.users)), torch.zeros(len(negatives))]),
+            }
+        elif self.loss == "bpr":
+            data = {
+                "users": self.users.repeat_interleave(k),
+                "pos_items": self.items.repeat_interleave(k),
+                "neg_items": self.sampler.sample(self.users, k, generator).reshape(-1),
+            }
+        else:
+            data = {"users": self.users, "items": self.items, "ratings": self.ratings}
+        order = torch.randperm(len(data["users"]), generator=generator)
+        return {key: value[order] for key, value in data.items()}
+
+    def __iter__(self) -> Iterator[Batch]:
+        data = self.epoch_tensors(self.epoch_fn())
+        total = len(data["users"])
+        for start in range(0, total, self.batch_size):
+            yield {key: value[start : start + self.batch_size] for key, value in data.items()}
+
+
+def _csr(users: np.ndarray, items: np.ndarray, num_users: int) -> tuple[np.ndarray, np.ndarray]:
+    """(indptr, items sorted by user) of a set of pairs."""
+    order = np.lexsort((items, users))
+    indptr = np.zeros(num_users + 1, dtype=np.int64)
+    indptr[1:] = np.cumsum(np.bincount(users, minlength=num_users))
+    return indptr, items[order]
+
+
+def _rows_of_users(
+    indptr: np.ndarray, items: np.ndarray, chunk_users: np.ndarray
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, item) pairs of the CSR rows of ``chunk_users``; row = position in the chunk."""
+    lengths = indptr[chunk_users + 1] - indptr[chunk_users]
+    rows = np.repeat(np.arange(len(chunk_users)), lengths)
+    starts = np.repeat(indptr[chunk_users] - np.r_[0, np.cumsum(lengths)[:-1]], lengths)
+    cols = items[np.arange(lengths.sum()) + starts]
+    return torch.from_numpy(rows), torch.from_numpy(cols)
+
+
+@dataclass
+class EvalData:
+    """Evaluation batches for one split part (validation or test)."""
+
+    batches: list[Batch]
+    num_queries: int
+
+
+def full_ranking_batches(
+    interactions: Interactions,
+    exclude_rows: np.ndarray,
+    target_rows: np.ndarray,
+    batch_users: int,
+    with_ratings: bool,
+) -> EvalData:
+    """User chunks with (row, item) pairs to exclude (-inf) and the held-out (row, item) targets."""
+    users = interactions.users.numpy()
+    items = interactions.items.numpy()
+    n = interactions.num_users
+    ex_ptr, ex_items = _csr(users[exclude_rows], items[exclude_rows], n)
+    target_users, target_items = users[target_rows], items[target_rows]
+    order = np.lexsort((target_items, target_users))
+    target_rows = target_rows[order]
+    tg_ptr, tg_items = _csr(target_users, target_items, n)
+    eval_users = np.unique(target_users)
+    batches = []
+    for start in range(0, len(eval_users), batch_users):
+        chunk = eval_users[start : start + batch_users]
+        ex_r, ex_c = _rows_of_users(ex_ptr, ex_items, chunk)
+        tg_r, tg_c = _rows_of_users(tg_ptr, tg_items, chunk)
+        batch = {
+            "users": torch.from_numpy(chunk),
+            "exclude_rows": ex_r,
+            "exclude_items": ex_c,
+            "target_rows": tg_r,
+            "target_items": tg_c,
+        }
+        if with_ratings:
+            rows = target_rows[tg_ptr[chunk[0]] : tg_ptr[chunk[-1] + 1]]
+            batch["rating_users"] = interactions.users[rows]
+            batch["rating_items"] = interactions.items[rows]
+            batch["ratings"] = interactions.ratings[rows]
+        batches.append(batch)
+    return EvalData(batches=batches, num_queries=len(eval_users))
+
+
+def sampled_batches(
+    interactions: Interactions,
+    target_rows: np.ndarray,
+    sampler: ExclusionSampler,
+    num_negatives: int,
+    batch_users: int,
+    seed: int,
+    with_ratings: bool,
+) -> EvalData:
+    """Each held-out (user, item) with ``num_negatives`` fixed negatives: ``candidates[:, 0]`` is
+    the held-out item. Negatives never include any interaction of the user.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    users = interactions.users[target_rows]
+    positives = interactions.items[target_rows]
+    negatives = sampler.sample(users, num_negatives, generator)
+    candidates = torch.cat([positives[:, None], negatives], dim=1)
+    ratings = interactions.ratings[target_rows]
+    batches = []
+    for s in range(0, len(users), batch_users):
+        batch = {"users": users[s : s + batch_users], "candidates": candidates[s : s + batch_users]}
+        if with_ratings:
+            batch["ratings"] = ratings[s : s + batch_users]
+        batches.append(batch)
+    return EvalData(batches=batches, num_queries=len(users))
+
+
+class RecDataModule(L.LightningDataModule):
+    """Loads and splits the data once; serves training and evaluation batches."""
+
+    def __init__(
+        self,
+        data: DataConfig,
+        split: SplitConfig,
+        loss: LossConfig,
+        evaluation: EvalConfig,
+        batch_size: int,
+        seed: int,
+    ) -> None:
+        super().__init__()
+        self.data_cfg, self.split_cfg, self.loss_cfg, self.eval_cfg = data, split, loss, evaluation
+        self.batch_size = batch_size
+        self.seed = seed
+        self.interactions: Interactions | None = None
+        self.split: Split | None = None
+        self._epoch = 0
+
+    @property
+    def num_users(self) -> int:
+        assert self.interactions is not None, "call setup() first"
+        return self.interactions.num_users
+
+    @property
+    def num_items(self) -> int:
+        assert self.interactions is not None, "call setup() first"
+        return self.interactions.num_items
+
+    def setup(self, stage: str | None = None) -> None:
+        """Idempotent: load, split and build every batch source (raises on bad data/config)."""
+        if self.interactions is not None:
+            return
+        inter = load_interactions(self.data_cfg)
+        split = make_split(inter, self.split_cfg, self.seed)
+        self.interactions, self.split = inter, split
+        train_users, train_items = inter.users[split.train], inter.items[split.train]
+        train_sampler = ExclusionSampler(train_users, train_items, inter.num_users, inter.num_items)
+        self.train_batches = TrainBatches(
+            train_users,
+            train_items,
+            inter.ratings[split.train],
+            train_sampler,
+            self.loss_cfg.name,
+            self.loss_cfg.num_negatives,
+            self.batch_size,
+            self.seed,
+            self._current_epoch,
+        )
+        eval_seed = self.eval_cfg.seed if self.eval_cfg.seed is not None else self.seed
+        explicit = self.data_cfg.feedback == "explicit"
+        if self.eval_cfg.protocol == "full":
+            self.val_data = full_ranking_batches(
+                inter, split.train, split.val, self.eval_cfg.batch_users, explicit
+            )
+            self.test_data = full_ranking_batches(
+                inter,
+                np.concatenate([split.train, split.val]),
+                split.test,
+                self.eval_cfg.batch_users,
+                explicit,
+            )
+        else:
+            all_sampler = ExclusionSampler(
+                inter.users, inter.items, inter.num_users, inter.num_items
+            )
+            self.val_data, self.test_data = (
+                sampled_batches(
+                    inter,
+                    rows,
+                    all_sampler,
+                    self.eval_cfg.num_negatives,
+                    self.eval_cfg.batch_users,
+                    eval_seed + offset,
+                    explicit,
+                )
+                for offset, rows in ((1, split.val), (2, split.test))
+            )
+        log.info(
+            "%d users, %d items; train %d / val %d / test %d interactions",
+            inter.num_users,
+            inter.num_items,
+            len(split.train),
+            len(split.val),
+            len(split.test),
+        )
+
+    def _current_epoch(self) -> int:
+        return self.trainer.current_epoch if self.trainer is not None else self._epoch
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_batches, batch_size=None)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_data.batches, batch_size=None, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(self.test_data.batches, batch_size=None, shuffle=False)

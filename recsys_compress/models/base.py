@@ -1,0 +1,54 @@
+"""The interface every recommender implements, and helpers that keep models compression-agnostic.
+
+Compression replaces ``nn.Embedding`` / ``nn.Linear`` modules by pruned, factorised or quantised
+ones. Models therefore read tables by calling their modules (:func:`all_rows`), and take shortcuts
+that read ``.weight`` directly only when a module is exactly ``nn.Linear`` / ``nn.Embedding``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+# Cap on the elements of one intermediate tensor when scoring all items (about 64 MB of float32).
+MAX_CHUNK_ELEMENTS = 1 << 24
+
+
+def all_rows(embedding: nn.Module, num_rows: int) -> torch.Tensor:
+    """The full table of an embedding-like module (works for any module mapping ids to vectors)."""
+    if type(embedding) is nn.Embedding:
+        return embedding.weight
+    device = next(embedding.parameters()).device
+    return embedding(torch.arange(num_rows, device=device))
+
+
+def init_embedding(embedding: nn.Embedding, std: float) -> None:
+    """N(0, std) as in the NCF reference code (std=0.01)."""
+    nn.init.normal_(embedding.weight, mean=0.0, std=std)
+
+
+class Recommender(nn.Module):
+    """Scores (user, item) pairs; ``score_all`` scores every item for a batch of users.
+
+    Subclasses implement ``forward(users, items) -> scores`` for 1-D id tensors of equal length and
+    may override ``score_all`` with a faster exact computation.
+    """
+
+    num_users: int
+    num_items: int
+
+    def score_all(self, users: torch.Tensor) -> torch.Tensor:
+        """``[len(users), num_items]`` scores, computed in chunks of pairs to bound memory."""
+        rows_per_chunk = max(1, MAX_CHUNK_ELEMENTS // (self.num_items * 64))
+        items = torch.arange(self.num_items, device=users.device)
+        out = []
+        for chunk in users.split(rows_per_chunk):
+            pair_users = chunk.repeat_interleave(self.num_items)
+            pair_items = items.repeat(len(chunk))
+            out.append(self(pair_users, pair_items).view(len(chunk), self.num_items))
+        return torch.cat(out)
+
+    def score_candidates(self, users: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """``[B, C]`` scores of ``candidates[b]`` for ``users[b]`` (sampled evaluation)."""
+        flat_users = users[:, None].expand_as(candidates).reshape(-1)
+        return self(flat_users, candidates.reshape(-1)).view(candidates.shape)

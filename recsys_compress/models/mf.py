@@ -1,0 +1,47 @@
+"""Matrix factorisation with biases (the dot-product model of Rendle et al., 2020)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from recsys_compress.models.base import Recommender, all_rows, init_embedding
+
+
+class MF(Recommender):
+    """``score(u, i) = <p_u, q_i> + b_u + b_i + b``; biases optional."""
+
+    def __init__(
+        self,
+        num_users: int,
+        num_items: int,
+        dim: int,
+        use_bias: bool = True,
+        init_std: float = 0.01,
+    ) -> None:
+        super().__init__()
+        self.num_users, self.num_items, self.use_bias = num_users, num_items, use_bias
+        self.user_embedding = nn.Embedding(num_users, dim)
+        self.item_embedding = nn.Embedding(num_items, dim)
+        init_embedding(self.user_embedding, init_std)
+        init_embedding(self.item_embedding, init_std)
+        if use_bias:
+            self.user_bias = nn.Embedding(num_users, 1)
+            self.item_bias = nn.Embedding(num_items, 1)
+            nn.init.zeros_(self.user_bias.weight)
+            nn.init.zeros_(self.item_bias.weight)
+            self.global_bias = nn.Parameter(torch.zeros(1))
+
+    def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        scores = (self.user_embedding(users) * self.item_embedding(items)).sum(-1)
+        if self.use_bias:
+            scores = scores + self.user_bias(users).squeeze(-1) + self.item_bias(items).squeeze(-1)
+            scores = scores + self.global_bias
+        return scores
+
+    def score_all(self, users: torch.Tensor) -> torch.Tensor:
+        scores = self.user_embedding(users) @ all_rows(self.item_embedding, self.num_items).T
+        if self.use_bias:
+            item_bias = all_rows(self.item_bias, self.num_items).squeeze(-1)
+            scores = scores + self.user_bias(users) + item_bias + self.global_bias
+        return scores

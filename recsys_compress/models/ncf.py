@@ -1,0 +1,197 @@
+"""Neural Collaborative Filtering (He et al., 2017): GMF, MLP and their fusion NeuMF."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from recsys_compress.models.base import (
+    MAX_CHUNK_ELEMENTS,
+    Recommender,
+    all_rows,
+    init_embedding,
+)
+
+
+def _tower(in_dim: int, layers: Sequence[int], dropout: float) -> nn.Sequential:
+    """Linear -> ReLU (-> Dropout) blocks, Xavier-initialised as in the NCF code."""
+    blocks: list[nn.Module] = []
+    for size in layers:
+        linear = nn.Linear(in_dim, size)
+        nn.init.xavier_uniform_(linear.weight)
+        nn.init.zeros_(linear.bias)
+        blocks += [linear, nn.ReLU()]
+        if dropout > 0:
+            blocks.append(nn.Dropout(dropout))
+        in_dim = size
+    return nn.Sequential(*blocks)
+
+
+def _predict_layer(in_dim: int) -> nn.Linear:
+    layer = nn.Linear(in_dim, 1)
+    nn.init.kaiming_uniform_(layer.weight, a=1, nonlinearity="sigmoid")
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+class _MLPBranch(nn.Module):
+    """User and item embeddings, concatenated and passed through the MLP tower."""
+
+    def __init__(
+        self,
+        num_users: int,
+        num_items: int,
+        dim: int,
+        layers: Sequence[int],
+        dropout: float,
+        init_std: float,
+    ) -> None:
+        super().__init__()
+        self.num_items = num_items
+        self.user_embedding = nn.Embedding(num_users, dim)
+        self.item_embedding = nn.Embedding(num_items, dim)
+        init_embedding(self.user_embedding, init_std)
+        init_embedding(self.item_embedding, init_std)
+        self.tower = _tower(2 * dim, layers, dropout)
+        self.out_dim = layers[-1]
+
+    def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        pair = torch.cat([self.user_embedding(users), self.item_embedding(items)], dim=-1)
+        return self.tower(pair)
+
+    def all_items(self, users: torch.Tensor) -> torch.Tensor:
+        """``[B, num_items, out_dim]`` tower outputs for every item.
+
+        When the first layer is a plain ``nn.Linear``, ``W [p; q] + b = W_u p + (W_i q + b)``: the
+        user and item halves are projected once and summed by broadcasting, instead of running
+        the first layer on ``B x num_items`` concatenated pairs. Otherwise pairs are built.
+        """
+        user_vectors = self.user_embedding(users)
+        item_vectors = all_rows(self.item_embedding, self.num_items)
+        first = self.tower[0]
+        if type(first) is nn.Linear:
+            dim = user_vectors.shape[-1]
+            user_part = user_vectors @ first.weight[:, :dim].T
+            item_part = item_vectors @ first.weight[:, dim:].T + first.bias
+            hidden = user_part[:, None, :] + item_part[None, :, :]
+            return self.tower[1:](hidden)
+        pair = torch.cat(
+            [
+                user_vectors[:, None, :].expand(-1, self.num_items, -1),
+                item_vectors[None, :, :].expand(len(users), -1, -1),
+            ],
+            dim=-1,
+        )
+        return self.tower(pair)
+
+
+def _score_all_chunked(model: Recommender, users: torch.Tensor, width: int) -> torch.Tensor:
+    """Run ``model._score_chunk`` over user chunks so one intermediate stays under the cap."""
+    rows = max(1, MAX_CHUNK_ELEMENTS // max(1, model.num_items * width))
+    return torch.cat([model._score_chunk(chunk) for chunk in users.split(rows)])
+
+
+class GMF(Recommender):
+    """Generalised MF: ``h^T (p_u * q_i) + b``."""
+
+    def __init__(self, num_users: int, num_items: int, dim: int, init_std: float = 0.01) -> None:
+        super().__init__()
+        self.num_users, self.num_items = num_users, num_items
+        self.user_embedding = nn.Embedding(num_users, dim)
+        self.item_embedding = nn.Embedding(num_items, dim)
+        init_embedding(self.user_embedding, init_std)
+        init_embedding(self.item_embedding, init_std)
+        self.predict = _predict_layer(dim)
+
+    def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        return self.predict(self.user_embedding(users) * self.item_embedding(items)).squeeze(-1)
+
+    def score_all(self, users: torch.Tensor) -> torch.Tensor:
+        if type(self.predict) is not nn.Linear:
+            return super().score_all(users)
+        weighted_users = self.user_embedding(users) * self.predict.weight
+        item_table = all_rows(self.item_embedding, self.num_items)
+        return weighted_users @ item_table.T + self.predict.bias
+
+
+class MLP(Recommender):
+    """NCF's MLP recommender: concatenated embeddings through a ReLU tower, then a linear score."""
+
+    def __init__(
+        self,
+        num_users: int,
+        num_items: int,
+        dim: int,
+        layers: Sequence[int],
+        dropout: float = 0.0,
+        init_std: float = 0.01,
+    ) -> None:
+        super().__init__()
+        self.num_users, self.num_items = num_users, num_items
+        self.mlp = _MLPBranch(num_users, num_items, dim, layers, dropout, init_std)
+        self.predict = _predict_layer(self.mlp.out_dim)
+
+    def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        return self.predict(self.mlp(users, items)).squeeze(-1)
+
+    def _score_chunk(self, users: torch.Tensor) -> torch.Tensor:
+        return self.predict(self.mlp.all_items(users)).squeeze(-1)
+
+    def score_all(self, users: torch.Tensor) -> torch.Tensor:
+        first = self.mlp.tower[0]
+        return _score_all_chunked(self, users, getattr(first, "out_features", 64))
+
+
+class NeuMF(Recommender):
+    """GMF and MLP branches with separate embeddings, concatenated before the final layer."""
+
+    def __init__(
+        self,
+        num_users: int,
+        num_items: int,
+        dim: int,
+        mlp_dim: int,
+        layers: Sequence[int],
+        dropout: float = 0.0,
+        init_std: float = 0.01,
+    ) -> None:
+        super().__init__()
+        self.num_users, self.num_items = num_users, num_items
+        self.gmf_user_embedding = nn.Embedding(num_users, dim)
+        self.gmf_item_embedding = nn.Embedding(num_items, dim)
+        init_embedding(self.gmf_user_embedding, init_std)
+        init_embedding(self.gmf_item_embedding, init_std)
+        self.mlp = _MLPBranch(num_users, num_items, mlp_dim, layers, dropout, init_std)
+        self.predict = _predict_layer(dim + self.mlp.out_dim)
+
+    def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        gmf = self.gmf_user_embedding(users) * self.gmf_item_embedding(items)
+        return self.predict(torch.cat([gmf, self.mlp(users, items)], dim=-1)).squeeze(-1)
+
+    def _score_chunk(self, users: torch.Tensor) -> torch.Tensor:
+        gmf_users = self.gmf_user_embedding(users)
+        gmf_items = all_rows(self.gmf_item_embedding, self.num_items)
+        gmf = gmf_users[:, None, :] * gmf_items[None, :, :]
+        return self.predict(torch.cat([gmf, self.mlp.all_items(users)], dim=-1)).squeeze(-1)
+
+    def score_all(self, users: torch.Tensor) -> torch.Tensor:
+        first = self.mlp.tower[0]
+        width = getattr(first, "out_features", 64) + self.gmf_user_embedding.embedding_dim
+        return _score_all_chunked(self, users, width)
+
+    @torch.no_grad()
+    def load_pretrained(self, gmf: GMF, mlp: MLP, alpha: float = 0.5) -> None:
+        """Initialise from trained GMF and MLP models (NCF paper, Sec. 3.4.1).
+
+        Embeddings and the tower are copied; the output layer is ``[alpha h_gmf, (1-alpha) h_mlp]``
+        with bias ``alpha b_gmf + (1-alpha) b_mlp``.
+        """
+        self.gmf_user_embedding.load_state_dict(gmf.user_embedding.state_dict())
+        self.gmf_item_embedding.load_state_dict(gmf.item_embedding.state_dict())
+        self.mlp.load_state_dict(mlp.mlp.state_dict())
+        self.predict.weight.copy_(
+            torch.cat([alpha * gmf.predict.weight, (1 - alpha) * mlp.predict.weight], dim=1)
+        )
+        self.predict.bias.copy_(alpha * gmf.predict.bias + (1 - alpha) * mlp.predict.bias)

@@ -1,0 +1,138 @@
+"""The one LightningModule: any :class:`Recommender` with a loss, an optimizer and evaluation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from recsys_compress.config import EvalConfig, LossConfig, OptimConfig
+from recsys_compress.metrics import FullRankingMetrics, RatingMetrics, SampledRankingMetrics
+from recsys_compress.models.base import Recommender
+
+
+def recommendation_loss(
+    model: Recommender, batch: dict[str, torch.Tensor], loss: str
+) -> torch.Tensor:
+    """BCE on (user, item, label) points, BPR on (user, pos, neg) triples, MSE on ratings."""
+    if loss == "bce":
+        return F.binary_cross_entropy_with_logits(
+            model(batch["users"], batch["items"]), batch["labels"]
+        )
+    if loss == "bpr":
+        pos = model(batch["users"], batch["pos_items"])
+        neg = model(batch["users"], batch["neg_items"])
+        return -F.logsigmoid(pos - neg).mean()
+    return F.mse_loss(model(batch["users"], batch["items"]), batch["ratings"])
+
+
+class RecommenderModule(L.LightningModule):
+    """Trains ``model`` and evaluates it on validation / test batches of the data module.
+
+    Logs ``train/loss`` per epoch and ``val/<metric>`` / ``test/<metric>`` (e.g. ``val/ndcg@10``).
+    """
+
+    def __init__(
+        self,
+        model: Recommender,
+        loss: LossConfig,
+        optim: OptimConfig,
+        evaluation: EvalConfig,
+        explicit: bool = False,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.loss_cfg, self.optim_cfg, self.eval_cfg = loss, optim, evaluation
+        self.explicit = explicit
+        self.val_metrics = self._make_metrics()
+        self.test_metrics = self._make_metrics()
+
+    def _make_metrics(self) -> nn.ModuleDict:
+        metrics: dict[str, nn.Module] = {}
+        if self.eval_cfg.protocol == "full":
+            metrics["ranking"] = FullRankingMetrics(self.eval_cfg.ks, self.eval_cfg.metrics)
+        else:
+            metrics["ranking"] = SampledRankingMetrics(self.eval_cfg.ks)
+        if self.explicit:
+            metrics["rating"] = RatingMetrics()
+        return nn.ModuleDict(metrics)
+
+    def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        return self.model(users, items)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = recommendation_loss(self.model, batch, self.loss_cfg.name)
+        self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=len(batch["users"]))
+        return loss
+
+    def _evaluate(self, batch: dict[str, torch.Tensor], metrics: nn.ModuleDict) -> None:
+        if "candidates" in batch:
+            scores = self.model.score_candidates(batch["users"], batch["candidates"])
+            metrics["ranking"].update(scores[:, 0], scores[:, 1:])
+            if "rating" in metrics:
+                metrics["rating"].update(scores[:, 0], batch["ratings"])
+            return
+        scores = self.model.score_all(batch["users"]).float()
+        scores[batch["exclude_rows"], batch["exclude_items"]] = float("-inf")
+        relevant = torch.zeros_like(scores, dtype=torch.bool)
+        relevant[batch["target_rows"], batch["target_items"]] = True
+        metrics["ranking"].update(scores, relevant)
+        if "rating" in metrics:
+            preds = self.model(batch["rating_users"], batch["rating_items"])
+            metrics["rating"].update(preds, batch["ratings"])
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, self.val_metrics)
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, self.test_metrics)
+
+    def _log_metrics(self, prefix: str, metrics: nn.ModuleDict) -> None:
+        values: dict[str, torch.Tensor] = {}
+        for metric in metrics.values():
+            values.update({f"{prefix}/{k}": v for k, v in metric.compute().items()})
+            metric.reset()
+        self.log_dict(values)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics("val", self.val_metrics)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics("test", self.test_metrics)
+
+    def configure_optimizers(self) -> Any:
+        cfg = self.optim_cfg
+        embedding_params = [
+            p
+            for m in self.model.modules()
+            if isinstance(m, nn.Embedding)
+            for p in m.parameters(recurse=False)
+        ]
+        embedding_ids = {id(p) for p in embedding_params}
+        other_params = [p for p in self.model.parameters() if id(p) not in embedding_ids]
+        groups = [
+            {"params": embedding_params, "weight_decay": cfg.embedding_weight_decay},
+            {"params": other_params, "weight_decay": cfg.weight_decay},
+        ]
+        groups = [g for g in groups if g["params"]]
+        if cfg.name == "adam":
+            optimizer = torch.optim.Adam(groups, lr=cfg.lr)
+        elif cfg.name == "adamw":
+            optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
+        elif cfg.name == "adagrad":
+            optimizer = torch.optim.Adagrad(groups, lr=cfg.lr)
+        else:
+            optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+        if cfg.scheduler == "none":
+            return optimizer
+        if cfg.scheduler == "step":
+            scheduler = torch.optim.lr_scheduler.StepLR(optimizer, cfg.step_size, cfg.gamma)
+        elif cfg.scheduler == "exponential":
+            scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, cfg.gamma)
+        else:
+            max_epochs = self.trainer.max_epochs if self._trainer is not None else 1
+            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, max_epochs))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler}}
