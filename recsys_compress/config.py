@@ -14,6 +14,11 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from recsys_compress.errors import ConfigError
+from recsys_compress.metrics import (
+    SAMPLED_RANKING_METRICS,
+    validate_ks,
+    validate_metric_names,
+)
 
 DATA_SOURCES = ("ml100k", "ml1m", "ml20m", "ml25m", "csv", "synthetic")
 MODELS = ("mf", "gmf", "mlp", "neumf")
@@ -112,11 +117,13 @@ class SplitConfig:
             )
         if self.ratios[0] <= 0 or self.ratios[1] <= 0 or self.ratios[2] <= 0:
             raise ConfigError(f"split.ratios={list(self.ratios)}: each part must be > 0.")
+        if self.seed is not None:
+            _at_least("split.seed", self.seed, 0)
 
 
 @dataclass
 class ModelConfig:
-    """Architecture. ``dim``: embedding size of MF / GMF, and of the MLP unless ``mlp_dim`` is set."""
+    """Architecture. ``dim``: embedding size of MF and GMF (and of the MLP unless ``mlp_dim``)."""
 
     name: str = "mf"
     dim: int = 64
@@ -179,13 +186,20 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         _one_of("eval.protocol", self.protocol, PROTOCOLS)
-        if not self.ks:
-            raise ConfigError("eval.ks is empty: give cut-offs, e.g. eval.ks=[5,10,20].")
-        for k in self.ks:
-            if k <= 0:
-                raise ConfigError(f"eval.ks contains {k}: every cut-off K must be >= 1.")
+        validate_ks(self.ks)
+        validate_metric_names(self.metrics)
         _at_least("eval.num_negatives", self.num_negatives, 1)
         _at_least("eval.batch_users", self.batch_users, 1)
+        if self.seed is not None:
+            _at_least("eval.seed", self.seed, 0)
+        if self.monitor not in ("auto", "rmse", "mae"):
+            names = self.metrics if self.protocol == "full" else SAMPLED_RANKING_METRICS
+            logged = [f"{m}@{k}" for m in names for k in self.ks]
+            if self.monitor not in logged:
+                raise ConfigError(
+                    f"eval.monitor={self.monitor!r} is not a logged metric: use auto or one of "
+                    f"{', '.join(logged)}."
+                )
 
     def monitor_key(self, explicit: bool) -> tuple[str, str]:
         """The validation metric that picks the best checkpoint, and whether it is maximised."""
@@ -249,6 +263,14 @@ class TrainerConfig:
             _at_least("trainer.early_stopping_patience", self.early_stopping_patience, 1)
         _at_least("trainer.check_val_every_n_epoch", self.check_val_every_n_epoch, 1)
         _at_least("trainer.progress_refresh_rate", self.progress_refresh_rate, 1)
+        if not 0 < self.limit_train_batches <= 1 and not float(self.limit_train_batches).is_integer():
+            raise ConfigError(
+                f"trainer.limit_train_batches={self.limit_train_batches} must be a fraction in "
+                "(0, 1] or a whole number of batches."
+            )
+        _at_least("trainer.limit_train_batches", self.limit_train_batches, 1e-9)
+        if self.gradient_clip_val is not None:
+            _at_least("trainer.gradient_clip_val", self.gradient_clip_val, 0.0)
 
 
 @dataclass
@@ -277,6 +299,7 @@ class TrainConfig:
     save_model: bool = True
 
     def __post_init__(self) -> None:
+        _at_least("seed", self.seed, 0)
         if self.loss.name == "mse" and self.data.feedback != "explicit":
             raise ConfigError(
                 "loss=mse fits ratings, but data.feedback=implicit: set data.feedback=explicit "

@@ -115,13 +115,11 @@ def preprocess(
             f"{origin} has rows without a rating, but data.feedback=explicit needs one per row: "
             "set data.rating_col to the rating column, or use data.feedback=implicit."
         )
-    if rating_threshold is not None:
-        if frame["rating"].isna().all():
-            raise DataError(
-                f"data.rating_threshold={rating_threshold} but {origin} has no ratings: "
-                "set data.rating_col, or data.rating_threshold=null."
-            )
-        frame = frame[frame["rating"] >= rating_threshold]
+    if rating_threshold is not None and frame["rating"].isna().all():
+        raise DataError(
+            f"data.rating_threshold={rating_threshold} but {origin} has no ratings: "
+            "set data.rating_col, or data.rating_threshold=null."
+        )
     user_codes, user_ids = pd.factorize(frame["user"], sort=True)
     item_codes, item_ids = pd.factorize(frame["item"], sort=True)
     timestamps = frame["timestamp"].to_numpy(np.float64)
@@ -131,6 +129,9 @@ def preprocess(
     pair = user_codes[order].astype(np.int64) * max(len(item_ids), 1) + item_codes[order]
     _, last = np.unique(pair[::-1], return_index=True)
     rows = np.sort(order[len(order) - 1 - last])
+    if rating_threshold is not None:
+        # After de-duplication: a pair counts as positive by its latest rating.
+        rows = rows[ratings[rows] >= rating_threshold]
     user_codes, item_codes = user_codes[rows], item_codes[rows]
     timestamps, ratings = timestamps[rows], ratings[rows]
 

@@ -1,0 +1,311 @@
+"""MF / GMF / MLP / NeuMF: scoring paths agree, gradients flow, init, factory, pre-training."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from recsys_compress.config import ModelConfig
+from recsys_compress.errors import ConfigError
+from recsys_compress.models import GMF, MF, MLP, NeuMF, build_model, load_model_weights
+from recsys_compress.models import base as models_base
+from recsys_compress.models import ncf as models_ncf
+
+N_USERS, N_ITEMS = 13, 17
+LAYERS = [12, 6, 3]
+
+
+def make(name: str, **kw) -> nn.Module:
+    torch.manual_seed(0)
+    if name == "mf":
+        return MF(N_USERS, N_ITEMS, 8, **kw)
+    if name == "mf_nobias":
+        return MF(N_USERS, N_ITEMS, 8, use_bias=False, **kw)
+    if name == "gmf":
+        return GMF(N_USERS, N_ITEMS, 8, **kw)
+    if name == "mlp":
+        return MLP(N_USERS, N_ITEMS, 5, LAYERS, **kw)
+    return NeuMF(N_USERS, N_ITEMS, 8, 5, LAYERS, **kw)
+
+
+NAMES = ["mf", "mf_nobias", "gmf", "mlp", "neumf"]
+
+
+def randomise(model: nn.Module, seed: int = 1) -> nn.Module:
+    """Parameters of order 1, so that scoring paths that disagree give visibly different scores
+    (with the 0.01 embedding init every score is close to the bias)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    return model.eval()
+
+
+def all_pairs(users: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return users.repeat_interleave(N_ITEMS), torch.arange(N_ITEMS).repeat(len(users))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_forward_shape_and_score_paths_agree(name):
+    model = randomise(make(name))
+    users = torch.tensor([0, 3, 3, 12, 7])
+    items = torch.tensor([16, 0, 5, 2, 2])
+    with torch.no_grad():
+        out = model(users, items)
+        assert out.shape == (5,) and out.dtype == torch.float32
+        assert out.std() > 0.1  # the scores are not all equal
+        all_scores = model.score_all(users)
+        assert all_scores.shape == (5, N_ITEMS)
+        expected = model(*all_pairs(users)).view(5, N_ITEMS)
+        torch.testing.assert_close(all_scores, expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(all_scores[torch.arange(5), items], out, atol=1e-5, rtol=1e-5)
+        candidates = torch.randint(0, N_ITEMS, (5, 9), generator=torch.Generator().manual_seed(0))
+        cand_scores = model.score_candidates(users, candidates)
+        assert cand_scores.shape == (5, 9)
+        pairs = model(users.repeat_interleave(9), candidates.reshape(-1)).view(5, 9)
+        torch.testing.assert_close(cand_scores, pairs, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(
+            cand_scores, all_scores.gather(1, candidates), atol=1e-5, rtol=1e-5
+        )
+
+
+@pytest.mark.parametrize("name", ["mlp", "neumf"])
+def test_score_all_chunks_give_the_same_scores(name, monkeypatch):
+    model = randomise(make(name))
+    users = torch.arange(N_USERS)
+    with torch.no_grad():
+        whole = model.score_all(users)
+        # one user per chunk
+        monkeypatch.setattr(models_ncf, "MAX_CHUNK_ELEMENTS", 1)
+        chunked = model.score_all(users)
+    torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["mlp", "neumf"])
+def test_generic_score_all_path_matches_fast_path(name, monkeypatch):
+    model = randomise(make(name))
+    users = torch.tensor([1, 4, 4, 9])
+    with torch.no_grad():
+        fast = model.score_all(users)
+        model.mlp.tower[0] = nn.Sequential(model.mlp.tower[0])  # not exactly nn.Linear any more
+        generic = model.score_all(users)
+        expected = model(*all_pairs(users)).view(len(users), N_ITEMS)
+        monkeypatch.setattr(models_ncf, "MAX_CHUNK_ELEMENTS", 1)
+        generic_chunked = model.score_all(users)
+    torch.testing.assert_close(generic, fast, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(generic, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(generic_chunked, fast, atol=1e-5, rtol=1e-5)
+
+
+def test_base_class_score_all_for_wrapped_gmf_predict(monkeypatch):
+    model = randomise(make("gmf"))
+    users = torch.tensor([0, 5, 12])
+    with torch.no_grad():
+        fast = model.score_all(users)
+        model.predict = nn.Sequential(model.predict)  # falls back to Recommender.score_all
+        monkeypatch.setattr(models_base, "MAX_CHUNK_ELEMENTS", 1)
+        generic = model.score_all(users)
+    torch.testing.assert_close(generic, fast, atol=1e-5, rtol=1e-5)
+
+
+class WrappedEmbedding(nn.Module):
+    """An embedding-like module that is not ``nn.Embedding`` (as compression would produce)."""
+
+    def __init__(self, inner: nn.Embedding) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.inner(ids)
+
+
+@pytest.mark.parametrize("name", ["mf", "gmf"])
+def test_score_all_reads_tables_through_modules(name):
+    model = randomise(make(name))
+    users = torch.tensor([2, 3])
+    with torch.no_grad():
+        expected = model.score_all(users)
+        model.item_embedding = WrappedEmbedding(model.item_embedding)
+        if name == "mf":
+            model.item_bias = WrappedEmbedding(model.item_bias)
+        torch.testing.assert_close(model.score_all(users), expected, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_gradients_reach_every_parameter(name):
+    model = make(name).train()
+    users = torch.randint(0, N_USERS - 3, (64,), generator=torch.Generator().manual_seed(0))
+    items = torch.randint(0, N_ITEMS, (64,), generator=torch.Generator().manual_seed(1))
+    labels = (torch.arange(64) % 2).float()
+    F.binary_cross_entropy_with_logits(model(users, items), labels).backward()
+    for param_name, p in model.named_parameters():
+        assert p.grad is not None, param_name
+        assert p.grad.abs().sum() > 0, param_name
+    # only the rows of the batch's users get embedding gradients (users N_USERS-3.. are not in it)
+    table = dict(model.named_parameters())
+    key = "mlp.user_embedding.weight" if name == "mlp" else next(iter(table))
+    assert table[key].grad[N_USERS - 3 :].abs().sum() == 0
+
+
+@pytest.mark.parametrize("std", [0.01, 0.05])
+def test_embedding_init_std(std):
+    torch.manual_seed(0)
+    model = NeuMF(3000, 2000, 16, 8, [8], init_std=std)
+    embeddings = [m for m in model.modules() if isinstance(m, nn.Embedding)]
+    assert len(embeddings) == 4
+    for emb in embeddings:
+        weight = emb.weight.detach()
+        assert abs(weight.std().item() - std) < 0.1 * std
+        assert abs(weight.mean().item()) < 0.05 * std
+    mf = MF(3000, 2000, 16, init_std=std)
+    assert abs(mf.user_embedding.weight.std().item() - std) < 0.1 * std
+    assert mf.user_bias.weight.abs().sum() == 0 and mf.global_bias.item() == 0
+
+
+def test_build_model_respects_config():
+    mf = build_model(ModelConfig(name="mf", dim=6), N_USERS, N_ITEMS)
+    assert isinstance(mf, MF)
+    assert {k: tuple(v.shape) for k, v in mf.state_dict().items()} == {
+        "user_embedding.weight": (N_USERS, 6),
+        "item_embedding.weight": (N_ITEMS, 6),
+        "user_bias.weight": (N_USERS, 1),
+        "item_bias.weight": (N_ITEMS, 1),
+        "global_bias": (1,),
+    }
+    mf = build_model(ModelConfig(name="mf", dim=6, use_bias=False), N_USERS, N_ITEMS)
+    assert set(mf.state_dict()) == {"user_embedding.weight", "item_embedding.weight"}
+
+    gmf = build_model(ModelConfig(name="gmf", dim=7, mlp_dim=3), N_USERS, N_ITEMS)
+    assert isinstance(gmf, GMF)
+    assert gmf.user_embedding.weight.shape == (N_USERS, 7)
+    assert gmf.item_embedding.weight.shape == (N_ITEMS, 7)
+    assert gmf.predict.weight.shape == (1, 7)
+
+    mlp = build_model(
+        ModelConfig(name="mlp", dim=7, mlp_dim=3, mlp_layers=[10, 4]), N_USERS, N_ITEMS
+    )
+    assert isinstance(mlp, MLP)
+    shapes = {k: tuple(v.shape) for k, v in mlp.state_dict().items()}
+    assert shapes == {
+        "mlp.user_embedding.weight": (N_USERS, 3),
+        "mlp.item_embedding.weight": (N_ITEMS, 3),
+        "mlp.tower.0.weight": (10, 6),
+        "mlp.tower.0.bias": (10,),
+        "mlp.tower.2.weight": (4, 10),
+        "mlp.tower.2.bias": (4,),
+        "predict.weight": (1, 4),
+        "predict.bias": (1,),
+    }
+    # mlp_dim falls back to dim
+    mlp = build_model(ModelConfig(name="mlp", dim=5, mlp_layers=[8]), N_USERS, N_ITEMS)
+    assert mlp.mlp.user_embedding.weight.shape == (N_USERS, 5)
+    assert mlp.mlp.tower[0].weight.shape == (8, 10)
+
+    neumf = build_model(
+        ModelConfig(name="neumf", dim=7, mlp_dim=3, mlp_layers=[10, 4], dropout=0.2),
+        N_USERS,
+        N_ITEMS,
+    )
+    assert isinstance(neumf, NeuMF)
+    assert neumf.gmf_user_embedding.weight.shape == (N_USERS, 7)
+    assert neumf.gmf_item_embedding.weight.shape == (N_ITEMS, 7)
+    assert neumf.mlp.item_embedding.weight.shape == (N_ITEMS, 3)
+    assert neumf.predict.weight.shape == (1, 7 + 4)
+    dropouts = [m for m in neumf.modules() if isinstance(m, nn.Dropout)]
+    assert [d.p for d in dropouts] == [0.2, 0.2]
+
+    model = build_model(ModelConfig(name="gmf", dim=16, init_std=0.2), 500, 500)
+    assert abs(model.user_embedding.weight.std().item() - 0.2) < 0.02
+
+
+def test_dropout_only_acts_in_training():
+    model = randomise(make("mlp", dropout=0.5))
+    users, items = torch.arange(N_USERS), torch.arange(N_USERS) % N_ITEMS
+    with torch.no_grad():
+        model.eval()
+        a, b = model(users, items), model(users, items)
+        model.train()
+        c = model(users, items)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def pretrained_pair(dim: int = 8, mlp_dim: int = 5) -> tuple[GMF, MLP]:
+    gmf = randomise(GMF(N_USERS, N_ITEMS, dim), seed=2)
+    mlp = randomise(MLP(N_USERS, N_ITEMS, mlp_dim, LAYERS), seed=3)
+    return gmf, mlp
+
+
+@pytest.mark.parametrize("alpha", [0.5, 0.2, 1.0])
+def test_neumf_load_pretrained_mixes_scores(alpha):
+    gmf, mlp = pretrained_pair()
+    neumf = make("neumf")
+    neumf.load_pretrained(gmf, mlp, alpha)
+    neumf.eval()
+    users, items = all_pairs(torch.arange(N_USERS))
+    with torch.no_grad():
+        expected = alpha * gmf(users, items) + (1 - alpha) * mlp(users, items)
+        torch.testing.assert_close(neumf(users, items), expected, atol=1e-6, rtol=1e-6)
+    assert torch.equal(neumf.gmf_user_embedding.weight, gmf.user_embedding.weight)
+    assert torch.equal(neumf.mlp.tower[2].weight, mlp.mlp.tower[2].weight)
+    # copies, not shared tensors
+    assert neumf.gmf_item_embedding.weight.data_ptr() != gmf.item_embedding.weight.data_ptr()
+
+
+def test_build_model_loads_pretrained_from_files_and_run_dirs(tmp_path):
+    gmf, mlp = pretrained_pair()
+    torch.save(gmf.state_dict(), tmp_path / "gmf.pt")
+    (tmp_path / "mlp_run").mkdir()
+    torch.save(mlp.state_dict(), tmp_path / "mlp_run" / "model.pt")
+    cfg = ModelConfig(
+        name="neumf",
+        dim=8,
+        mlp_dim=5,
+        mlp_layers=LAYERS,
+        pretrained_gmf=str(tmp_path / "gmf.pt"),
+        pretrained_mlp=str(tmp_path / "mlp_run"),
+        alpha=0.5,
+    )
+    neumf = build_model(cfg, N_USERS, N_ITEMS).eval()
+    users, items = all_pairs(torch.arange(N_USERS))
+    with torch.no_grad():
+        expected = 0.5 * gmf(users, items) + 0.5 * mlp(users, items)
+        torch.testing.assert_close(neumf(users, items), expected, atol=1e-6, rtol=1e-6)
+
+
+def test_load_model_weights_roundtrip_and_errors(tmp_path):
+    gmf = randomise(GMF(N_USERS, N_ITEMS, 8))
+    torch.save(gmf.state_dict(), tmp_path / "model.pt")
+    fresh = GMF(N_USERS, N_ITEMS, 8)
+    load_model_weights(fresh, tmp_path, "model.pretrained_gmf")  # a run dir
+    assert torch.equal(fresh.item_embedding.weight, gmf.item_embedding.weight)
+
+    with pytest.raises(ConfigError, match=r"model\.pretrained_gmf") as info:
+        load_model_weights(GMF(N_USERS, N_ITEMS, 4), tmp_path / "model.pt", "model.pretrained_gmf")
+    assert "user_embedding.weight" in str(info.value)  # names the mismatched tensor
+    with pytest.raises(ConfigError, match=r"model\.pretrained_mlp"):
+        load_model_weights(
+            MLP(N_USERS, N_ITEMS, 8, LAYERS), tmp_path / "model.pt", "model.pretrained_mlp"
+        )
+    with pytest.raises(ConfigError, match=r"model\.pretrained_gmf=.*does not exist"):
+        load_model_weights(
+            GMF(N_USERS, N_ITEMS, 8), tmp_path / "missing.pt", "model.pretrained_gmf"
+        )
+
+
+def test_build_model_with_mismatched_pretrained_names_the_key(tmp_path):
+    gmf, mlp = pretrained_pair(dim=8, mlp_dim=5)
+    torch.save(gmf.state_dict(), tmp_path / "gmf.pt")
+    torch.save(mlp.state_dict(), tmp_path / "mlp.pt")
+    cfg = ModelConfig(
+        name="neumf",
+        dim=8,
+        mlp_dim=6,  # the MLP was trained with 5
+        mlp_layers=LAYERS,
+        pretrained_gmf=str(tmp_path / "gmf.pt"),
+        pretrained_mlp=str(tmp_path / "mlp.pt"),
+    )
+    with pytest.raises(ConfigError, match=r"model\.pretrained_mlp"):
+        build_model(cfg, N_USERS, N_ITEMS)
