@@ -263,7 +263,8 @@ class TrainerConfig:
             _at_least("trainer.early_stopping_patience", self.early_stopping_patience, 1)
         _at_least("trainer.check_val_every_n_epoch", self.check_val_every_n_epoch, 1)
         _at_least("trainer.progress_refresh_rate", self.progress_refresh_rate, 1)
-        if not 0 < self.limit_train_batches <= 1 and not float(self.limit_train_batches).is_integer():
+        limit = self.limit_train_batches
+        if not 0 < limit <= 1 and not float(limit).is_integer():
             raise ConfigError(
                 f"trainer.limit_train_batches={self.limit_train_batches} must be a fraction in "
                 "(0, 1] or a whole number of batches."

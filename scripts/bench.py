@@ -143,11 +143,19 @@ def main(argv: list[str] | None = None) -> int:
         ratio = our / ref
         passed = ratio <= target
         ok &= passed
-        print(f"{name:34} {our:9.4f} {ref:9.4f} {ratio:6.2f} {'<= ' + str(target):>7}  "
-              f"{'PASS' if passed else 'FAIL'}")
+        print(
+            f"{name:34} {our:9.4f} {ref:9.4f} {ratio:6.2f} {'<= ' + str(target):>7}  "
+            f"{'PASS' if passed else 'FAIL'}"
+        )
         results["rows"].append(
-            {"name": name, "ours_s": our, "plain_s": ref, "ratio": ratio, "target": target,
-             "pass": passed}
+            {
+                "name": name,
+                "ours_s": our,
+                "plain_s": ref,
+                "ratio": ratio,
+                "target": target,
+                "pass": passed,
+            }
         )
     print(f"training samples/s: ours {samples / ours_s:,.0f}, plain {samples / plain_s:,.0f}")
     if args.json:
