@@ -13,6 +13,7 @@ import sys
 import time
 import traceback
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,14 @@ from recsys_compress.results import (
 )
 
 log = logging.getLogger(__name__)
+# Lightning notices that do not apply here: batches come from one in-process iterable (no worker
+# duplication), and train metrics are logged per epoch, not every n steps.
+for _notice in (
+    r"Your `IterableDataset` has `__len__` defined",
+    r"The number of training batches .* is smaller than the logging interval",
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+):
+    warnings.filterwarnings("ignore", message=_notice)
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 # A short random suffix keeps run dirs unique when jobs start in the same second.

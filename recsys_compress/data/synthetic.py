@@ -24,8 +24,8 @@ def synthetic_interactions(
     """
     generator = torch.Generator().manual_seed(seed)
     user_factors = torch.randn(num_users, latent_dim, generator=generator)
-    item_factors = torch.randn(num_items, latent_dim, generator=generator) / latent_dim**0.5
-    popularity = -torch.log(torch.arange(1, num_items + 1, dtype=torch.float32)) * 0.7
+    item_factors = torch.randn(num_items, latent_dim, generator=generator)
+    popularity = -torch.log(torch.arange(1, num_items + 1, dtype=torch.float32)) * 0.5
     popularity = popularity[torch.randperm(num_items, generator=generator)]
     chosen = []
     for start in range(0, num_users, user_chunk):

@@ -1,0 +1,235 @@
+"""End-to-end runs: Hydra composition, training, testing and the results record."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from recsys_compress.config import TrainConfig, to_train_config
+from recsys_compress.data.datamodule import RecDataModule
+from recsys_compress.metrics import SampledRankingMetrics
+from recsys_compress.train import train
+from tests.conftest import CONF_DIR, REPO
+
+FAST = [
+    "data=synthetic",
+    "trainer.max_epochs=2",
+    "trainer.progress_bar=false",
+    "trainer.batch_size=512",
+]
+
+
+def compose_config(overrides: list[str]) -> TrainConfig:
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return to_train_config(compose("train", overrides=overrides))
+
+
+def config_groups() -> list[str]:
+    overrides = []
+    for group in sorted(p for p in CONF_DIR.iterdir() if p.is_dir()):
+        for option in sorted(group.glob("*.yaml")):
+            overrides.append(f"{group.name}={option.stem}")
+    return overrides
+
+
+@pytest.mark.parametrize("override", config_groups())
+def test_every_config_option_composes_and_validates(override: str) -> None:
+    extra = ["data.path=/some/file.csv"] if override == "data=csv" else []
+    if override == "loss=mse":
+        extra = ["data.feedback=explicit"]
+    cfg = compose_config([override, *extra])
+    group, option = override.split("=")
+    if group == "model":
+        assert cfg.model.name == option
+    if group == "split":
+        assert cfg.split.name == option
+    if group == "loss":
+        assert cfg.loss.name == option
+
+
+def test_default_config_is_mf_on_ml100k() -> None:
+    cfg = compose_config([])
+    assert (cfg.model.name, cfg.data.source, cfg.loss.name, cfg.eval.protocol) == (
+        "mf",
+        "ml100k",
+        "bce",
+        "full",
+    )
+    assert cfg.loss.num_negatives == 4 and cfg.trainer.batch_size == 4096
+
+
+def test_train_mf_writes_complete_results(tmp_path: Path) -> None:
+    cfg = compose_config([*FAST, "model.dim=16"])
+    record = train(cfg, tmp_path)
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert on_disk["test"] == pytest.approx(record["test"])
+    assert on_disk["status"] == "completed"
+    assert on_disk["config"]["model"]["dim"] == 16
+    users, items = on_disk["data"]["num_users"], on_disk["data"]["num_items"]
+    assert (users, items) == (300, 200)
+    # MF with biases: (users + items) * (dim + 1) + global bias
+    assert on_disk["num_params"] == (users + items) * 17 + 1
+    assert on_disk["dense_bytes"] == on_disk["num_params"] * 4
+    assert on_disk["epochs_trained"] == 2 and on_disk["best_epoch"] in (0, 1)
+    for part in ("val", "test"):
+        for metric in ("hr", "recall", "precision", "ndcg", "mrr", "map"):
+            for k in (5, 10, 20):
+                assert 0.0 <= on_disk[part][f"{metric}@{k}"] <= 1.0
+    assert on_disk["seconds_per_epoch"] > 0 and on_disk["eval_seconds"] > 0
+    assert on_disk["versions"]["torch"] == torch.__version__
+    assert on_disk["seed"] == 42
+    assert (tmp_path / "model.pt").is_file() and (tmp_path / "metrics.csv").is_file()
+    assert (tmp_path / "checkpoints" / "best.ckpt").is_file()
+    state = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert state["user_embedding.weight"].shape == (300, 16)
+
+
+def popularity_hr10(cfg: TrainConfig) -> float:
+    """HR@10 of ranking the sampled test candidates by training popularity."""
+    dm = RecDataModule(cfg.data, cfg.split, cfg.loss, cfg.eval, cfg.trainer.batch_size, cfg.seed)
+    dm.setup()
+    assert dm.interactions is not None and dm.split is not None
+    counts = torch.bincount(dm.interactions.items[dm.split.train], minlength=dm.num_items)
+    metric = SampledRankingMetrics(ks=[10])
+    for batch in dm.test_data.batches:
+        scores = counts[batch["candidates"]].float()
+        metric.update(scores[:, 0], scores[:, 1:])
+    return float(metric.compute()["hr@10"])
+
+
+def test_training_beats_popularity_on_structured_data(tmp_path: Path) -> None:
+    cfg = compose_config(
+        [
+            "data=synthetic",
+            "trainer.max_epochs=15",
+            "trainer.progress_bar=false",
+            "optim.lr=0.01",
+            "split=loo",
+            "eval=sampled",
+        ]
+    )
+    record = train(cfg, tmp_path)
+    assert set(record["test"]) == {f"{m}@{k}" for m in ("hr", "ndcg") for k in (5, 10, 20)}
+    # 99 sampled negatives: random ranking gives HR@10 = 0.10 in expectation.
+    assert record["test"]["hr@10"] > popularity_hr10(cfg) + 0.05
+
+
+@pytest.mark.parametrize("model", ["gmf", "mlp", "neumf"])
+def test_each_ncf_model_trains(tmp_path: Path, model: str) -> None:
+    record = train(compose_config([*FAST, f"model={model}", "loss=bpr"]), tmp_path)
+    assert record["status"] == "completed"
+    assert math.isfinite(record["test"]["ndcg@10"])
+
+
+def test_neumf_pretrained_from_gmf_and_mlp_runs(tmp_path: Path) -> None:
+    gmf = train(compose_config([*FAST, "model=gmf", "model.dim=8"]), tmp_path / "gmf")
+    mlp = train(compose_config([*FAST, "model=mlp", "model.dim=8"]), tmp_path / "mlp")
+    cfg = compose_config(
+        [
+            *FAST,
+            "model=neumf",
+            "model.dim=8",
+            "model.mlp_dim=8",
+            f"model.pretrained_gmf={gmf['run_dir']}",
+            f"model.pretrained_mlp={mlp['run_dir']}",
+            "trainer.max_epochs=1",
+        ]
+    )
+    record = train(cfg, tmp_path / "neumf")
+    assert record["config"]["model"]["pretrained_gmf"] == gmf["run_dir"]
+    assert record["test"]["ndcg@10"] > 0
+
+
+def test_explicit_ratings_from_csv(tmp_path: Path) -> None:
+    rng = torch.Generator().manual_seed(0)
+    n = 3000
+    frame = pd.DataFrame(
+        {
+            "uid": torch.randint(0, 100, (n,), generator=rng).numpy(),
+            "iid": torch.randint(0, 80, (n,), generator=rng).numpy(),
+            "stars": torch.randint(1, 6, (n,), generator=rng).numpy().astype(float),
+            "ts": torch.arange(n).numpy(),
+        }
+    )
+    path = tmp_path / "ratings.csv"
+    frame.to_csv(path, index=False)
+    cfg = compose_config(
+        [
+            *FAST,
+            "data=csv",
+            f"data.path={path}",
+            "data.user_col=uid",
+            "data.item_col=iid",
+            "data.rating_col=stars",
+            "data.timestamp_col=ts",
+            "data.feedback=explicit",
+            "loss=mse",
+            "optim.lr=0.05",
+            "trainer.max_epochs=5",
+        ]
+    )
+    record = train(cfg, tmp_path / "run")
+    assert record["monitor"] == "val/rmse"
+    # Ratings are uniform on 1..5 (std ~1.41): a model that learns the mean is near that.
+    assert 0.5 < record["test"]["rmse"] < 2.0
+    assert record["test"]["mae"] <= record["test"]["rmse"]
+
+
+def test_same_seed_same_metrics(tmp_path: Path) -> None:
+    first = train(compose_config(FAST), tmp_path / "a")
+    second = train(compose_config(FAST), tmp_path / "b")
+    assert first["test"] == second["test"]
+    third = train(compose_config([*FAST, "seed=7"]), tmp_path / "c")
+    assert third["test"] != first["test"]
+
+
+def run_cli(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "RECSYS_COMPRESS_CACHE": str(tmp_path / "cache")}
+    return subprocess.run(
+        [sys.executable, "-m", "recsys_compress.train", f"hydra.run.dir={tmp_path}/run", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_cli_run_prints_table_and_run_dir(tmp_path: Path) -> None:
+    result = run_cli(FAST, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "ndcg@10" in result.stdout
+    assert f"Run dir: {tmp_path}/run" in result.stdout.replace("\n", "")
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["status"] == "completed"
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["model=transformer"], "model/transformer"),
+        (["data=netflix"], "data/netflix"),
+        (["eval.ks=[0,10]"], "eval.ks"),
+        (["loss.num_negatives=-1"], "loss.num_negatives"),
+        (["data=csv"], "data.path"),
+        (["data=csv", "data.path=/nonexistent/x.csv"], "data.path"),
+        (["model.dim=abc"], "model.dim"),
+        (["data=synthetic", "data.synthetic.interactions_per_user=2", "split=loo"], ""),
+    ],
+)
+def test_cli_bad_input_fails_before_training(
+    tmp_path: Path, args: list[str], expected: str
+) -> None:
+    result = run_cli(args, tmp_path)
+    assert result.returncode != 0
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
