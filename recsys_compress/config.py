@@ -218,9 +218,9 @@ class OptimConfig:
     """Optimizer and LR schedule. ``embedding_weight_decay`` applies to embedding tables only."""
 
     name: str = "adam"
-    lr: float = 0.001
+    lr: float = 0.002
     weight_decay: float = 0.0
-    embedding_weight_decay: float = 0.0
+    embedding_weight_decay: float = 1e-5
     momentum: float = 0.0
     scheduler: str = "none"
     step_size: int = 10
@@ -242,7 +242,7 @@ class OptimConfig:
 class TrainerConfig:
     """Training-loop settings: the Lightning Trainer's and the batch size."""
 
-    max_epochs: int = 20
+    max_epochs: int = 40
     batch_size: int = 4096
     accelerator: str = "auto"
     devices: Any = 1
