@@ -1,0 +1,122 @@
+"""Size accounting: per layer and in total, parameters, non-zeros, bits and bytes.
+
+The compressed size of a weight is what the export writes for it: each tensor is stored in the
+cheaper of two encodings, dense (``numel * bits / 8``) or sparse (a bitmask of ``numel / 8`` bytes
+plus the non-zero values), plus its quantisation scales. Keeping the rule here, and having the
+export call it, makes the reported size and the artifact's size the same number.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from recsys_compress.compression.targets import module_group
+
+SCALE_BYTES = 4  # float32 quantisation scales
+
+
+def dense_encoding_bytes(numel: int, bits: int) -> int:
+    return math.ceil(numel * bits / 8)
+
+
+def sparse_encoding_bytes(numel: int, nnz: int, bits: int) -> int:
+    return math.ceil(numel / 8) + math.ceil(nnz * bits / 8)
+
+
+def use_sparse_encoding(numel: int, nnz: int, bits: int) -> bool:
+    """True when bitmask + values is smaller than the dense encoding."""
+    return sparse_encoding_bytes(numel, nnz, bits) < dense_encoding_bytes(numel, bits)
+
+
+def encoded_bytes(numel: int, nnz: int, bits: int, num_scales: int = 0) -> int:
+    """Bytes of one tensor in its cheaper encoding, with its scales."""
+    body = min(dense_encoding_bytes(numel, bits), sparse_encoding_bytes(numel, nnz, bits))
+    return body + num_scales * SCALE_BYTES
+
+
+@dataclass
+class LayerStats:
+    """Size of one module's own parameters (weights, factors, biases)."""
+
+    name: str
+    group: str
+    params: int
+    nnz: int
+    rank: int | None
+    bits: int
+    dense_bytes: int
+    compressed_bytes: int
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.nnz / self.params if self.params else 0.0
+
+
+def _quantisation(module: nn.Module) -> tuple[int, int]:
+    """(bits, number of scales) a quantisation method recorded on ``module`` (32, 0 if none)."""
+    bits = getattr(module, "rcz_bits", 32)
+    return bits, getattr(module, "rcz_num_scales", 0) if bits < 32 else 0
+
+
+def layer_stats(model: nn.Module) -> list[LayerStats]:
+    """Stats of every module that owns parameters, in ``named_modules`` order.
+
+    A low-rank module reports its factors (``rank`` set); quantised modules carry ``rcz_bits``
+    and ``rcz_num_scales`` (set by the QAT callback) and store only their weight quantised.
+    """
+    stats = []
+    for name, module in model.named_modules():
+        own = list(module.named_parameters(recurse=False))
+        rank = getattr(module, "rank", None) if hasattr(module, "factors") else None
+        if not own and rank is None:
+            continue
+        params = [p for _, p in own] if rank is None else list(module.parameters())
+        bits, num_scales = _quantisation(module)
+        numel = sum(p.numel() for p in params)
+        nnz = sum(int(torch.count_nonzero(p.detach())) for p in params)
+        compressed = 0
+        for param_name, param in (own if rank is None else module.named_parameters()):
+            param_bits = bits if param_name.endswith("weight") else 32
+            compressed += encoded_bytes(
+                param.numel(),
+                int(torch.count_nonzero(param.detach())),
+                param_bits,
+                num_scales if param_bits < 32 else 0,
+            )
+        stats.append(
+            LayerStats(
+                name=name or "(root)",
+                group=module_group(module) or ("lowrank" if rank is not None else "other"),
+                params=numel,
+                nnz=nnz,
+                rank=rank,
+                bits=bits,
+                dense_bytes=4 * numel,
+                compressed_bytes=compressed,
+            )
+        )
+    return stats
+
+
+def size_summary(model: nn.Module, dense_reference_bytes: int | None = None) -> dict[str, Any]:
+    """Totals over :func:`layer_stats`, and the ratio to the uncompressed model's fp32 bytes."""
+    stats = layer_stats(model)
+    params = sum(s.params for s in stats)
+    nnz = sum(s.nnz for s in stats)
+    dense = sum(s.dense_bytes for s in stats)
+    compressed = sum(s.compressed_bytes for s in stats)
+    reference = dense_reference_bytes or dense
+    return {
+        "params": params,
+        "nnz": nnz,
+        "sparsity": 1.0 - nnz / params if params else 0.0,
+        "dense_bytes": dense,
+        "compressed_bytes": compressed,
+        "compression_ratio": compressed / reference if reference else 1.0,
+        "layers": [asdict(s) | {"sparsity": s.sparsity} for s in stats],
+    }
