@@ -1,10 +1,11 @@
-"""Small Lightning callbacks the training run uses for its results record."""
+"""Lightning callbacks of the training run: timing, and checkpointing aware of compression."""
 
 from __future__ import annotations
 
 import time
 
 import lightning as L
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
 
 class EpochTimer(L.Callback):
@@ -41,3 +42,29 @@ class EpochTimer(L.Callback):
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.test_seconds.append(time.perf_counter() - self._eval_start)
+
+
+def _compression_done(trainer: L.Trainer) -> bool:
+    """True once every compression callback has reached its final state (or there is none)."""
+    return all(
+        cb.compression_done(trainer) for cb in trainer.callbacks if hasattr(cb, "compression_done")
+    )
+
+
+class CompressedModelCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint that ranks only checkpoints of the finally compressed model.
+
+    Otherwise the "best" checkpoint of a gradually pruned run is an early, still dense one, and
+    the run would report a dense model's metrics. ``last.ckpt`` is still written every epoch.
+    """
+
+    def _save_topk_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict) -> None:
+        if _compression_done(trainer):
+            super()._save_topk_checkpoint(trainer, monitor_candidates)
+
+
+class CompressedEarlyStopping(EarlyStopping):
+    """EarlyStopping that starts counting only once compression has reached its final state."""
+
+    def _should_skip_check(self, trainer: L.Trainer) -> bool:
+        return super()._should_skip_check(trainer) or not _compression_done(trainer)

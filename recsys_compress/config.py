@@ -13,6 +13,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from recsys_compress.compression.pruning import PruneConfig
+from recsys_compress.compression.sparsity import L1Config
 from recsys_compress.errors import ConfigError
 from recsys_compress.metrics import (
     SAMPLED_RANKING_METRICS,
@@ -285,6 +287,20 @@ class LoggerConfig:
 
 
 @dataclass
+class CompressionConfig:
+    """The compression methods of a run (``compression=prune``, ``compression=[prune,l1]``, ...).
+
+    Methods run in one fixed order, prune -> l1 -> svd -> qat; a method left out is None.
+    """
+
+    prune: PruneConfig | None = None
+    l1: L1Config | None = None
+
+    def methods(self) -> list[str]:
+        return [name for name in ("prune", "l1") if getattr(self, name) is not None]
+
+
+@dataclass
 class TrainConfig:
     """One run: every group of ``conf/train.yaml``."""
 
@@ -296,6 +312,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
     seed: int = 42
     save_model: bool = True
 

@@ -22,13 +22,15 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
-from recsys_compress.callbacks import EpochTimer
+from recsys_compress.callbacks import CompressedEarlyStopping, CompressedModelCheckpoint, EpochTimer
+from recsys_compress.compression import build_callbacks
+from recsys_compress.compression.accounting import size_summary
 from recsys_compress.config import TrainConfig, config_to_dict, to_train_config
 from recsys_compress.data.datamodule import RecDataModule
 from recsys_compress.errors import RecsysCompressError
@@ -103,10 +105,11 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
     )
     datamodule.setup()
     model = build_model(cfg.model, datamodule.num_users, datamodule.num_items)
+    dense_bytes = size_summary(model)["dense_bytes"]
     explicit = cfg.data.feedback == "explicit"
     module = RecommenderModule(model, cfg.loss, cfg.optim, cfg.eval, explicit=explicit)
     monitor, mode = cfg.eval.monitor_key(explicit)
-    checkpoint = ModelCheckpoint(
+    checkpoint = CompressedModelCheckpoint(
         dirpath=run_dir / "checkpoints",
         filename="best",
         monitor=f"val/{monitor}",
@@ -116,10 +119,13 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
         auto_insert_metric_name=False,
     )
     timer = EpochTimer()
-    callbacks: list[L.Callback] = [checkpoint, timer]
+    # Compression acts after each optimizer step, before checkpoints see the weights.
+    callbacks: list[L.Callback] = [*build_callbacks(cfg.compression), checkpoint, timer]
     if cfg.trainer.early_stopping_patience:
         callbacks.append(
-            EarlyStopping(f"val/{monitor}", mode=mode, patience=cfg.trainer.early_stopping_patience)
+            CompressedEarlyStopping(
+                f"val/{monitor}", mode=mode, patience=cfg.trainer.early_stopping_patience
+            )
         )
     trainer = build_trainer(cfg, run_dir, callbacks)
     trainer.fit(module, datamodule=datamodule)
@@ -150,6 +156,10 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
         "val": val_metrics,
         "test": _metrics(trainer, "test"),
         **model_size(module.model),
+        "compression": {
+            "methods": cfg.compression.methods(),
+            **size_summary(module.model, dense_reference_bytes=dense_bytes),
+        },
         "seconds_per_epoch": _mean(timer.train_seconds),
         "eval_seconds": _mean(timer.test_seconds),
         "val_eval_seconds": _mean(timer.val_seconds),

@@ -12,6 +12,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import lightning as L
 import torch
 from torch import nn
 
@@ -80,7 +81,7 @@ def layer_stats(model: nn.Module) -> list[LayerStats]:
         numel = sum(p.numel() for p in params)
         nnz = sum(int(torch.count_nonzero(p.detach())) for p in params)
         compressed = 0
-        for param_name, param in (own if rank is None else module.named_parameters()):
+        for param_name, param in own if rank is None else module.named_parameters():
             param_bits = bits if param_name.endswith("weight") else 32
             compressed += encoded_bytes(
                 param.numel(),
@@ -120,3 +121,25 @@ def size_summary(model: nn.Module, dense_reference_bytes: int | None = None) -> 
         "compression_ratio": compressed / reference if reference else 1.0,
         "layers": [asdict(s) | {"sparsity": s.sparsity} for s in stats],
     }
+
+
+class SizeLogger(L.Callback):
+    """Logs global sparsity, compressed bytes and compression ratio of the model every epoch."""
+
+    def __init__(self) -> None:
+        self.dense_reference_bytes: int | None = None
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.dense_reference_bytes is None:
+            self.dense_reference_bytes = size_summary(pl_module)["dense_bytes"]
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        summary = size_summary(pl_module, self.dense_reference_bytes)
+        for key in ("sparsity", "compressed_bytes", "compression_ratio"):
+            pl_module.log(f"compression/{key}", float(summary[key]))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"dense_reference_bytes": self.dense_reference_bytes}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.dense_reference_bytes = state_dict["dense_reference_bytes"]

@@ -81,9 +81,9 @@ def select_targets(model: nn.Module, spec: TargetSpec, key: str) -> list[Target]
         if group is None:
             continue
         candidates.append(f"{name} ({group})")
-        if group in spec.groups and _matches(name, spec.include):
-            if not _matches(name, spec.exclude):
-                found.append(Target(name, module, group))
+        selected = group in spec.groups and _matches(name, spec.include)
+        if selected and not _matches(name, spec.exclude):
+            found.append(Target(name, module, group))
     if not found:
         raise ConfigError(
             f"{key} (groups={list(spec.groups)}, include={list(spec.include)}, "

@@ -1,0 +1,392 @@
+"""Magnitude pruning as a Lightning callback: unstructured or structured, one-shot or gradual.
+
+Before: nothing (the dense model trains until ``start_step``).
+During: at each update step the masks are recomputed for the scheduled sparsity; after *every*
+optimizer step the masks are re-applied, so pruned weights stay exactly zero under Adam's momentum.
+After: the weights hold exact zeros that the export stores sparsely.
+
+Masks and the schedule position are the callback's checkpoint state, so ``ckpt_path`` resumes
+with the same masks (Lightning's ModelPruning stores none, and its sparsity decays after a resume).
+Ranking across layers is scale-aware: with ``scope=group`` or ``global`` each layer's scores are
+divided by their RMS before one threshold is chosen, and no layer is pruned to 100% unless
+``max_layer_sparsity=1.0``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from recsys_compress.compression.targets import Target, TargetSpec, select_targets
+from recsys_compress.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+STRUCTURES = ("unstructured", "rows", "columns", "neurons")
+SCOPES = ("layer", "group", "global")
+KEY = "compression.prune"
+
+
+@dataclass
+class PruneConfig:
+    """Settings of :class:`MagnitudePruning` (``conf/compression/prune.yaml``)."""
+
+    targets: TargetSpec = field(default_factory=TargetSpec)
+    structure: str = "unstructured"
+    scope: str = "layer"
+    sparsity: float | None = 0.8
+    embedding_sparsity: float | None = None
+    linear_sparsity: float | None = None
+    threshold: float | None = None
+    score: str = "magnitude"
+    schedule: str = "gradual"
+    initial_sparsity: float = 0.0
+    start_step: int = 0
+    end_step: int | None = None
+    end_fraction: float = 0.75
+    frequency: int | None = None
+    max_layer_sparsity: float = 0.99
+    rewind_step: int | None = None
+
+    def __post_init__(self) -> None:
+        self.targets.validate(f"{KEY}.targets")
+        checks = {
+            "structure": (self.structure, STRUCTURES),
+            "scope": (self.scope, SCOPES),
+            "score": (self.score, ("magnitude", "taylor")),
+            "schedule": (self.schedule, ("one_shot", "gradual")),
+        }
+        for name, (value, allowed) in checks.items():
+            if value not in allowed:
+                raise ConfigError(f"{KEY}.{name}={value!r}: use one of {', '.join(allowed)}.")
+        if (self.sparsity is None) == (self.threshold is None):
+            raise ConfigError(
+                f"{KEY}: set exactly one of {KEY}.sparsity (fraction of weights to zero) and "
+                f"{KEY}.threshold (zero |w| below it)."
+            )
+        for name in ("sparsity", "embedding_sparsity", "linear_sparsity", "initial_sparsity"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value < 1.0:
+                raise ConfigError(f"{KEY}.{name}={value} must lie in [0, 1).")
+        if not 0.0 < self.max_layer_sparsity <= 1.0:
+            raise ConfigError(f"{KEY}.max_layer_sparsity={self.max_layer_sparsity}: use (0, 1].")
+        if self.threshold is not None and self.threshold < 0:
+            raise ConfigError(f"{KEY}.threshold={self.threshold} must be >= 0.")
+        if self.frequency is not None and self.frequency < 1:
+            raise ConfigError(f"{KEY}.frequency={self.frequency} must be >= 1 optimizer steps.")
+        if self.start_step < 0:
+            raise ConfigError(f"{KEY}.start_step={self.start_step} must be >= 0.")
+        if self.end_step is not None and self.end_step <= self.start_step:
+            raise ConfigError(f"{KEY}.end_step={self.end_step} must be > {KEY}.start_step.")
+        if not 0.0 < self.end_fraction <= 1.0:
+            raise ConfigError(f"{KEY}.end_fraction={self.end_fraction} must be in (0, 1].")
+        if self.structure != "unstructured" and self.score == "taylor":
+            raise ConfigError(f"{KEY}.score=taylor is for structure=unstructured only.")
+
+    def final_sparsity(self, group: str) -> float:
+        """Final sparsity of ``group`` (``embedding`` / ``linear``; else the global one)."""
+        override = {"embedding": self.embedding_sparsity, "linear": self.linear_sparsity}.get(group)
+        return override if override is not None else float(self.sparsity or 0.0)
+
+
+def cubic_sparsity(
+    step: int, final: float, initial: float, start: int, end: int, frequency: int
+) -> float:
+    """Zhu & Gupta (2017): s_t = s_f + (s_i - s_f)(1 - (t - t0)/(n Δt))^3, held between updates."""
+    if step < start:
+        return 0.0
+    if step >= end:
+        return final
+    t = start + ((step - start) // frequency) * frequency
+    progress = (t - start) / (end - start)
+    return final + (initial - final) * (1.0 - progress) ** 3
+
+
+def _structured_scores(weight: torch.Tensor, structure: str) -> torch.Tensor:
+    """One score per prunable unit: rows (embedding rows / Linear output neurons) or columns."""
+    if structure == "columns":
+        return weight.norm(dim=0)
+    return weight.norm(dim=1)
+
+
+def _expand(unit_mask: torch.Tensor, weight: torch.Tensor, structure: str) -> torch.Tensor:
+    if structure == "unstructured":
+        return unit_mask
+    if structure == "columns":
+        return unit_mask[None, :].expand_as(weight).clone()
+    return unit_mask[:, None].expand_as(weight).clone()
+
+
+def _keep_top(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Mask keeping the largest ``round((1 - sparsity) * n)`` scores (ties: lower index first)."""
+    flat = scores.flatten()
+    n_prune = min(round(sparsity * flat.numel()), flat.numel())
+    mask = torch.ones_like(flat, dtype=torch.bool)
+    if n_prune > 0:
+        mask[torch.topk(flat, n_prune, largest=False, sorted=False).indices] = False
+    return mask.view_as(scores)
+
+
+def _next_linear(model: nn.Module, name: str) -> nn.Linear | None:
+    """The Linear that consumes ``name``'s output within the same Sequential, through only
+    element-wise modules (activations, dropout); None when there is none."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if not isinstance(parent, nn.Sequential):
+        return None
+    modules = list(parent.named_children())
+    index = next(i for i, (n, _) in enumerate(modules) if n == child)
+    for _, module in modules[index + 1 :]:
+        if isinstance(module, nn.Linear):
+            return module
+        if not isinstance(module, nn.ReLU | nn.Dropout | nn.Identity | nn.Tanh | nn.Sigmoid):
+            return None
+    return None
+
+
+class MagnitudePruning(L.Callback):
+    """Prunes the targets of ``cfg`` by score (|w| or |w·∂L/∂w|) on a one-shot or cubic schedule."""
+
+    def __init__(self, cfg: PruneConfig) -> None:
+        self.cfg = cfg
+        self.masks: dict[str, torch.Tensor] = {}
+        self.bias_masks: dict[str, torch.Tensor] = {}
+        self.current_sparsity = 0.0
+        self.last_update_step = -1
+        self.end_step: int | None = cfg.end_step
+        self.frequency = cfg.frequency or 1
+        self.rewind_state: dict[str, torch.Tensor] | None = None
+        self._targets: list[Target] = []
+        self._root: nn.Module | None = None
+        self._taylor: dict[str, torch.Tensor] = {}
+
+    # -- Lightning hooks -------------------------------------------------------------------
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._root = pl_module
+        self._targets = select_targets(pl_module, self.cfg.targets, f"{KEY}.targets")
+        if self.cfg.structure in ("rows", "columns") and any(
+            t.group != "embedding" for t in self._targets
+        ):
+            raise ConfigError(
+                f"{KEY}.structure={self.cfg.structure} prunes embedding rows/columns: set "
+                f"{KEY}.targets.groups=[embedding]."
+            )
+        if self.cfg.structure == "neurons" and any(t.group != "linear" for t in self._targets):
+            raise ConfigError(
+                f"{KEY}.structure=neurons prunes MLP neurons: set {KEY}.targets.groups=[linear]."
+            )
+        if self.end_step is None and stage == "fit":
+            total = int(trainer.estimated_stepping_batches)
+            self.end_step = max(self.cfg.start_step + 1, int(total * self.cfg.end_fraction))
+        if self.end_step is not None:
+            self.frequency = self.cfg.frequency or max(
+                1, (self.end_step - self.cfg.start_step) // 20
+            )
+
+    def compression_done(self, trainer: L.Trainer) -> bool:
+        """Whether the final sparsity has been applied (checkpoint ranking starts then)."""
+        if self.cfg.schedule == "one_shot" or self.cfg.threshold is not None:
+            return self.last_update_step >= 0
+        return self.end_step is not None and self.last_update_step >= self.end_step
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        if self.cfg.rewind_step is not None and step == self.cfg.rewind_step:
+            self.rewind_state = {
+                t.name: t.weight.detach().to("cpu", copy=True) for t in self._targets
+            }
+        if self._due(step):
+            self.update_masks(step)
+
+    def on_before_optimizer_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any
+    ) -> None:
+        if self.cfg.score != "taylor" or not self._targets:
+            return
+        for t in self._targets:
+            if t.weight.grad is None:
+                continue
+            contribution = (t.weight.detach() * t.weight.grad.detach()).abs()
+            if t.name in self._taylor:
+                self._taylor[t.name] += contribution
+            else:
+                self._taylor[t.name] = contribution
+
+    def on_train_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        self.apply_masks()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        stats = self.sparsity_by_layer()
+        pl_module.log("compression/prune_target_sparsity", self.current_sparsity)
+        for name, value in stats.items():
+            pl_module.log(f"compression/sparsity/{name}", value)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "masks": {k: v.cpu() for k, v in self.masks.items()},
+            "bias_masks": {k: v.cpu() for k, v in self.bias_masks.items()},
+            "current_sparsity": self.current_sparsity,
+            "last_update_step": self.last_update_step,
+            "end_step": self.end_step,
+            "rewind_state": self.rewind_state,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.masks = dict(state_dict["masks"])
+        self.bias_masks = dict(state_dict["bias_masks"])
+        self.current_sparsity = state_dict["current_sparsity"]
+        self.last_update_step = state_dict["last_update_step"]
+        self.end_step = state_dict["end_step"]
+        self.rewind_state = state_dict["rewind_state"]
+
+    # -- mechanics --------------------------------------------------------------------------
+    def _due(self, step: int) -> bool:
+        if step < self.cfg.start_step or step == self.last_update_step:
+            return False
+        if self.cfg.schedule == "one_shot" or self.cfg.threshold is not None:
+            return self.last_update_step < 0
+        assert self.end_step is not None
+        if step > self.end_step and self.last_update_step >= self.end_step:
+            return False
+        return (step - self.cfg.start_step) % self.frequency == 0 or step >= self.end_step
+
+    def target_sparsity(self, step: int, group: str) -> float:
+        final = self.cfg.final_sparsity(group)
+        if self.cfg.schedule == "one_shot":
+            return final
+        assert self.end_step is not None
+        return cubic_sparsity(
+            step,
+            final,
+            self.cfg.initial_sparsity,
+            self.cfg.start_step,
+            self.end_step,
+            self.frequency,
+        )
+
+    def _scores(self, target: Target) -> torch.Tensor:
+        weight = target.weight.detach()
+        if self.cfg.structure != "unstructured":
+            return _structured_scores(weight, self.cfg.structure)
+        if self.cfg.score == "taylor" and target.name in self._taylor:
+            # |w| breaks ties among weights the batches never touched (zero gradient).
+            return self._taylor[target.name] + 1e-12 * weight.abs()
+        return weight.abs()
+
+    @torch.no_grad()
+    def update_masks(self, step: int) -> None:
+        """Recompute every mask for the sparsity scheduled at ``step`` and apply it."""
+        if not self._targets:
+            raise RuntimeError("MagnitudePruning.update_masks called before setup()")
+        scores = {t.name: self._scores(t) for t in self._targets}
+        # Once pruned, stays pruned: a weight masked earlier never re-enters.
+        for name, mask in self.masks.items():
+            if name in scores and self.cfg.structure == "unstructured":
+                scores[name] = scores[name].masked_fill(~mask, -1.0)
+        unit_masks = self._unit_masks(scores, step)
+        for t in self._targets:
+            self.masks[t.name] = _expand(unit_masks[t.name], t.weight, self.cfg.structure)
+        if self.cfg.structure == "neurons":
+            for t in self._targets:
+                self._mask_neuron_neighbours(t, unit_masks[t.name])
+        self._taylor.clear()
+        self.last_update_step = step
+        self.current_sparsity = self.overall_sparsity()
+        if self.rewind_state is not None and step >= (self.end_step or step):
+            self._rewind()
+        self.apply_masks()
+
+    def _unit_masks(self, scores: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
+        cfg = self.cfg
+        groups = {t.name: t.group for t in self._targets}
+        if cfg.threshold is not None:
+            return {name: s >= cfg.threshold for name, s in scores.items()}
+        if cfg.scope == "layer":
+            return {
+                name: _keep_top(s, self.target_sparsity(step, groups[name]))
+                for name, s in scores.items()
+            }
+        pools: dict[str, list[str]] = {}
+        for name in scores:
+            pools.setdefault("all" if cfg.scope == "global" else groups[name], []).append(name)
+        masks: dict[str, torch.Tensor] = {}
+        for pool, names in pools.items():
+            sparsity = self.target_sparsity(step, pool)
+            normalised = {}
+            for name in names:
+                s = scores[name]
+                alive = s[s >= 0]
+                rms = alive.square().mean().sqrt() if alive.numel() else s.new_tensor(1.0)
+                normalised[name] = torch.where(s >= 0, s / rms.clamp_min(1e-30), s)
+            flat = torch.cat([normalised[n].flatten() for n in names])
+            keep = _keep_top(flat, sparsity)
+            offset = 0
+            for name in names:
+                n = normalised[name].numel()
+                masks[name] = keep[offset : offset + n].view_as(normalised[name])
+                offset += n
+        return self._cap_layer_sparsity(masks, scores)
+
+    def _cap_layer_sparsity(
+        self, masks: dict[str, torch.Tensor], scores: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """No layer beyond ``max_layer_sparsity``: keep its best units if a pooled threshold
+        would prune more."""
+        cap = self.cfg.max_layer_sparsity
+        for name, mask in masks.items():
+            if 1.0 - mask.float().mean().item() > cap:
+                masks[name] = _keep_top(scores[name], cap) | mask
+        return masks
+
+    def _mask_neuron_neighbours(self, target: Target, unit_mask: torch.Tensor) -> None:
+        """A pruned neuron's bias entry, and the next layer's input column that reads it."""
+        module = target.module
+        if getattr(module, "bias", None) is not None:
+            self.bias_masks[target.name] = unit_mask.clone()
+        assert self._root is not None
+        nxt = _next_linear(self._root, target.name)
+        for t in self._targets:
+            if nxt is not None and t.module is nxt:
+                self.masks[t.name] = self.masks[t.name] & unit_mask[None, :]
+
+    @torch.no_grad()
+    def apply_masks(self) -> None:
+        """Zero every pruned weight (and pruned neurons' biases)."""
+        for t in self._targets:
+            mask = self.masks.get(t.name)
+            if mask is not None:
+                t.weight.mul_(mask.to(t.weight.device))
+            bias_mask = self.bias_masks.get(t.name)
+            if bias_mask is not None:
+                t.module.bias.mul_(bias_mask.to(t.module.bias.device))
+
+    def _rewind(self) -> None:
+        """Lottery ticket: reset surviving weights to their values at ``rewind_step``."""
+        assert self.rewind_state is not None
+        for t in self._targets:
+            t.weight.data.copy_(self.rewind_state[t.name].to(t.weight.device))
+        self.rewind_state = None
+
+    def overall_sparsity(self) -> float:
+        total = sum(m.numel() for m in self.masks.values())
+        return 1.0 - sum(int(m.sum()) for m in self.masks.values()) / total if total else 0.0
+
+    def sparsity_by_layer(self) -> dict[str, float]:
+        return {
+            t.name: 1.0 - float(torch.count_nonzero(t.weight)) / t.weight.numel()
+            for t in self._targets
+        }

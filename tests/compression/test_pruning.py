@@ -1,0 +1,187 @@
+"""Magnitude pruning: exact zeros under Adam, the cubic schedule, scale-aware ranking, resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+
+from recsys_compress.compression.pruning import (
+    MagnitudePruning,
+    PruneConfig,
+    _next_linear,
+    cubic_sparsity,
+)
+from recsys_compress.compression.targets import TargetSpec
+from recsys_compress.errors import ConfigError
+from tests.compression.helpers import tiny_setup, tiny_trainer
+
+
+def sparsity(weight: torch.Tensor) -> float:
+    return 1.0 - float(torch.count_nonzero(weight)) / weight.numel()
+
+
+def test_cubic_schedule_values() -> None:
+    args = {"final": 0.8, "initial": 0.0, "start": 10, "end": 110, "frequency": 10}
+    assert cubic_sparsity(5, **args) == 0.0
+    assert cubic_sparsity(10, **args) == 0.0
+    # halfway: s_f + (s_i - s_f) * (1 - 0.5)^3 = 0.8 - 0.8/8
+    assert cubic_sparsity(60, **args) == pytest.approx(0.7)
+    assert cubic_sparsity(65, **args) == pytest.approx(0.7)  # held between updates
+    assert cubic_sparsity(110, **args) == 0.8
+    assert cubic_sparsity(500, **args) == 0.8
+
+
+def test_gradual_pruning_reaches_target_and_stays_exactly_zero_under_adam(tmp_path: Path) -> None:
+    dm, module = tiny_setup()
+    cfg = PruneConfig(sparsity=0.8, end_fraction=0.5, frequency=2)
+    pruning = MagnitudePruning(cfg)
+    trainer = tiny_trainer(tmp_path, [pruning], max_epochs=4)
+    trainer.fit(module, datamodule=dm)
+    total = trainer.global_step
+    assert pruning.end_step == total // 2
+    for name in ("user_embedding", "item_embedding"):
+        weight = getattr(module.model, name).weight
+        assert sparsity(weight) == pytest.approx(0.8, abs=1e-3)
+        # the zeros are exactly the masked entries, after many Adam steps past the end step
+        assert torch.equal(weight != 0, pruning.masks[f"model.{name}"])
+    # biases are excluded by default
+    assert sparsity(module.model.user_bias.weight) < 0.5
+
+
+def test_layer_scope_on_mlp_keeps_every_layer_alive_and_global_ranking_is_scale_aware() -> None:
+    _, module = tiny_setup("neumf")
+    with torch.no_grad():  # embeddings 100x larger than MLP weights, as after training
+        for m in module.model.modules():
+            if isinstance(m, nn.Embedding):
+                m.weight.mul_(100.0)
+    for scope in ("global", "group"):
+        pruning = MagnitudePruning(PruneConfig(sparsity=0.5, scope=scope, schedule="one_shot"))
+        pruning.setup(L.Trainer(logger=False), module, "test")
+        pruning.update_masks(0)
+        per_layer = pruning.sparsity_by_layer()
+        assert max(per_layer.values()) < 1.0, per_layer
+        linear = [v for k, v in per_layer.items() if "tower" in k or "predict" in k]
+        # normalised scores: the MLP is pruned to a comparable level, not wiped out
+        assert max(linear) < 0.9
+
+
+def test_max_layer_sparsity_caps_a_pooled_threshold() -> None:
+    _, module = tiny_setup("neumf")
+    with torch.no_grad():  # heavy-tailed layer: after RMS normalisation most of it is tiny
+        weight = module.model.mlp.tower[0].weight
+        weight.fill_(1e-6)
+        weight[0, :2] = 1.0
+    pruning = MagnitudePruning(
+        PruneConfig(
+            sparsity=0.6,
+            scope="global",
+            schedule="one_shot",
+            max_layer_sparsity=0.9,
+            targets=TargetSpec(groups=["linear"]),
+        )
+    )
+    pruning.setup(L.Trainer(logger=False), module, "test")
+    pruning.update_masks(0)
+    assert pruning.sparsity_by_layer()["model.mlp.tower.0"] == pytest.approx(0.9, abs=0.01)
+
+
+def test_structured_rows_and_neurons() -> None:
+    _, module = tiny_setup("neumf")
+    rows = MagnitudePruning(
+        PruneConfig(
+            sparsity=0.5,
+            structure="rows",
+            schedule="one_shot",
+            targets=TargetSpec(groups=["embedding"], include=["*item_embedding*"]),
+        )
+    )
+    rows.setup(L.Trainer(logger=False), module, "test")
+    rows.update_masks(0)
+    table = module.model.mlp.item_embedding.weight
+    zero_rows = (table == 0).all(dim=1)
+    assert zero_rows.float().mean() == pytest.approx(0.5)
+    kept_norm = table[~zero_rows].norm(dim=1).min()
+    assert ((table != 0).any(dim=1) | zero_rows).all() and kept_norm > 0
+
+    neurons = MagnitudePruning(
+        PruneConfig(
+            sparsity=0.5,
+            structure="neurons",
+            schedule="one_shot",
+            targets=TargetSpec(groups=["linear"], include=["*tower*"]),
+        )
+    )
+    neurons.setup(L.Trainer(logger=False), module, "test")
+    neurons.update_masks(0)
+    first, second = module.model.mlp.tower[0], module.model.mlp.tower[2]
+    dead = (first.weight == 0).all(dim=1)
+    assert dead.float().mean() == pytest.approx(0.5)
+    assert (first.bias[dead] == 0).all()
+    # the next layer's input columns that read dead neurons are zero too
+    assert (second.weight[:, dead] == 0).all()
+    assert _next_linear(module, "model.mlp.tower.0") is second
+
+
+def test_masks_and_schedule_survive_checkpoint_resume(tmp_path: Path) -> None:
+    dm, module = tiny_setup()
+    cfg = PruneConfig(sparsity=0.5, end_fraction=0.5, frequency=1)
+    trainer = L.Trainer(
+        max_epochs=2,
+        callbacks=[MagnitudePruning(cfg)],
+        logger=False,
+        enable_progress_bar=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(module, datamodule=dm)
+    ckpt = tmp_path / "mid.ckpt"
+    trainer.save_checkpoint(ckpt)
+    first = trainer.callbacks[0]
+    saved_masks = {k: v.clone() for k, v in first.masks.items()}
+
+    dm2, module2 = tiny_setup()
+    resumed = MagnitudePruning(cfg)
+    trainer2 = tiny_trainer(tmp_path, [resumed], max_epochs=4)
+    trainer2.fit(module2, datamodule=dm2, ckpt_path=ckpt)
+    assert resumed.end_step == first.end_step  # schedule position restored, not re-estimated
+    for name, mask in saved_masks.items():
+        # pruned stays pruned after the resume (final sparsity was reached before the save)
+        assert torch.equal(resumed.masks[name], mask)
+        weight = module2.get_submodule(name).weight
+        assert sparsity(weight) == pytest.approx(0.5, abs=1e-3)
+
+
+def test_taylor_score_runs_and_prunes_to_target(tmp_path: Path) -> None:
+    dm, module = tiny_setup()
+    pruning = MagnitudePruning(PruneConfig(sparsity=0.7, score="taylor", end_fraction=0.5))
+    tiny_trainer(tmp_path, [pruning], max_epochs=2).fit(module, datamodule=dm)
+    assert sparsity(module.model.item_embedding.weight) == pytest.approx(0.7, abs=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "key"),
+    [
+        ({"sparsity": 1.0}, "compression.prune.sparsity"),
+        ({"sparsity": -0.1}, "compression.prune.sparsity"),
+        ({"sparsity": None}, "compression.prune"),
+        ({"sparsity": 0.5, "threshold": 0.1}, "compression.prune"),
+        ({"structure": "blocks"}, "compression.prune.structure"),
+        ({"frequency": 0}, "compression.prune.frequency"),
+        ({"targets": TargetSpec(groups=["conv"])}, "compression.prune.targets.groups"),
+    ],
+)
+def test_bad_prune_config(kwargs: dict, key: str) -> None:
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        PruneConfig(**kwargs)
+
+
+def test_target_spec_matching_nothing_is_an_error() -> None:
+    _, module = tiny_setup()
+    pruning = MagnitudePruning(PruneConfig(targets=TargetSpec(include=["*tower*"])))
+    with pytest.raises(ConfigError, match=r"matches no module.*user_embedding"):
+        pruning.setup(L.Trainer(logger=False), module, "fit")
