@@ -13,6 +13,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from recsys_compress.compression.lowrank import SVDConfig
 from recsys_compress.compression.pruning import PruneConfig
 from recsys_compress.compression.sparsity import L1Config
 from recsys_compress.errors import ConfigError
@@ -295,9 +296,10 @@ class CompressionConfig:
 
     prune: PruneConfig | None = None
     l1: L1Config | None = None
+    svd: SVDConfig | None = None
 
     def methods(self) -> list[str]:
-        return [name for name in ("prune", "l1") if getattr(self, name) is not None]
+        return [name for name in ("prune", "l1", "svd") if getattr(self, name) is not None]
 
 
 @dataclass

@@ -105,10 +105,11 @@ class RecommenderModule(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         cfg = self.optim_cfg
+        # Embedding-like modules (nn.Embedding and factorised tables) have ``num_embeddings``.
         embedding_params = [
             p
             for m in self.model.modules()
-            if isinstance(m, nn.Embedding)
+            if hasattr(m, "num_embeddings")
             for p in m.parameters(recurse=False)
         ]
         embedding_ids = {id(p) for p in embedding_params}

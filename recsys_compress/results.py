@@ -27,7 +27,10 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
     try:
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; results are meant to be shared
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()

@@ -34,6 +34,7 @@ from recsys_compress.compression.accounting import size_summary
 from recsys_compress.config import TrainConfig, config_to_dict, to_train_config
 from recsys_compress.data.datamodule import RecDataModule
 from recsys_compress.errors import RecsysCompressError
+from recsys_compress.export import ARTIFACT_NAME, describe_structure, export_model
 from recsys_compress.models import build_model
 from recsys_compress.module import RecommenderModule
 from recsys_compress.results import (
@@ -158,7 +159,9 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
         **model_size(module.model),
         "compression": {
             "methods": cfg.compression.methods(),
+            "uncompressed_fp32_bytes": dense_bytes,
             **size_summary(module.model, dense_reference_bytes=dense_bytes),
+            "structure": describe_structure(module.model),
         },
         "seconds_per_epoch": _mean(timer.train_seconds),
         "eval_seconds": _mean(timer.test_seconds),
@@ -171,6 +174,16 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
     if cfg.save_model:
         save_state_dict(module.model, run_dir / "model.pt")
         record["model_file"] = str(run_dir / "model.pt")
+    if cfg.compression.methods():
+        inter = datamodule.interactions
+        assert inter is not None
+        artifact = run_dir / ARTIFACT_NAME
+        size = export_model(module.model, cfg.model, inter.user_ids, inter.item_ids, artifact)
+        record["compression"].update(
+            artifact=str(artifact),
+            artifact_bytes=size,
+            artifact_ratio=size / dense_bytes,
+        )
     write_json(run_dir / RESULTS_FILE, record)
     return record
 

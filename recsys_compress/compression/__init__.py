@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import lightning as L
 
 from recsys_compress.compression.accounting import SizeLogger
+from recsys_compress.compression.lowrank import SVDLowRank
 from recsys_compress.compression.pruning import MagnitudePruning
 from recsys_compress.compression.sparsity import L1Proximal
 
@@ -24,6 +25,8 @@ def build_callbacks(cfg: CompressionConfig) -> list[L.Callback]:
         callbacks.append(MagnitudePruning(cfg.prune))
     if cfg.l1 is not None:
         callbacks.append(L1Proximal(cfg.l1))
+    if cfg.svd is not None:
+        callbacks.append(SVDLowRank(cfg.svd))
     if callbacks:
         callbacks.append(SizeLogger())
     return callbacks

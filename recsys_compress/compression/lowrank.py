@@ -1,0 +1,885 @@
+"""Low-rank factorisation by truncated SVD: per layer, or jointly for a dot-product model.
+
+``per_layer``: each targeted weight ``W`` (an embedding table ``[n, d]`` or a Linear weight
+``[out, in]``) becomes ``left @ right`` with ``left = U_r sqrt(S_r)`` and ``right = sqrt(S_r) V_rᵀ``
+(the balanced split of the best rank-r approximation), held by :class:`LowRankEmbedding` /
+:class:`LowRankLinear`. An embedding gathers rows of ``left`` only, so its cost follows the batch.
+
+``joint_dot_product``: for a model scoring ``<p_u, q_i>`` (MF) or ``hᵀ(p_u ⊙ q_i)`` (GMF), the
+score matrix ``P Qᵀ`` is what matters, not each table. :func:`jointly_reduce_dot_product` finds its
+best rank-r approximation from two thin QRs and one small SVD, and returns ordinary tables of
+dimension ``r`` (a real dimension reduction).
+
+When: :class:`SVDLowRank` replaces the modules at the start of epoch ``at_epoch`` (0: before
+training; later: after some dense training) and rebuilds the optimizer on the factors; the factors
+keep training. :func:`apply_svd` does the same without a Trainer (e.g. on a trained checkpoint).
+
+Checkpoints: factorised modules change the parameter names and shapes. The callback registers a
+``load_state_dict`` pre-hook on the LightningModule in ``setup()``; Lightning calls ``setup()``
+before it loads the checkpoint's weights, so the hook rebuilds the architecture the checkpoint
+holds (:func:`match_state_dict`) just before ``fit(ckpt_path=...)`` / ``validate(ckpt_path=...)``
+load them. Without a Trainer use :func:`convert_to_lowrank` or :func:`match_state_dict`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from recsys_compress.compression.targets import TargetSpec, replace_module, select_targets
+from recsys_compress.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+KEY = "compression.svd"
+METHODS = ("per_layer", "joint_dot_product")
+USER_TABLE, ITEM_TABLE = "*user_embedding*", "*item_embedding*"
+# torch.svd_lowrank is used (when ``randomized`` is None) above either size.
+RANDOMIZED_MIN_DIM = 512
+RANDOMIZED_MIN_NUMEL = 5_000_000
+
+
+@dataclass
+class SVDConfig:
+    """Settings of :class:`SVDLowRank` (``conf/compression/svd.yaml``).
+
+    Rank: exactly one of ``rank`` (fixed r), ``param_ratio`` (keep this fraction of each layer's
+    parameters, ``r = floor(ratio * n*d / (n+d))``; joint method: ``r = floor(ratio * d)``) and
+    ``energy`` (smallest r keeping this fraction of ``sum σ²``). ``embedding_rank`` /
+    ``linear_rank`` override the rule for one group (when they cover every targeted group, the
+    three may all be null).
+    """
+
+    targets: TargetSpec = field(default_factory=TargetSpec)
+    rank: int | None = None
+    param_ratio: float | None = 0.5
+    energy: float | None = None
+    embedding_rank: int | None = None
+    linear_rank: int | None = None
+    method: str = "per_layer"
+    at_epoch: int = 0
+    randomized: bool | None = None
+    oversample: int = 10
+    niter: int = 2
+
+    def __post_init__(self) -> None:
+        self.targets.validate(f"{KEY}.targets")
+        if self.method not in METHODS:
+            raise ConfigError(f"{KEY}.method={self.method!r}: use one of {', '.join(METHODS)}.")
+        rules = {"rank": self.rank, "param_ratio": self.param_ratio, "energy": self.energy}
+        chosen = [name for name, value in rules.items() if value is not None]
+        overrides = {"embedding": self.embedding_rank, "linear": self.linear_rank}
+        covered = all(overrides.get(g) is not None for g in self.targets.groups)
+        if len(chosen) > 1 or (not chosen and not covered):
+            raise ConfigError(
+                f"{KEY}: set exactly one of {KEY}.rank, {KEY}.param_ratio and {KEY}.energy "
+                f"(got {', '.join(f'{k}={v}' for k, v in rules.items())}); set the others to "
+                f"null, e.g. {KEY}.rank=8 {KEY}.param_ratio=null."
+            )
+        for name in ("rank", "embedding_rank", "linear_rank"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{KEY}.{name}={value} must be a positive integer (>= 1).")
+        for name in ("param_ratio", "energy"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 < value <= 1.0:
+                raise ConfigError(f"{KEY}.{name}={value} must lie in (0, 1].")
+        if self.at_epoch < 0:
+            raise ConfigError(f"{KEY}.at_epoch={self.at_epoch} must be >= 0 (0: from the start).")
+        if self.oversample < 0 or self.niter < 0:
+            raise ConfigError(
+                f"{KEY}.oversample={self.oversample} / {KEY}.niter={self.niter} must be >= 0."
+            )
+
+    def group_rank(self, group: str) -> tuple[int | None, str]:
+        """The fixed rank for ``group`` (override first, then ``rank``) and its config key."""
+        override = {"embedding": self.embedding_rank, "linear": self.linear_rank}.get(group)
+        if override is not None:
+            return override, f"{KEY}.{group}_rank"
+        return self.rank, f"{KEY}.rank"
+
+
+# ------------------------------------------------------------------------------------------------
+# Rank selection and truncated SVD
+# ------------------------------------------------------------------------------------------------
+
+
+def rank_for_param_ratio(n: int, d: int, ratio: float) -> int:
+    """``floor(ratio * n*d / (n+d))``: the rank whose factors hold ``ratio`` of ``n*d`` (>= 1)."""
+    r = math.floor(ratio * n * d / (n + d) + 1e-9)
+    return max(1, min(r, n, d))
+
+
+def rank_for_energy(singular_values: torch.Tensor, energy: float) -> int:
+    """Smallest r with ``sum_{i<r} σ_i² >= energy * sum σ²`` (σ in descending order)."""
+    power = singular_values.double().square()
+    total = float(power.sum())
+    if total == 0.0:
+        return 1
+    kept = torch.cumsum(power, 0) / total
+    r = int(torch.searchsorted(kept, torch.tensor([energy - 1e-6], dtype=kept.dtype))[0]) + 1
+    return max(1, min(r, len(singular_values)))
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def use_randomized(n: int, d: int, randomized: bool | None) -> bool:
+    """``randomized`` if set, else True for large matrices (``min(n,d) > 512`` or ``n*d > 5e6``)."""
+    if randomized is not None:
+        return randomized
+    return min(n, d) > RANDOMIZED_MIN_DIM or n * d > RANDOMIZED_MIN_NUMEL
+
+
+def truncated_svd(
+    weight: torch.Tensor,
+    rank: int,
+    randomized: bool | None = None,
+    oversample: int = 10,
+    niter: int = 2,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(U_r, S_r, Vh_r)`` of ``weight`` (exact, or ``torch.svd_lowrank`` with ``rank +
+    oversample`` columns and ``niter`` power iterations when that is smaller than the matrix)."""
+    w = weight.detach().to(_compute_dtype(weight))
+    n, d = w.shape
+    q = min(n, d, rank + oversample)
+    if use_randomized(n, d, randomized) and q < min(n, d):
+        u, s, v = torch.svd_lowrank(w, q=q, niter=niter)
+        return u[:, :rank], s[:rank], v[:, :rank].T
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    return u[:, :rank], s[:rank], vh[:rank]
+
+
+def balanced_factors(
+    weight: torch.Tensor,
+    rank: int,
+    randomized: bool | None = None,
+    oversample: int = 10,
+    niter: int = 2,
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``left = U_r sqrt(S_r)``, ``right = sqrt(S_r) V_rᵀ`` and the relative error
+    ``||W - left right||_F / ||W||_F``."""
+    u, s, vh = truncated_svd(weight, rank, randomized, oversample, niter)
+    root = s.sqrt()
+    left, right = u * root, root[:, None] * vh
+    w = weight.detach().to(left.dtype)
+    norm = torch.linalg.matrix_norm(w)
+    error = torch.linalg.matrix_norm(w - left @ right) / norm if norm > 0 else norm
+    return left.to(weight.dtype), right.to(weight.dtype), float(error)
+
+
+def _own_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _factory(module: nn.Module) -> dict[str, Any]:
+    param = next(module.parameters())
+    return {"device": param.device, "dtype": param.dtype}
+
+
+# ------------------------------------------------------------------------------------------------
+# Factorised modules
+# ------------------------------------------------------------------------------------------------
+
+
+class LowRankEmbedding(nn.Module):
+    """A table ``left @ right`` (``[n, r] @ [r, d]``): ``forward(ids) = left[ids] @ right``.
+
+    Only the rows of ``left`` that the batch uses are gathered. Options of ``nn.Embedding``
+    (``padding_idx``, ``max_norm``, ``sparse``) are not carried over.
+    """
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        rank: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        kw = {"device": device, "dtype": dtype}
+        self.num_embeddings, self.embedding_dim, self.rank = num_embeddings, embedding_dim, rank
+        self.left = nn.Parameter(torch.empty(num_embeddings, rank, **kw))
+        self.right = nn.Parameter(torch.empty(rank, embedding_dim, **kw))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Placeholders (N(0, 0.1)); :meth:`from_module` or a state dict sets the real values."""
+        nn.init.normal_(self.left, std=0.1)
+        nn.init.normal_(self.right, std=0.1)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.left) @ self.right
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.left, self.right
+
+    def dense_weight(self) -> torch.Tensor:
+        """The ``[num_embeddings, embedding_dim]`` table the factors represent."""
+        return self.left @ self.right
+
+    @classmethod
+    @torch.no_grad()
+    def from_module(
+        cls,
+        module: nn.Embedding,
+        rank: int,
+        randomized: bool | None = None,
+        oversample: int = 10,
+        niter: int = 2,
+    ) -> tuple[LowRankEmbedding, dict[str, Any]]:
+        """The rank-``rank`` truncated SVD of ``module.weight``, and its info dict."""
+        n, d = module.weight.shape
+        new = cls(n, d, rank, **_factory(module))
+        left, right, error = balanced_factors(module.weight, rank, randomized, oversample, niter)
+        new.left.copy_(left)
+        new.right.copy_(right)
+        return new, _info(rank, error, module, new)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, rank={self.rank}"
+
+
+class LowRankLinear(nn.Module):
+    """``nn.Linear`` with ``weight = left @ right`` (``[out, r] @ [r, in]``), run as two matmuls."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        kw = {"device": device, "dtype": dtype}
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.left = nn.Parameter(torch.empty(out_features, rank, **kw))
+        self.right = nn.Parameter(torch.empty(rank, in_features, **kw))
+        self.bias = nn.Parameter(torch.empty(out_features, **kw)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Placeholder values; :meth:`from_module` or a state dict sets the real ones."""
+        nn.init.normal_(self.left, std=1.0 / math.sqrt(self.rank))
+        nn.init.normal_(self.right, std=1.0 / math.sqrt(self.in_features))
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(x, self.right), self.left, self.bias)
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.left, self.right
+
+    def dense_weight(self) -> torch.Tensor:
+        """The ``[out_features, in_features]`` weight the factors represent."""
+        return self.left @ self.right
+
+    @classmethod
+    @torch.no_grad()
+    def from_module(
+        cls,
+        module: nn.Linear,
+        rank: int,
+        randomized: bool | None = None,
+        oversample: int = 10,
+        niter: int = 2,
+    ) -> tuple[LowRankLinear, dict[str, Any]]:
+        """The rank-``rank`` truncated SVD of ``module.weight`` (bias copied), and its info."""
+        has_bias = module.bias is not None
+        new = cls(module.in_features, module.out_features, rank, has_bias, **_factory(module))
+        left, right, error = balanced_factors(module.weight, rank, randomized, oversample, niter)
+        new.left.copy_(left)
+        new.right.copy_(right)
+        if has_bias:
+            new.bias.copy_(module.bias)
+        return new, _info(rank, error, module, new)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"rank={self.rank}, bias={self.bias is not None}"
+        )
+
+
+LOW_RANK_TYPES = (LowRankEmbedding, LowRankLinear)
+
+
+def _info(rank: int, error: float, old: nn.Module, new: nn.Module) -> dict[str, Any]:
+    return {
+        "rank": rank,
+        "relative_error": error,
+        "params_before": _own_params(old),
+        "params_after": _own_params(new),
+    }
+
+
+def factorize_module(
+    module: nn.Module,
+    rank: int,
+    randomized: bool | None = None,
+    oversample: int = 10,
+    niter: int = 2,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """:meth:`LowRankEmbedding.from_module` or :meth:`LowRankLinear.from_module` by type."""
+    if isinstance(module, nn.Embedding):
+        return LowRankEmbedding.from_module(module, rank, randomized, oversample, niter)
+    if isinstance(module, nn.Linear):
+        return LowRankLinear.from_module(module, rank, randomized, oversample, niter)
+    raise TypeError(f"cannot factorise a {type(module).__name__}: only Embedding / Linear")
+
+
+def _matrix(module: nn.Module) -> torch.Tensor:
+    """``[n, d]`` table of an Embedding, ``[out, in]`` weight of a Linear."""
+    return module.weight  # type: ignore[return-value]
+
+
+def convert_to_lowrank(model: nn.Module, ranks: dict[str, int]) -> None:
+    """Replace each ``name`` in ``ranks`` by an empty factorised module of that rank, in place.
+
+    Used to load a factorised checkpoint into a freshly built model (the values come from the
+    state dict). Modules that are already factorised with that rank are left alone.
+    """
+    for name, rank in ranks.items():
+        module = model.get_submodule(name)
+        if isinstance(module, LOW_RANK_TYPES) and module.rank == rank:
+            continue
+        if isinstance(module, nn.Embedding | LowRankEmbedding):
+            new: nn.Module = LowRankEmbedding(
+                module.num_embeddings, module.embedding_dim, rank, **_factory(module)
+            )
+        elif isinstance(module, nn.Linear | LowRankLinear):
+            has_bias = module.bias is not None
+            new = LowRankLinear(
+                module.in_features, module.out_features, rank, has_bias, **_factory(module)
+            )
+        else:
+            raise TypeError(f"{name} is a {type(module).__name__}: only Embedding / Linear")
+        replace_module(model, name, new)
+
+
+def lowrank_ranks(model: nn.Module) -> dict[str, int]:
+    """``{name: rank}`` of every factorised module in ``model`` (for :func:`convert_to_lowrank`)."""
+    return {n: m.rank for n, m in model.named_modules() if isinstance(m, LOW_RANK_TYPES)}
+
+
+def _columns(module: nn.Module) -> int:
+    """The dimension a factorisation or a joint reduction may change (table dim / in_features)."""
+    if isinstance(module, nn.Embedding | LowRankEmbedding):
+        return module.embedding_dim
+    return module.in_features
+
+
+def _rebuilt_like(module: nn.Module, state_dict: dict[str, Any], key: str) -> nn.Module | None:
+    """A module of ``module``'s kind shaped like the parameters under ``key`` in ``state_dict``
+    (None: it already fits, or the rows / outputs differ, which the load then reports)."""
+    is_embedding = isinstance(module, nn.Embedding | LowRankEmbedding)
+    if not is_embedding and not isinstance(module, nn.Linear | LowRankLinear):
+        return None
+    rows = module.num_embeddings if is_embedding else module.out_features
+    kw = _factory(module)
+    has_bias = f"{key}bias" in state_dict
+    factorised = isinstance(module, LOW_RANK_TYPES)
+    if f"{key}left" in state_dict and f"{key}right" in state_dict:
+        left, right = state_dict[f"{key}left"], state_dict[f"{key}right"]
+        n, r, d = left.shape[0], left.shape[1], right.shape[1]
+        if n != rows or (factorised and module.rank == r and _columns(module) == d):
+            return None
+        if is_embedding:
+            return LowRankEmbedding(n, d, r, **kw)
+        return LowRankLinear(d, n, r, has_bias, **kw)
+    if f"{key}weight" in state_dict:
+        n, d = state_dict[f"{key}weight"].shape
+        if n != rows or (not factorised and _columns(module) == d):
+            return None
+        if factorised:
+            log.warning(
+                "%s: the checkpoint holds a dense weight (saved before %s was applied); "
+                "restoring the dense module",
+                key.rstrip("."),
+                KEY,
+            )
+        return nn.Embedding(n, d, **kw) if is_embedding else nn.Linear(d, n, has_bias, **kw)
+    return None
+
+
+def match_state_dict(
+    root: nn.Module,
+    state_dict: dict[str, Any],
+    names: list[str] | None = None,
+    prefix: str = "",
+) -> list[str]:
+    """Rebuild modules of ``root`` so their parameters have the names and shapes of ``state_dict``.
+
+    A module whose entry has ``left`` / ``right`` becomes an (empty) factorised module of that
+    rank; one whose entry has a ``weight`` becomes a plain Embedding / Linear of that shape (a
+    jointly reduced table, or a checkpoint saved before the factorisation). Only the second
+    dimension may change: a different number of rows (outputs) is left for ``load_state_dict`` to
+    report. ``names``: the modules to consider (default: every Embedding / Linear, factorised or
+    not). Returns the names of the rebuilt modules.
+    """
+    if names is None:
+        kinds = (nn.Embedding, nn.Linear, *LOW_RANK_TYPES)
+        names = [n for n, m in root.named_modules() if n and isinstance(m, kinds)]
+    rebuilt = []
+    for name in names:
+        try:
+            module = root.get_submodule(name)
+        except AttributeError:
+            continue
+        new = _rebuilt_like(module, state_dict, f"{prefix}{name}.")
+        if new is not None:
+            replace_module(root, name, new)
+            rebuilt.append(name)
+    return rebuilt
+
+
+# ------------------------------------------------------------------------------------------------
+# Joint reduction of a dot product
+# ------------------------------------------------------------------------------------------------
+
+
+def _table(table: nn.Module | torch.Tensor) -> torch.Tensor:
+    from recsys_compress.models.base import all_rows  # here: config.py imports this module
+
+    if isinstance(table, torch.Tensor):
+        return table.detach()
+    return all_rows(table, table.num_embeddings).detach()  # type: ignore[arg-type]
+
+
+def joint_factors(
+    user_table: torch.Tensor, item_table: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(A, B, S)`` with ``P Qᵀ = A diag(S) Bᵀ``, A and B with orthonormal columns: the SVD of
+    the score matrix from the thin QRs ``P = Q_p R_p``, ``Q = Q_q R_q`` and the SVD of the small
+    ``R_p R_qᵀ = U S Vᵀ`` (``A = Q_p U``, ``B = Q_q V``). Never forms users x items."""
+    p = user_table.to(_compute_dtype(user_table))
+    q = item_table.to(p.dtype)
+    q_p, r_p = torch.linalg.qr(p, mode="reduced")
+    q_q, r_q = torch.linalg.qr(q, mode="reduced")
+    u, s, vh = torch.linalg.svd(r_p @ r_q.T, full_matrices=False)
+    return q_p @ u, q_q @ vh.T, s
+
+
+def _check_joint_rank(rank: int, available: int, key: str) -> None:
+    if rank > available:
+        raise ConfigError(
+            f"{key}={rank} exceeds the rank of the score matrix P Qᵀ ({available}, at most the "
+            f"embedding dim): set {key} <= {available}, or use {KEY}.param_ratio / {KEY}.energy."
+        )
+
+
+@torch.no_grad()
+def jointly_reduce_dot_product(
+    user_table: nn.Module | torch.Tensor,
+    item_table: nn.Module | torch.Tensor,
+    r: int,
+) -> tuple[nn.Embedding, nn.Embedding]:
+    """Tables ``P' [users, r]`` and ``Q' [items, r]`` with ``P' Q'ᵀ`` the best rank-r approximation
+    of ``P Qᵀ`` (Eckart–Young): ``P' = Q_p U_r sqrt(S_r)``, ``Q' = Q_q V_r sqrt(S_r)``.
+
+    A weighted dot product ``hᵀ(p ⊙ q)`` is reduced by passing ``P diag(h)`` as ``user_table``.
+    """
+    p, q = _table(user_table), _table(item_table)
+    a, b, s = joint_factors(p, q)
+    _check_joint_rank(r, len(s), f"{KEY}.rank")
+    return _reduced_tables(a, b, s, r, device=p.device, dtype=p.dtype)
+
+
+def _reduced_tables(
+    a: torch.Tensor, b: torch.Tensor, s: torch.Tensor, r: int, **kw: Any
+) -> tuple[nn.Embedding, nn.Embedding]:
+    """Tables ``A_r sqrt(S_r)`` and ``B_r sqrt(S_r)`` (see :func:`joint_factors`)."""
+    root = s[:r].sqrt()
+    users, items = nn.Embedding(len(a), r, **kw), nn.Embedding(len(b), r, **kw)
+    with torch.no_grad():
+        users.weight.copy_(a[:, :r] * root)
+        items.weight.copy_(b[:, :r] * root)
+    return users, items
+
+
+def _parent(name: str) -> str:
+    return name.rpartition(".")[0]
+
+
+def find_dot_product(root: nn.Module, cfg: SVDConfig) -> tuple[str, str, str | None]:
+    """``(user table, item table, head)`` names for the joint method.
+
+    The pair: the one targeted embedding matching ``*user_embedding*`` and the one matching
+    ``*item_embedding*``, of equal dim. The head: a plain ``nn.Linear(dim, 1)`` next to the user
+    table (same parent module), read as the weights ``h`` of ``hᵀ(p ⊙ q) + b``; None for a plain
+    dot product. :func:`apply_svd` verifies the structure numerically before keeping the result.
+    """
+    targets = select_targets(root, cfg.targets, f"{KEY}.targets")
+    tables = [t for t in targets if t.group == "embedding"]
+    users = [t.name for t in tables if fnmatch.fnmatchcase(t.name, USER_TABLE)]
+    items = [t.name for t in tables if fnmatch.fnmatchcase(t.name, ITEM_TABLE)]
+    if len(users) != 1 or len(items) != 1:
+        raise ConfigError(
+            f"{KEY}.method=joint_dot_product needs exactly one user table ({USER_TABLE}) and one "
+            f"item table ({ITEM_TABLE}) among {KEY}.targets; found users={users}, items={items}. "
+            f"Narrow {KEY}.targets.include to the pair that feeds the dot product, or use "
+            f"{KEY}.method=per_layer."
+        )
+    user, item = users[0], items[0]
+    dim = root.get_submodule(user).embedding_dim
+    if root.get_submodule(item).embedding_dim != dim:
+        raise ConfigError(
+            f"{KEY}.method=joint_dot_product: {user} and {item} have different dims; the pair "
+            f"must feed a dot product (use {KEY}.method=per_layer)."
+        )
+    parent = root.get_submodule(_parent(user)) if _parent(user) else root
+    heads = [
+        f"{_parent(user)}.{n}" if _parent(user) else n
+        for n, m in parent.named_children()
+        if type(m) is nn.Linear and m.in_features == dim and m.out_features == 1
+    ]
+    if len(heads) > 1:
+        raise ConfigError(
+            f"{KEY}.method=joint_dot_product: several Linear({dim}, 1) layers next to {user} "
+            f"({heads}); cannot tell which weights the dot product. Use {KEY}.method=per_layer."
+        )
+    return user, item, heads[0] if heads else None
+
+
+def _recommender_of(root: nn.Module, name: str) -> nn.Module | None:
+    """The innermost ``Recommender`` containing module ``name`` (for the structure check)."""
+    from recsys_compress.models.base import Recommender  # here: config.py imports this module
+
+    parts = name.split(".")
+    for i in range(len(parts) - 1, -1, -1):
+        module = root.get_submodule(".".join(parts[:i])) if i else root
+        if isinstance(module, Recommender):
+            return module
+    return None
+
+
+@torch.no_grad()
+def _joint_apply(root: nn.Module, cfg: SVDConfig) -> list[dict[str, Any]]:
+    user_name, item_name, head_name = find_dot_product(root, cfg)
+    user_mod, item_mod = root.get_submodule(user_name), root.get_submodule(item_name)
+    head = root.get_submodule(head_name) if head_name else None
+    p, q = _table(user_mod), _table(item_mod)
+    if head is not None:  # GMF: h^T (p * q) = <p * h, q>; h is folded into the user table
+        p = p * head.weight[0]
+    a, b, s = joint_factors(p, q)
+    dim = p.shape[1]
+    fixed, key = cfg.group_rank("embedding")
+    if fixed is not None:
+        rank = fixed
+    elif cfg.param_ratio is not None:
+        rank = max(1, math.floor(cfg.param_ratio * dim + 1e-9))
+    else:
+        assert cfg.energy is not None
+        rank = rank_for_energy(s, cfg.energy)
+    _check_joint_rank(rank, len(s), key)
+
+    def install(r: int) -> None:
+        new_user, new_item = _reduced_tables(a, b, s, r, **_factory(user_mod))
+        replace_module(root, user_name, new_user)
+        replace_module(root, item_name, new_item)
+        if head is not None and head_name is not None:
+            new_head = nn.Linear(r, 1, head.bias is not None, **_factory(head))
+            nn.init.ones_(new_head.weight)
+            if head.bias is not None:
+                new_head.bias.copy_(head.bias)
+            replace_module(root, head_name, new_head)
+
+    originals = [(user_name, user_mod), (item_name, item_mod), (head_name, head)]
+    model = _recommender_of(root, user_name)
+    if model is None:
+        log.warning("%s: no Recommender holds %s; structure not verified", KEY, user_name)
+    else:
+        # At full rank the reduction is exact: changed scores mean no (weighted) dot product.
+        users, items = _probe_pairs(user_mod, item_mod)
+        was_training = model.training
+        model.eval()
+        try:
+            before = model(users, items)
+            install(len(s))
+            after = model(users, items)
+        finally:
+            model.train(was_training)
+        dot = user_mod(users) * item_mod(items)
+        dot = (dot * head.weight[0] if head is not None else dot).sum(-1)
+        tolerance = 1e-3 * float(dot.abs().max()) + 1e-5 * float(before.abs().max()) + 1e-12
+        if float((after - before).abs().max()) > tolerance:
+            for name, old in originals:
+                if name is not None and old is not None:
+                    replace_module(root, name, old)
+            raise ConfigError(
+                f"{KEY}.method=joint_dot_product: the scores of {type(model).__name__} are not "
+                f"<p_u, q_i> (or h^T(p_u * q_i)) of {user_name} and {item_name}, so the joint "
+                f"reduction does not apply. Use {KEY}.method=per_layer."
+            )
+    install(rank)
+    power = s.double().square()
+    error = float((power[rank:].sum() / power.sum()).sqrt()) if power.sum() > 0 else 0.0
+    report = []
+    for name, old in originals:
+        if name is None or old is None:
+            continue
+        report.append(
+            {
+                "name": name,
+                "group": "linear" if name == head_name else "embedding",
+                "method": "joint_dot_product",
+                "rank": rank,
+                "relative_error": error,
+                "params_before": _own_params(old),
+                "params_after": _own_params(root.get_submodule(name)),
+                "replaced": True,
+            }
+        )
+    return report
+
+
+def _probe_pairs(user_mod: nn.Module, item_mod: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """256 random (user, item) pairs from a fixed generator (the global RNG is not touched)."""
+    gen = torch.Generator().manual_seed(0)
+    device = next(user_mod.parameters()).device
+    users = torch.randint(user_mod.num_embeddings, (256,), generator=gen)
+    items = torch.randint(item_mod.num_embeddings, (256,), generator=gen)
+    return users.to(device), items.to(device)
+
+
+# ------------------------------------------------------------------------------------------------
+# Per-layer application
+# ------------------------------------------------------------------------------------------------
+
+
+def _layer_rank(cfg: SVDConfig, group: str, weight: torch.Tensor) -> int:
+    n, d = weight.shape
+    fixed, key = cfg.group_rank(group)
+    if fixed is not None:
+        if fixed > min(n, d):
+            raise ConfigError(
+                f"{key}={fixed} exceeds min(n, d)={min(n, d)} of a [{n}, {d}] {group} weight: "
+                f"set {key} <= {min(n, d)}, or use {KEY}.embedding_rank / {KEY}.linear_rank / "
+                f"{KEY}.param_ratio."
+            )
+        return fixed
+    if cfg.param_ratio is not None:
+        return rank_for_param_ratio(n, d, cfg.param_ratio)
+    assert cfg.energy is not None
+    return rank_for_energy(
+        torch.linalg.svdvals(weight.detach().to(_compute_dtype(weight))), cfg.energy
+    )
+
+
+@torch.no_grad()
+def apply_svd(module: nn.Module, cfg: SVDConfig) -> list[dict[str, Any]]:
+    """Factorise the targets of ``cfg`` in ``module`` (in place) and return one dict per layer:
+    ``name, group, method, rank, relative_error, params_before, params_after, replaced``.
+
+    Works on a LightningModule or a bare model, at any point (from scratch or trained).
+    Layers that no rank can shrink (``n + d >= n*d``, e.g. a ``Linear(d, 1)`` output layer) are
+    kept dense (``replaced: False``).
+    """
+    if cfg.method == "joint_dot_product":
+        return _joint_apply(module, cfg)
+    report = []
+    for target in select_targets(module, cfg.targets, f"{KEY}.targets"):
+        weight = _matrix(target.module)
+        n, d = weight.shape
+        before = _own_params(target.module)
+        entry: dict[str, Any] = {"name": target.name, "group": target.group, "method": "per_layer"}
+        if n + d >= n * d:
+            entry |= {"rank": None, "relative_error": 0.0, "params_before": before}
+            report.append(entry | {"params_after": before, "replaced": False})
+            log.info(
+                "%s: %s [%d, %d] kept dense (no rank saves parameters)", KEY, target.name, n, d
+            )
+            continue
+        rank = _layer_rank(cfg, target.group, weight)
+        new, info = factorize_module(target.module, rank, cfg.randomized, cfg.oversample, cfg.niter)
+        replace_module(module, target.name, new)
+        if info["params_after"] >= info["params_before"]:
+            log.warning(
+                "%s: %s at rank %d has %d parameters, not fewer than the dense %d",
+                KEY,
+                target.name,
+                rank,
+                info["params_after"],
+                info["params_before"],
+            )
+        report.append(entry | info | {"replaced": True})
+    return report
+
+
+# ------------------------------------------------------------------------------------------------
+# Lightning callback
+# ------------------------------------------------------------------------------------------------
+
+
+def _rebuild_optimizers(trainer: L.Trainer) -> None:
+    """New optimizers (and schedulers) from ``configure_optimizers`` over the current parameters.
+
+    Kept from the old ones: the state (e.g. Adam moments) of parameters that still exist, the
+    current learning rate and the schedulers' position (so a schedule does not restart).
+    """
+    old_optimizers = list(trainer.optimizers)
+    old_schedulers = [c.scheduler.state_dict() for c in trainer.lr_scheduler_configs]
+    trainer.strategy.setup_optimizers(trainer)
+    for old, new in zip(old_optimizers, trainer.optimizers, strict=True):
+        for group in new.param_groups:
+            for param in group["params"]:
+                if param in old.state:
+                    new.state[param] = old.state[param]
+        old_lrs = [g["lr"] for g in old.param_groups]
+        if len(old_lrs) == len(new.param_groups) or len(set(old_lrs)) == 1:
+            for i, group in enumerate(new.param_groups):
+                group["lr"] = old_lrs[min(i, len(old_lrs) - 1)]
+    for config, state in zip(trainer.lr_scheduler_configs, old_schedulers, strict=True):
+        groups = len(config.scheduler.optimizer.param_groups)
+        state = dict(state)
+        for key in ("base_lrs", "_last_lr"):
+            values = state.get(key)
+            if isinstance(values, list) and values and len(values) != groups:
+                state[key] = [values[0]] * groups
+        config.scheduler.load_state_dict(state)
+
+
+class SVDLowRank(L.Callback):
+    """Replaces the targets of ``cfg`` by their truncated SVD at the start of epoch ``at_epoch``,
+    then training continues on the factors (the optimizer is rebuilt over them).
+
+    ``report``: one dict per layer (see :func:`apply_svd`), also logged as
+    ``compression/svd/<name>/{rank,relative_error}``. Checkpoint state: ``applied`` and ``ranks``
+    (``{name: rank}``); the architecture itself is rebuilt from the checkpoint's weights by a
+    ``load_state_dict`` pre-hook installed in :meth:`setup`.
+    """
+
+    def __init__(self, cfg: SVDConfig) -> None:
+        self.cfg = cfg
+        self.applied = False
+        self.ranks: dict[str, int] = {}
+        self.report: list[dict[str, Any]] = []
+        self._names: list[str] | None = None
+        self._hook: Any = None
+        self._hooked: nn.Module | None = None
+
+    def _watched_names(self, pl_module: nn.Module) -> list[str]:
+        """The modules this callback may change (targets, and the head of the joint method)."""
+        factorised = list(lowrank_ranks(pl_module))
+        try:
+            if self.cfg.method == "joint_dot_product":
+                found = [n for n in find_dot_product(pl_module, self.cfg) if n is not None]
+            else:
+                found = [
+                    t.name for t in select_targets(pl_module, self.cfg.targets, KEY + ".targets")
+                ]
+        except ConfigError:
+            if not factorised:
+                raise
+            found = []
+        return list(dict.fromkeys([*found, *factorised]))
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # Lightning calls setup() before it loads a checkpoint's weights (fit / validate / test
+        # with ckpt_path), so the pre-hook is in place to rebuild the factorised architecture.
+        if self._hooked is not pl_module:
+            if self._hook is not None:
+                self._hook.remove()
+            self._names = self._watched_names(pl_module)
+            self._hook = pl_module.register_load_state_dict_pre_hook(self._before_load)
+            self._hooked = pl_module
+
+    def _before_load(
+        self, module: nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any
+    ) -> None:
+        rebuilt = match_state_dict(module, state_dict, self._names, prefix)
+        if rebuilt:
+            log.info("%s: rebuilt %s to match the checkpoint", KEY, ", ".join(rebuilt))
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.applied or trainer.current_epoch < self.cfg.at_epoch:
+            return
+        if trainer.strategy.model is not pl_module:
+            raise ConfigError(
+                f"{KEY} replaces modules during training, which a wrapping strategy "
+                f"({type(trainer.strategy).__name__}) does not see: use trainer.strategy=auto "
+                "on one device, or apply_svd() to the model before fit."
+            )
+        self.report = apply_svd(pl_module, self.cfg)
+        self.ranks = {e["name"]: e["rank"] for e in self.report if e["replaced"]}
+        self.applied = True
+        _rebuild_optimizers(trainer)
+        for entry in self.report:
+            if entry["replaced"]:
+                for stat in ("rank", "relative_error"):
+                    pl_module.log(
+                        f"compression/svd/{entry['name']}/{stat}",
+                        float(entry[stat]),
+                        on_step=False,
+                        on_epoch=True,
+                        batch_size=1,
+                    )
+        before = sum(e["params_before"] for e in self.report)
+        after = sum(e["params_after"] for e in self.report)
+        log.info(
+            "%s at epoch %d: %d layers, parameters %d -> %d",
+            KEY,
+            trainer.current_epoch,
+            len(self.ranks),
+            before,
+            after,
+        )
+
+    def compression_done(self, trainer: L.Trainer) -> bool:
+        """The model is factorised (checkpoint ranking starts then)."""
+        return self.applied
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.applied:
+            log.warning(
+                "%s was never applied: training ended before %s.at_epoch=%d",
+                KEY,
+                KEY,
+                self.cfg.at_epoch,
+            )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "applied": self.applied,
+            "ranks": dict(self.ranks),
+            "method": self.cfg.method,
+            "report": [dict(e) for e in self.report],
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.applied = bool(state_dict["applied"])
+        self.ranks = dict(state_dict["ranks"])
+        self.report = [dict(e) for e in state_dict.get("report", [])]
+
+
+__all__ = [
+    "LowRankEmbedding",
+    "LowRankLinear",
+    "SVDConfig",
+    "SVDLowRank",
+    "apply_svd",
+    "balanced_factors",
+    "convert_to_lowrank",
+    "factorize_module",
+    "find_dot_product",
+    "joint_factors",
+    "jointly_reduce_dot_product",
+    "lowrank_ranks",
+    "match_state_dict",
+    "rank_for_energy",
+    "rank_for_param_ratio",
+    "truncated_svd",
+]

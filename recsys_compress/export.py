@@ -1,0 +1,203 @@
+"""The deployable compressed artifact: ``python -m recsys_compress.export <run dir>``.
+
+One safetensors file (no pickle) holding the model's state in its compressed encodings
+(:mod:`recsys_compress.compression.codec`), the recipe to rebuild the architecture (model config,
+factorised and quantised modules) and the raw user / item ids. Its size on disk is the compressed
+size a run reports. :func:`load_compressed` rebuilds an inference model from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
+from torch import nn
+
+from recsys_compress.compression.codec import decode_tensor, encode_tensor
+from recsys_compress.compression.lowrank import match_state_dict
+from recsys_compress.config import ModelConfig, to_train_config
+from recsys_compress.errors import DataError, RecsysCompressError
+from recsys_compress.models import Recommender, build_model
+from recsys_compress.results import RESULTS_FILE, atomic_write
+
+FORMAT = "recsys-compress/1"
+ARTIFACT_NAME = "model.compressed.safetensors"
+
+
+def _plain(cfg: ModelConfig) -> ModelConfig:
+    """The architecture alone: the exported weights replace any pre-training."""
+    return ModelConfig(**{**asdict(cfg), "pretrained_gmf": None, "pretrained_mlp": None})
+
+
+def describe_structure(model: nn.Module) -> dict[str, Any]:
+    """How ``model`` departs from the plain architecture: low-rank modules and their ranks, and
+    4-bit integer tensors (stored packed)."""
+    lowrank = {}
+    int4 = []
+    for name, module in model.named_modules():
+        if hasattr(module, "factors") and hasattr(module, "rank"):
+            lowrank[name] = int(module.rank)
+        if getattr(module, "rcz_bits", 32) == 4:
+            int4 += [
+                f"{name}.{n}" if name else n
+                for n, t in module.state_dict().items()
+                if not t.is_floating_point()
+            ]
+    return {"lowrank": lowrank, "int4": int4}
+
+
+def load_compressed_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load ``state`` into a freshly built ``model``, first rebuilding the modules whose saved
+    shapes say they were factorised or reduced in dimension."""
+    match_state_dict(model, state)
+    model.load_state_dict(state)
+
+
+def _ids_entry(ids: np.ndarray) -> tuple[dict[str, Any], torch.Tensor | None]:
+    """Raw ids: a contiguous integer range is stored as its start (free); else as a tensor or
+    (string ids) in the metadata."""
+    if ids.dtype.kind in "iu":
+        if len(ids) and np.array_equal(ids, np.arange(ids[0], ids[0] + len(ids))):
+            return {"kind": "range", "start": int(ids[0]), "count": len(ids)}, None
+        return {"kind": "tensor"}, torch.from_numpy(ids.astype(np.int64))
+    return {"kind": "strings", "values": [str(v) for v in ids]}, None
+
+
+def _ids_from(entry: dict[str, Any], tensor: torch.Tensor | None) -> np.ndarray:
+    if entry["kind"] == "range":
+        return np.arange(entry["start"], entry["start"] + entry["count"], dtype=np.int64)
+    if entry["kind"] == "tensor":
+        assert tensor is not None
+        return tensor.numpy()
+    return np.asarray(entry["values"], dtype=str)
+
+
+def export_model(
+    model: Recommender,
+    model_cfg: ModelConfig,
+    user_ids: np.ndarray,
+    item_ids: np.ndarray,
+    path: Path,
+) -> int:
+    """Write the artifact for ``model`` (atomically); returns its size in bytes."""
+    structure = describe_structure(model)
+    tensors: dict[str, torch.Tensor] = {}
+    infos = {}
+    for name, tensor in model.state_dict().items():
+        entries, info = encode_tensor(name, tensor, int4=name in structure["int4"])
+        tensors.update(entries)
+        infos[name] = info
+    meta: dict[str, Any] = {
+        "format": FORMAT,
+        "model": asdict(model_cfg),
+        "num_users": model.num_users,
+        "num_items": model.num_items,
+        "structure": structure,
+        "tensors": infos,
+    }
+    for key, ids in (("user_ids", user_ids), ("item_ids", item_ids)):
+        meta[key], tensor = _ids_entry(ids)
+        if tensor is not None:
+            tensors[f"::{key}"] = tensor
+    blob = save(tensors, metadata={"recsys_compress": json.dumps(meta)})
+    atomic_write(path, lambda handle: handle.write(blob))
+    return len(blob)
+
+
+class CompressedRecommender:
+    """An inference model rebuilt from an artifact; speaks the dataset's raw ids."""
+
+    def __init__(self, model: Recommender, user_ids: np.ndarray, item_ids: np.ndarray) -> None:
+        self.model = model.eval()
+        self.user_ids, self.item_ids = user_ids, item_ids
+        self._user_index = {raw: i for i, raw in enumerate(user_ids.tolist())}
+
+    @torch.no_grad()
+    def recommend(self, user_ids: list | np.ndarray, k: int = 10) -> np.ndarray:
+        """``[len(user_ids), k]`` raw item ids, best first, for raw user ids."""
+        missing = [u for u in user_ids if u not in self._user_index]
+        if missing:
+            raise DataError(
+                f"unknown user ids {missing[:5]}: the artifact knows {len(self.user_ids)} users."
+            )
+        users = torch.tensor([self._user_index[u] for u in user_ids], dtype=torch.long)
+        top = torch.topk(self.model.score_all(users), min(k, self.model.num_items), dim=1)
+        return self.item_ids[top.indices.numpy()]
+
+
+def load_compressed(path: str | Path) -> CompressedRecommender:
+    """Rebuild the model stored in an artifact written by :func:`export_model`.
+
+    A truncated or tampered file raises :class:`DataError` naming it.
+    """
+    path = Path(path)
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            meta = json.loads(handle.metadata()["recsys_compress"])
+        tensors = load_file(str(path))
+        if meta.get("format") != FORMAT:
+            raise KeyError("format")
+        state = {name: decode_tensor(name, tensors, info) for name, info in meta["tensors"].items()}
+        model = build_model(
+            _plain(ModelConfig(**meta["model"])), meta["num_users"], meta["num_items"]
+        )
+        load_compressed_state(model, state)
+    except (SafetensorError, OSError, KeyError, ValueError, RuntimeError) as err:
+        raise DataError(
+            f"{path} is not a readable recsys-compress artifact ({type(err).__name__}: {err}); "
+            "it may be truncated or modified: export it again with "
+            "`python -m recsys_compress.export <run dir>`."
+        ) from None
+    user_ids = _ids_from(meta["user_ids"], tensors.get("::user_ids"))
+    item_ids = _ids_from(meta["item_ids"], tensors.get("::item_ids"))
+    return CompressedRecommender(model, user_ids, item_ids)
+
+
+def export_run(run_dir: Path, out: Path | None = None) -> Path:
+    """Export the final model of a finished run (its ``model.pt``) next to its results."""
+    from recsys_compress.data.interactions import load_interactions
+
+    results_path = run_dir / RESULTS_FILE
+    if not results_path.is_file():
+        raise DataError(f"{results_path} not found: pass the directory of a finished run.")
+    record = json.loads(results_path.read_text())
+    if record.get("status") != "completed":
+        raise DataError(
+            f"{run_dir} did not complete (status {record.get('status')}): nothing to export."
+        )
+    cfg = to_train_config(record["config"])
+    interactions = load_interactions(cfg.data)
+    model = build_model(_plain(cfg.model), interactions.num_users, interactions.num_items)
+    state = torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True)
+    load_compressed_state(model, state)
+    out = out or run_dir / ARTIFACT_NAME
+    export_model(model, cfg.model, interactions.user_ids, interactions.item_ids, out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Write a run's compressed safetensors artifact.")
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    try:
+        path = export_run(args.run_dir, args.out)
+    except RecsysCompressError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"{path} ({path.stat().st_size:,} bytes)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

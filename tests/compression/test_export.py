@@ -1,0 +1,127 @@
+"""The compressed artifact: exact round trip, real size on disk, raw ids, damaged files."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from recsys_compress import load_compressed
+from recsys_compress.compression.accounting import size_summary
+from recsys_compress.compression.codec import (
+    decode_tensor,
+    encode_tensor,
+    pack_int4,
+    unpack_int4,
+)
+from recsys_compress.config import ModelConfig
+from recsys_compress.errors import DataError
+from recsys_compress.export import export_model
+from recsys_compress.models import build_model
+from recsys_compress.train import train
+from tests.conftest import REPO
+from tests.e2e.test_train import FAST, compose_config
+
+
+def test_int4_packing_round_trip() -> None:
+    values = torch.tensor([-8, -1, 0, 1, 7, 3, -5], dtype=torch.int8)
+    packed = pack_int4(values)
+    assert packed.dtype == torch.uint8 and packed.numel() == 4
+    assert torch.equal(unpack_int4(packed, 7), values)
+    with pytest.raises(ValueError, match="int4"):
+        pack_int4(torch.tensor([8]))
+
+
+@pytest.mark.parametrize("density", [1.0, 0.5, 0.1, 0.0])
+def test_codec_is_exact_and_picks_the_smaller_encoding(density: float) -> None:
+    weight = torch.randn(50, 16)
+    weight[torch.rand(50, 16) >= density] = 0.0
+    entries, info = encode_tensor("w", weight)
+    assert torch.equal(decode_tensor("w", entries, info), weight)
+    stored = sum(t.numel() * t.element_size() for t in entries.values())
+    assert stored <= weight.numel() * 4
+    assert info["encoding"] == ("dense" if density > 0.9 else "bitmask")
+
+
+def mf_model(sparsity: float) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name="mf", dim=32), 300, 500)
+    with torch.no_grad():
+        for table in (model.user_embedding.weight, model.item_embedding.weight):
+            table[table.abs() < table.abs().flatten().quantile(sparsity)] = 0.0
+    return model
+
+
+def test_export_round_trip_scores_ids_and_size(tmp_path: Path) -> None:
+    model = mf_model(0.8)
+    user_ids = np.arange(1, 301)
+    item_ids = np.array([f"item-{i}" for i in range(500)])
+    path = tmp_path / "a.safetensors"
+    size = export_model(model, ModelConfig(name="mf", dim=32), user_ids, item_ids, path)
+    assert size == path.stat().st_size
+    # the file really is compressed: close to the accounting estimate, far below fp32
+    estimate = size_summary(model)["compressed_bytes"]
+    dense = size_summary(model)["dense_bytes"]
+    assert estimate <= size <= estimate + 4096 + 500 * 12
+    assert size < 0.35 * dense
+    loaded = load_compressed(path)
+    users = torch.arange(300)
+    assert torch.equal(loaded.model.score_all(users), model.score_all(users))
+    recs = loaded.recommend([1, 300], k=5)
+    top = torch.topk(model.score_all(torch.tensor([0, 299])), 5).indices.numpy()
+    assert recs.tolist() == item_ids[top].tolist()
+    with pytest.raises(DataError, match="unknown user ids"):
+        loaded.recommend([0])
+
+
+def test_truncated_or_tampered_artifact_is_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "a.safetensors"
+    export_model(mf_model(0.5), ModelConfig(name="mf", dim=32), np.arange(300), np.arange(500), path)
+    blob = path.read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(DataError, match=r"cut\.safetensors.*export it again"):
+        load_compressed(tmp_path / "cut.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a model at all")
+    with pytest.raises(DataError, match="junk"):
+        load_compressed(tmp_path / "junk.safetensors")
+
+
+def test_compressed_run_exports_automatically_and_cli_reexports(tmp_path: Path) -> None:
+    cfg = compose_config([*FAST, "trainer.max_epochs=4", "compression=prune"])
+    record = train(cfg, tmp_path / "run")
+    comp = record["compression"]
+    assert comp["methods"] == ["prune"]
+    # 80% of both 64-dim tables (300 users + 200 items); bias tables stay dense
+    assert comp["sparsity"] == pytest.approx(0.8 * 500 * 64 / record["num_params"], rel=1e-3)
+    artifact = Path(comp["artifact"])
+    assert comp["artifact_bytes"] == artifact.stat().st_size
+    assert comp["artifact_ratio"] < 0.35
+    loaded = load_compressed(artifact)
+    # the artifact scores exactly like the run's final (best compressed) model
+    state = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
+    users = torch.arange(10)
+    net = build_model(cfg.model, 300, 200)
+    net.load_state_dict(state)
+    assert torch.equal(loaded.model.score_all(users), net.score_all(users))
+    out = tmp_path / "again.safetensors"
+    result = subprocess.run(
+        [sys.executable, "-m", "recsys_compress.export", str(tmp_path / "run"), "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert out.read_bytes() == artifact.read_bytes()
+    bad = subprocess.run(
+        [sys.executable, "-m", "recsys_compress.export", str(tmp_path / "nope")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode == 2 and "results.json not found" in bad.stderr

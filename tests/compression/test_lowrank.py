@@ -1,0 +1,494 @@
+"""Truncated-SVD factorisation: exactness, errors against the spectrum, rank rules, the joint
+dot-product reduction, the Lightning callback (fine-tuning on the factors) and checkpoints."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+
+from recsys_compress.compression.accounting import layer_stats, size_summary
+from recsys_compress.compression.lowrank import (
+    LowRankEmbedding,
+    LowRankLinear,
+    SVDConfig,
+    SVDLowRank,
+    apply_svd,
+    balanced_factors,
+    convert_to_lowrank,
+    jointly_reduce_dot_product,
+    lowrank_ranks,
+    match_state_dict,
+    rank_for_energy,
+    rank_for_param_ratio,
+)
+from recsys_compress.compression.targets import TargetSpec
+from recsys_compress.config import to_train_config
+from recsys_compress.data.datamodule import RecDataModule
+from recsys_compress.errors import ConfigError
+from recsys_compress.models import GMF, MF, NeuMF, build_model
+from recsys_compress.module import RecommenderModule
+
+
+def randomise(model: nn.Module, seed: int = 1) -> nn.Module:
+    """Order-1 parameters, so score differences are visible (the 0.01 init makes them tiny)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    return model.eval()
+
+
+def matrix_with_spectrum(n: int, d: int, sigmas: list[float], seed: int = 0) -> torch.Tensor:
+    """``U diag(sigmas) Vᵀ`` with random orthonormal U [n, k], V [d, k]."""
+    gen = torch.Generator().manual_seed(seed)
+    k = len(sigmas)
+    u, _ = torch.linalg.qr(torch.randn(n, k, generator=gen, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(d, k, generator=gen, dtype=torch.float64))
+    return (u * torch.tensor(sigmas, dtype=torch.float64)) @ v.T
+
+
+def eckart_young(matrix: torch.Tensor, r: int) -> float:
+    """Relative error of the best rank-r approximation: sqrt(sum_{i>=r} σ²) / sqrt(sum σ²)."""
+    s = torch.linalg.svdvals(matrix.double())
+    return float(s[r:].square().sum().sqrt() / s.square().sum().sqrt())
+
+
+def svd_cfg(**kw) -> SVDConfig:
+    kw.setdefault("param_ratio", None)
+    return SVDConfig(**kw)
+
+
+# ------------------------------------------------------------------------------------------------
+# Modules
+# ------------------------------------------------------------------------------------------------
+
+
+def test_full_rank_reproduces_dense_embedding_and_linear():
+    torch.manual_seed(0)
+    emb = nn.Embedding(30, 8)
+    low, info = LowRankEmbedding.from_module(emb, 8)
+    ids = torch.tensor([0, 5, 5, 29, 17])
+    assert torch.allclose(low(ids), emb(ids), atol=1e-5)
+    assert info["relative_error"] < 1e-5
+    assert (info["params_before"], info["params_after"]) == (240, 8 * (30 + 8))
+    assert (low.num_embeddings, low.embedding_dim, low.rank) == (30, 8, 8)
+
+    lin = nn.Linear(12, 7)
+    low_lin, info = LowRankLinear.from_module(lin, 7)
+    x = torch.randn(4, 3, 12)
+    assert torch.allclose(low_lin(x), lin(x), atol=1e-5)
+    assert torch.allclose(low_lin.dense_weight(), lin.weight, atol=1e-5)
+    assert (info["params_before"], info["params_after"]) == (12 * 7 + 7, 7 * 19 + 7)
+    # Own parameters only (counted once by the accounting), and the factors() protocol.
+    assert [n for n, _ in low_lin.named_parameters(recurse=False)] == ["left", "right", "bias"]
+    left, right = low_lin.factors()
+    assert left.shape == (7, 7) and right.shape == (7, 12)
+
+
+@pytest.mark.parametrize("rank", [1, 5, 12])
+def test_relative_error_is_the_discarded_spectrum(rank):
+    weight = torch.randn(40, 24, generator=torch.Generator().manual_seed(3))
+    s = torch.linalg.svdvals(weight.double())
+    expected = math.sqrt(float(s[rank:].square().sum()) / float(s.square().sum()))
+    left, right, error = balanced_factors(weight, rank)
+    assert error == pytest.approx(expected, abs=1e-5)
+    direct = torch.linalg.matrix_norm(weight - left @ right) / torch.linalg.matrix_norm(weight)
+    assert float(direct) == pytest.approx(expected, abs=1e-5)
+    # Balanced split: leftᵀ left = right rightᵀ = diag(S_r).
+    diag = torch.diag(s[:rank]).float()
+    assert torch.allclose(left.T @ left, diag, atol=1e-4)
+    assert torch.allclose(right @ right.T, diag, atol=1e-4)
+
+
+def test_randomized_svd_is_close_to_exact_on_low_rank_plus_noise():
+    gen = torch.Generator().manual_seed(0)
+    signal = torch.randn(300, 5, generator=gen) @ torch.randn(5, 120, generator=gen)
+    weight = signal + 0.01 * torch.randn(300, 120, generator=gen)
+    exact_l, exact_r, exact_err = balanced_factors(weight, 5, randomized=False)
+    rand_l, rand_r, rand_err = balanced_factors(weight, 5, randomized=True, niter=2)
+    assert rand_err == pytest.approx(exact_err, rel=1e-3)
+    assert rand_err == pytest.approx(eckart_young(weight, 5), rel=1e-3)
+    diff = torch.linalg.matrix_norm(rand_l @ rand_r - exact_l @ exact_r)
+    assert float(diff / torch.linalg.matrix_norm(weight)) < 1e-4
+
+
+def test_full_rank_reproduces_mf_scores():
+    model = randomise(MF(13, 17, 8))
+    users = torch.arange(13)
+    with torch.no_grad():
+        dense = model.score_all(users)
+        report = apply_svd(model, svd_cfg(rank=8))
+        assert {e["name"] for e in report} == {"user_embedding", "item_embedding"}
+        assert isinstance(model.user_embedding, LowRankEmbedding)
+        assert type(model.user_bias) is nn.Embedding  # *bias* excluded
+        assert (model.score_all(users) - dense).abs().max() < 1e-5
+        assert all(e["relative_error"] < 1e-5 for e in report)
+
+
+# ------------------------------------------------------------------------------------------------
+# Rank rules
+# ------------------------------------------------------------------------------------------------
+
+
+class OneLayer(nn.Module):
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.layer = nn.Linear(weight.shape[1], weight.shape[0])
+        with torch.no_grad():
+            self.layer.weight.copy_(weight)
+
+
+SPECTRUM = [math.sqrt(40), math.sqrt(30), math.sqrt(20), math.sqrt(10)]  # σ² shares .4 .3 .2 .1
+
+
+@pytest.mark.parametrize(
+    ("rule", "expected"),
+    [
+        ({"param_ratio": 0.5}, 6),  # floor(0.5 * 30*20 / 50)
+        ({"param_ratio": 1.0}, 12),
+        ({"param_ratio": 0.01}, 1),  # at least 1
+        ({"energy": 0.4}, 1),
+        ({"energy": 0.7}, 2),
+        ({"energy": 0.75}, 3),
+        ({"energy": 0.9}, 3),
+        ({"energy": 0.95}, 4),
+        ({"energy": 1.0}, 4),
+        ({"rank": 3}, 3),
+        ({"rank": 9, "linear_rank": 2}, 2),  # the group override wins
+    ],
+)
+def test_rank_rules_on_a_known_spectrum(rule, expected):
+    model = OneLayer(matrix_with_spectrum(30, 20, SPECTRUM).float())
+    (entry,) = apply_svd(model, svd_cfg(targets=TargetSpec(groups=["linear"]), **rule))
+    assert entry["rank"] == expected == model.layer.rank
+    discarded = sum(s * s for s in SPECTRUM[expected:]) / 100.0
+    assert entry["relative_error"] == pytest.approx(math.sqrt(discarded), abs=1e-5)
+
+
+def test_rank_helpers():
+    assert rank_for_param_ratio(300, 64, 0.5) == math.floor(0.5 * 300 * 64 / 364)
+    assert rank_for_param_ratio(64, 64, 1.0) == 32
+    assert rank_for_energy(torch.tensor(SPECTRUM), 0.71) == 3
+    assert rank_for_energy(torch.zeros(4), 0.5) == 1
+
+
+def test_layers_no_rank_can_shrink_stay_dense():
+    model = randomise(GMF(20, 25, 8))
+    report = apply_svd(model, svd_cfg(rank=2))
+    by_name = {e["name"]: e for e in report}
+    assert not by_name["predict"]["replaced"] and type(model.predict) is nn.Linear
+    assert by_name["user_embedding"]["rank"] == 2
+
+
+# ------------------------------------------------------------------------------------------------
+# Joint reduction of the dot product
+# ------------------------------------------------------------------------------------------------
+
+
+def test_joint_reduction_is_optimal_and_beats_per_table_svd():
+    gen = torch.Generator().manual_seed(0)
+    scales = torch.tensor([3.0, 2.0, 1.5, 1.0, 0.7, 0.5, 0.3, 0.2])
+    p = torch.randn(40, 8, generator=gen) * scales
+    q = torch.randn(30, 8, generator=gen) * scales.flip(0).sqrt()
+    scores = p @ q.T
+    r = 3
+    new_p, new_q = jointly_reduce_dot_product(p, q, r)
+    assert new_p.weight.shape == (40, 3) and new_q.weight.shape == (30, 3)
+    joint = torch.linalg.matrix_norm(scores - (new_p.weight @ new_q.weight.T).detach())
+    optimum = eckart_young(scores, r) * float(torch.linalg.matrix_norm(scores))
+    assert float(joint) == pytest.approx(optimum, rel=1e-4)
+    lp, rp, _ = balanced_factors(p, r)
+    lq, rq, _ = balanced_factors(q, r)
+    per_table = torch.linalg.matrix_norm(scores - (lp @ rp) @ (lq @ rq).T)
+    assert float(joint) < 0.9 * float(per_table)
+    # Full rank: exact.
+    full_p, full_q = jointly_reduce_dot_product(p, q, 8)
+    assert torch.allclose((full_p.weight @ full_q.weight.T).detach(), scores, atol=1e-4)
+
+
+def test_joint_reduction_of_mf_keeps_biases_and_reaches_eckart_young():
+    model = randomise(MF(25, 35, 8))
+    with torch.no_grad():
+        users = torch.arange(25)
+        dot = model.user_embedding.weight @ model.item_embedding.weight.T
+        bias_part = model.score_all(users) - dot
+        user_bias = model.user_bias.weight.clone()
+        report = apply_svd(model, svd_cfg(rank=3, method="joint_dot_product"))
+        assert type(model.user_embedding) is nn.Embedding
+        assert model.user_embedding.embedding_dim == model.item_embedding.embedding_dim == 3
+        assert torch.equal(model.user_bias.weight, user_bias)
+        new_dot = model.score_all(users) - bias_part
+        error = torch.linalg.matrix_norm(new_dot - dot) / torch.linalg.matrix_norm(dot)
+        assert float(error) == pytest.approx(eckart_young(dot, 3), abs=1e-5)
+        assert report[0]["relative_error"] == pytest.approx(eckart_young(dot, 3), abs=1e-5)
+        assert [e["params_after"] for e in report] == [25 * 3, 35 * 3]
+
+
+def test_joint_reduction_of_gmf_folds_the_predict_weights():
+    users = torch.arange(20)
+    model = randomise(GMF(20, 25, 8))
+    with torch.no_grad():
+        dense = model.score_all(users)
+        bias = model.predict.bias.clone()
+        weighted = (
+            model.user_embedding.weight * model.predict.weight
+        ) @ model.item_embedding.weight.T
+        apply_svd(model, svd_cfg(rank=8, method="joint_dot_product"))
+        assert torch.allclose(model.score_all(users), dense, atol=1e-5)
+        assert torch.equal(model.predict.weight, torch.ones(1, 8))
+        assert torch.equal(model.predict.bias, bias)
+
+        model = randomise(GMF(20, 25, 8))
+        apply_svd(model, svd_cfg(energy=0.8, method="joint_dot_product"))
+        r = model.user_embedding.embedding_dim
+        assert r < 8 and model.predict.in_features == r
+        error = torch.linalg.matrix_norm(model.score_all(users) - bias - weighted)
+        rel = float(error / torch.linalg.matrix_norm(weighted))
+        assert rel == pytest.approx(eckart_young(weighted, r), abs=1e-5)
+        assert rel <= math.sqrt(0.2) + 1e-6
+
+
+def test_joint_reduction_refuses_models_that_are_not_a_dot_product():
+    model = randomise(NeuMF(20, 25, 8, 8, [16, 8]))
+    with pytest.raises(ConfigError, match=r"exactly one user table.*per_layer"):
+        apply_svd(model, svd_cfg(rank=4, method="joint_dot_product"))
+    gmf_only = TargetSpec(include=["*gmf_*"])
+    with torch.no_grad():
+        before = model(torch.arange(20), torch.arange(20))
+        with pytest.raises(ConfigError, match="scores of NeuMF are not"):
+            apply_svd(model, svd_cfg(rank=4, method="joint_dot_product", targets=gmf_only))
+        # The tables are restored.
+        assert model.gmf_user_embedding.embedding_dim == 8
+        assert torch.equal(model(torch.arange(20), torch.arange(20)), before)
+
+
+# ------------------------------------------------------------------------------------------------
+# Config errors
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kw", "key"),
+    [
+        ({"param_ratio": None}, r"compression\.svd: set exactly one"),
+        ({"rank": 4}, r"compression\.svd: set exactly one"),  # with the default param_ratio
+        ({"param_ratio": None, "rank": 2, "energy": 0.9}, r"compression\.svd: set exactly one"),
+        ({"param_ratio": None, "rank": 0}, r"compression\.svd\.rank=0"),
+        ({"param_ratio": 1.5}, r"compression\.svd\.param_ratio=1\.5"),
+        ({"param_ratio": None, "energy": 0.0}, r"compression\.svd\.energy=0\.0"),
+        ({"method": "tucker"}, r"compression\.svd\.method"),
+        ({"at_epoch": -1}, r"compression\.svd\.at_epoch"),
+        ({"targets": TargetSpec(groups=["conv"])}, r"compression\.svd\.targets\.groups"),
+    ],
+)
+def test_bad_config_names_the_key(kw, key):
+    with pytest.raises(ConfigError, match=key):
+        SVDConfig(**kw)
+
+
+def test_group_overrides_alone_are_a_complete_rule():
+    cfg = SVDConfig(param_ratio=None, embedding_rank=4, linear_rank=2)
+    assert cfg.group_rank("linear") == (2, "compression.svd.linear_rank")
+
+
+def test_rank_above_min_dim_names_the_key():
+    with pytest.raises(ConfigError, match=r"compression\.svd\.rank=9 exceeds min\(n, d\)=8"):
+        apply_svd(MF(13, 17, 8), svd_cfg(rank=9))
+    with pytest.raises(ConfigError, match=r"compression\.svd\.embedding_rank=12"):
+        apply_svd(MF(13, 17, 8), svd_cfg(rank=2, embedding_rank=12))
+    with pytest.raises(ConfigError, match=r"compression\.svd\.rank=9 exceeds the rank"):
+        apply_svd(MF(13, 17, 8), svd_cfg(rank=9, method="joint_dot_product"))
+    with pytest.raises(ConfigError, match=r"compression\.svd\.targets"):
+        apply_svd(MF(13, 17, 8), svd_cfg(rank=2, targets=TargetSpec(include=["*tower*"])))
+
+
+# ------------------------------------------------------------------------------------------------
+# Accounting and state dicts without a Trainer
+# ------------------------------------------------------------------------------------------------
+
+
+def test_accounting_counts_the_factors_once():
+    model = MF(13, 17, 8)
+    dense_params = sum(p.numel() for p in model.parameters())
+    report = apply_svd(model, svd_cfg(rank=2))
+    stats = {s.name: s for s in layer_stats(model)}
+    assert stats["user_embedding"].rank == 2
+    assert stats["user_embedding"].params == 2 * (13 + 8)
+    summary = size_summary(model)
+    assert summary["params"] == sum(p.numel() for p in model.parameters())
+    saved = sum(e["params_before"] - e["params_after"] for e in report)
+    assert summary["params"] == dense_params - saved
+
+
+def test_factorised_state_dict_loads_into_a_converted_model():
+    source = randomise(NeuMF(20, 25, 8, 8, [16, 8]))
+    apply_svd(source, svd_cfg(param_ratio=0.5))
+    ranks = lowrank_ranks(source)
+    assert ranks["mlp.tower.0"] == rank_for_param_ratio(16, 16, 0.5)
+    fresh = NeuMF(20, 25, 8, 8, [16, 8])
+    convert_to_lowrank(fresh, ranks)
+    fresh.load_state_dict(source.state_dict())
+    pairs = torch.arange(20), torch.arange(20)
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(*pairs), source(*pairs))
+    # A jointly reduced model: match_state_dict reshapes the tables and the head.
+    gmf = randomise(GMF(20, 25, 8))
+    apply_svd(gmf, svd_cfg(rank=3, method="joint_dot_product"))
+    fresh_gmf = GMF(20, 25, 8)
+    rebuilt = match_state_dict(fresh_gmf, gmf.state_dict())
+    assert set(rebuilt) == {"user_embedding", "item_embedding", "predict"}
+    fresh_gmf.load_state_dict(gmf.state_dict())
+    with torch.no_grad():
+        assert torch.equal(fresh_gmf.eval()(*pairs), gmf(*pairs))
+
+
+# ------------------------------------------------------------------------------------------------
+# Lightning: fine-tuning after the factorisation, checkpoints and resume
+# ------------------------------------------------------------------------------------------------
+
+
+def tiny_setup(model_name: str, **optim):
+    cfg = to_train_config(
+        {
+            "data": {
+                "name": "synthetic",
+                "source": "synthetic",
+                "use_cache": False,
+                "synthetic": {
+                    "num_users": 30,
+                    "num_items": 40,
+                    "interactions_per_user": 9,
+                    "seed": 1,
+                },
+            },
+            "split": {"name": "loo"},
+            "model": {"name": model_name, "dim": 8, "mlp_dim": 8, "mlp_layers": [16, 8]},
+            "loss": {"name": "bce", "num_negatives": 2},
+            "eval": {"protocol": "full", "ks": [5], "metrics": ["ndcg"]},
+            "optim": {"lr": 0.01, **optim},
+            "trainer": {"batch_size": 64},
+        }
+    )
+    dm = RecDataModule(cfg.data, cfg.split, cfg.loss, cfg.eval, cfg.trainer.batch_size, 0)
+    dm.setup()
+    L.seed_everything(0, verbose=False)
+    model = build_model(cfg.model, dm.num_users, dm.num_items)
+    return RecommenderModule(model, cfg.loss, cfg.optim, cfg.eval), dm
+
+
+def fit(module, dm, callbacks, tmp_path: Path, max_epochs: int, ckpt_path=None) -> L.Trainer:
+    trainer = L.Trainer(
+        max_epochs=max_epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
+        num_sanity_val_steps=0,
+        callbacks=callbacks,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    return trainer
+
+
+class Probe(L.Callback):
+    """Runs after SVDLowRank in each epoch-start: records the LR, the optimizer's parameters and,
+    at ``epoch``, the factors."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.lrs: list[float] = []
+        self.optimizer_params: set[int] = set()
+        self.factors: dict[str, torch.Tensor] = {}
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        optimizer = trainer.optimizers[0]
+        self.lrs.append(optimizer.param_groups[0]["lr"])
+        self.optimizer_params = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        if trainer.current_epoch == self.epoch:
+            self.factors = {
+                n: p.detach().clone() for n, p in pl_module.named_parameters() if "left" in n
+            }
+
+
+@pytest.mark.parametrize("model_name", ["mf", "neumf"])
+def test_fit_factorises_at_epoch_and_keeps_training_the_factors(model_name, tmp_path):
+    module, dm = tiny_setup(model_name, scheduler="step", step_size=1, gamma=0.5)
+    dense_params = sum(p.numel() for p in module.model.parameters())
+    old_ids = {id(p) for p in module.parameters()}
+    svd, probe = SVDLowRank(SVDConfig(at_epoch=1)), Probe(epoch=1)
+    trainer = fit(module, dm, [svd, probe], tmp_path, max_epochs=2)
+
+    params = sum(p.numel() for p in module.model.parameters())
+    saved = sum(e["params_before"] - e["params_after"] for e in svd.report)
+    assert svd.applied and saved > 0 and params == dense_params - saved
+    assert math.isfinite(float(trainer.callback_metrics["train/loss"]))
+    factorised = module.model.user_embedding if model_name == "mf" else module.model.mlp.tower[0]
+    assert isinstance(factorised, LowRankEmbedding | LowRankLinear)
+    # The optimizer holds exactly the current parameters: the factors, not the old weights.
+    current = {id(p) for p in module.parameters()}
+    assert probe.optimizer_params == current
+    assert all(id(p) not in old_ids for n, p in module.named_parameters() if "left" in n)
+    # The factors trained during epoch 1, and the LR schedule did not restart.
+    assert probe.factors
+    for name, before in probe.factors.items():
+        assert not torch.equal(module.get_parameter(name).detach(), before), name
+    assert probe.lrs == pytest.approx([0.01, 0.005])
+    entry = next(e for e in svd.report if e["replaced"])
+    logged = trainer.callback_metrics[f"compression/svd/{entry['name']}/relative_error"]
+    assert float(logged) == pytest.approx(entry["relative_error"])
+
+
+def test_checkpoint_of_a_factorised_model_resumes(tmp_path, caplog):
+    module, dm = tiny_setup("mf")
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, save_last=True)
+    svd = SVDLowRank(SVDConfig(at_epoch=1, param_ratio=None, rank=3))
+    fit(module, dm, [svd, checkpoints], tmp_path, max_epochs=2)
+    last = tmp_path / "ckpt" / "last.ckpt"
+    state = torch.load(last, map_location="cpu", weights_only=True)
+    assert state["state_dict"]["model.user_embedding.left"].shape == (dm.num_users, 3)
+    (callback_state,) = [v for k, v in state["callbacks"].items() if "SVDLowRank" in k]
+    assert callback_state["applied"] is True
+    assert callback_state["ranks"] == {"model.user_embedding": 3, "model.item_embedding": 3}
+
+    # A fresh dense model + callback resumes: the pre-hook rebuilds the factors before loading.
+    resumed, _ = tiny_setup("mf")
+    svd2, probe = SVDLowRank(SVDConfig(at_epoch=1, param_ratio=None, rank=3)), Probe(epoch=2)
+    trainer = fit(resumed, dm, [svd2, probe], tmp_path, max_epochs=3, ckpt_path=last)
+    assert trainer.current_epoch == 3 and svd2.applied and svd2.ranks == callback_state["ranks"]
+    assert isinstance(resumed.model.user_embedding, LowRankEmbedding)
+    assert torch.equal(
+        probe.factors["model.user_embedding.left"], state["state_dict"]["model.user_embedding.left"]
+    )
+    left = resumed.model.user_embedding.left.detach()
+    assert not torch.equal(left, state["state_dict"]["model.user_embedding.left"])  # it trained
+    assert svd2.report == callback_state["report"]  # not re-applied
+
+    # Validating the dense epoch-0 checkpoint restores the dense tables (with a warning).
+    dense_ckpt = next((tmp_path / "ckpt").glob("epoch=0*.ckpt"))
+    with caplog.at_level("WARNING"):
+        L.Trainer(
+            accelerator="cpu",
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+            default_root_dir=tmp_path,
+            callbacks=[svd2],
+        ).validate(resumed, datamodule=dm, ckpt_path=dense_ckpt, verbose=False)
+    assert type(resumed.model.user_embedding) is nn.Embedding
+    assert "saved before compression.svd was applied" in caplog.text
+
+    # Resuming from that dense checkpoint factorises at epoch 1 as planned.
+    again, _ = tiny_setup("mf")
+    svd3 = SVDLowRank(SVDConfig(at_epoch=1, param_ratio=None, rank=3))
+    fit(again, dm, [svd3], tmp_path, max_epochs=2, ckpt_path=dense_ckpt)
+    assert svd3.applied and again.model.user_embedding.rank == 3
