@@ -80,7 +80,9 @@ def test_export_round_trip_scores_ids_and_size(tmp_path: Path) -> None:
 
 def test_truncated_or_tampered_artifact_is_a_clear_error(tmp_path: Path) -> None:
     path = tmp_path / "a.safetensors"
-    export_model(mf_model(0.5), ModelConfig(name="mf", dim=32), np.arange(300), np.arange(500), path)
+    export_model(
+        mf_model(0.5), ModelConfig(name="mf", dim=32), np.arange(300), np.arange(500), path
+    )
     blob = path.read_bytes()
     (tmp_path / "cut.safetensors").write_bytes(blob[: len(blob) // 2])
     with pytest.raises(DataError, match=r"cut\.safetensors.*export it again"):
