@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Reproduce the README's ML-100K table: MF and NeuMF on both protocols, seeds 0 1 2.
 #   bash scripts/reproduce_ml100k.sh [output root, default outputs/reproduce_ml100k]
+# (SEEDS="0 1" runs a subset of the seeds, e.g. to split the work over machines)
 # Then: python scripts/make_table.py <root> --group-by model.name split.name eval.protocol
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=${1:-outputs/reproduce_ml100k}
 PY=${PYTHON:-python}
 run() { "$PY" -m recsys_compress.train trainer.progress_bar=false "$@"; }
-for seed in 0 1 2; do
+for seed in ${SEEDS:-0 1 2}; do
   run experiment=ml100k_ratio_mf seed=$seed hydra.run.dir=$ROOT/ratio_mf/$seed
   run experiment=ml100k_ratio_neumf seed=$seed hydra.run.dir=$ROOT/ratio_neumf/$seed
   run experiment=ml100k_loo_mf seed=$seed hydra.run.dir=$ROOT/loo_mf/$seed
