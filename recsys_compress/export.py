@@ -25,8 +25,9 @@ from recsys_compress.compression.codec import decode_tensor, encode_tensor
 from recsys_compress.compression.lowrank import match_state_dict
 from recsys_compress.config import ModelConfig, to_train_config
 from recsys_compress.errors import DataError, RecsysCompressError
+from recsys_compress.io import atomic_write
 from recsys_compress.models import Recommender, build_model
-from recsys_compress.results import RESULTS_FILE, atomic_write
+from recsys_compress.results import RESULTS_FILE
 
 FORMAT = "recsys-compress/1"
 ARTIFACT_NAME = "model.compressed.safetensors"
@@ -108,7 +109,8 @@ def export_model(
         if tensor is not None:
             tensors[f"::{key}"] = tensor
     blob = save(tensors, metadata={"recsys_compress": json.dumps(meta)})
-    atomic_write(path, lambda handle: handle.write(blob))
+    with atomic_write(path) as handle:
+        handle.write(blob)
     return len(blob)
 
 

@@ -3,54 +3,34 @@
 from __future__ import annotations
 
 import json
-import os
 import platform
 import subprocess
-import tempfile
 import time
-from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import lightning as L
 import torch
 from torch import nn
 
+from recsys_compress.io import atomic_write
+
 RESULTS_FILE = "results.json"
-
-
-def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Write through a temp file in the same folder, fsync, then rename over ``path``.
-
-    A crash or a full disk leaves the previous file (or none) in place, never a partial one.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; results are meant to be shared
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_json(path: Path, record: dict[str, Any]) -> None:
     """Atomically write ``record`` as indented JSON."""
     text = json.dumps(record, indent=2, sort_keys=False, default=str) + "\n"
-    atomic_write(path, lambda handle: handle.write(text.encode()))
+    with atomic_write(path) as handle:
+        handle.write(text.encode())
 
 
 def save_state_dict(module: nn.Module, path: Path) -> None:
     """Atomically save ``module.state_dict()`` (loadable with ``weights_only=True``)."""
     state = {k: v.detach().cpu() for k, v in module.state_dict().items()}
-    atomic_write(path, lambda handle: torch.save(state, handle))
+    with atomic_write(path) as handle:
+        torch.save(state, handle)
 
 
 def model_size(model: nn.Module) -> dict[str, int]:

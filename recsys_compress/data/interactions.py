@@ -12,8 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,6 +21,7 @@ import torch
 
 from recsys_compress.config import DataConfig
 from recsys_compress.errors import DataError
+from recsys_compress.io import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -227,18 +226,6 @@ def load_interactions(cfg: DataConfig) -> Interactions:
         origin=origin,
     )
     if cfg.use_cache and cfg.source != "synthetic":
-        _write_npz(cache_file, interactions.to_arrays())
+        with atomic_write(cache_file) as handle:
+            np.savez(handle, **interactions.to_arrays())
     return interactions
-
-
-def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Write atomically: a crash leaves either the old cache or none, never half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.savez(handle, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

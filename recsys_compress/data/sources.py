@@ -23,15 +23,14 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import urllib.parse
 import urllib.request
 import zipfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -41,6 +40,7 @@ import pyarrow.parquet as pq
 from platformdirs import user_cache_dir
 
 from recsys_compress.errors import DataError
+from recsys_compress.io import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -481,26 +481,10 @@ def read_interaction_file(
 # --------------------------------------------------------------------------------------------
 
 
-@contextmanager
-def _atomic_write(dest: Path) -> Iterator[IO[bytes]]:
-    """Yield a binary file in dest's directory; on success it replaces ``dest`` atomically, on
-    any exception it is removed and ``dest`` is untouched."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-        os.replace(tmp, dest)
-    except BaseException:
-        with suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def _extract_member(archive: Path, member: str, dest: Path) -> Path:
     """Extract one member of a zip (CRC-checked) to ``dest`` atomically."""
     try:
-        with zipfile.ZipFile(archive) as zf, zf.open(member) as src, _atomic_write(dest) as out:
+        with zipfile.ZipFile(archive) as zf, zf.open(member) as src, atomic_write(dest) as out:
             shutil.copyfileobj(src, out, 1 << 20)
     except KeyError as e:
         raise DataError(
@@ -563,7 +547,7 @@ def download(
         )
 
     try:
-        with _atomic_write(dest) as out:
+        with atomic_write(dest) as out:
             digest = hashlib.md5()
             try:
                 _probe(url, connect_timeout)
