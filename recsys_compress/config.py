@@ -292,11 +292,18 @@ class CompressionConfig:
     """The compression methods of a run (``compression=prune``, ``compression=[prune,l1]``, ...).
 
     Methods run in one fixed order, prune -> l1 -> svd -> qat; a method left out is None.
+    ``dense_epochs > 0``: train the dense model for that many epochs and evaluate it first, then
+    compress while fine-tuning for ``trainer.max_epochs`` (before / after in one results.json).
     """
 
     prune: PruneConfig | None = None
     l1: L1Config | None = None
     svd: SVDConfig | None = None
+    dense_epochs: int = 0
+
+    def __post_init__(self) -> None:
+        if self.dense_epochs < 0:
+            raise ConfigError(f"compression.dense_epochs={self.dense_epochs} must be >= 0.")
 
     def methods(self) -> list[str]:
         return [name for name in ("prune", "l1", "svd") if getattr(self, name) is not None]

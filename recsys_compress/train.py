@@ -14,6 +14,7 @@ import time
 import traceback
 import uuid
 import warnings
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -93,23 +94,34 @@ def build_trainer(cfg: TrainConfig, run_dir: Path, callbacks: list[L.Callback]) 
         enable_model_summary=False,
         num_sanity_val_steps=0,
         log_every_n_steps=50,
+        # no_grad instead of inference mode: a model evaluated here may be trained further
+        # (dense stage -> compression stage), which inference tensors forbid.
+        inference_mode=False,
         default_root_dir=run_dir,
     )
 
 
-def train(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
-    """Fit and test one configuration; return the results record (also written to run_dir)."""
-    started = time.time()
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    datamodule = RecDataModule(
-        cfg.data, cfg.split, cfg.loss, cfg.eval, cfg.trainer.batch_size, cfg.seed
-    )
-    datamodule.setup()
-    model = build_model(cfg.model, datamodule.num_users, datamodule.num_items)
-    dense_bytes = size_summary(model)["dense_bytes"]
-    explicit = cfg.data.feedback == "explicit"
-    module = RecommenderModule(model, cfg.loss, cfg.optim, cfg.eval, explicit=explicit)
-    monitor, mode = cfg.eval.monitor_key(explicit)
+@dataclass
+class StageResult:
+    """What one fit + test of a model produced."""
+
+    val: dict[str, float]
+    test: dict[str, float]
+    best_epoch: int | None
+    epochs_trained: int
+    timer: EpochTimer
+
+
+def fit_and_test(
+    cfg: TrainConfig,
+    run_dir: Path,
+    module: RecommenderModule,
+    datamodule: RecDataModule,
+    compress: bool,
+) -> StageResult:
+    """Fit ``module`` (with the compression callbacks if ``compress``), then load its best
+    checkpoint and evaluate it on validation and test. ``module`` ends with the best weights."""
+    monitor, mode = cfg.eval.monitor_key(module.explicit)
     checkpoint = CompressedModelCheckpoint(
         dirpath=run_dir / "checkpoints",
         filename="best",
@@ -121,7 +133,8 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
     )
     timer = EpochTimer()
     # Compression acts after each optimizer step, before checkpoints see the weights.
-    callbacks: list[L.Callback] = [*build_callbacks(cfg.compression), checkpoint, timer]
+    compression = build_callbacks(cfg.compression) if compress else []
+    callbacks: list[L.Callback] = [*compression, checkpoint, timer]
     if cfg.trainer.early_stopping_patience:
         callbacks.append(
             CompressedEarlyStopping(
@@ -139,6 +152,48 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
     trainer.validate(module, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)
     val_metrics = _metrics(trainer, "val")
     trainer.test(module, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)
+    return StageResult(
+        val_metrics, _metrics(trainer, "test"), best_epoch, trainer.current_epoch, timer
+    )
+
+
+def train(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
+    """Fit and test one configuration; return the results record (also written to run_dir).
+
+    With compression and ``compression.dense_epochs > 0`` the run has two stages: the dense model
+    trains and is evaluated first (``<run dir>/dense``), then it is compressed while fine-tuning
+    for ``trainer.max_epochs``; the record holds both, so before / after compare directly.
+    """
+    started = time.time()
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    datamodule = RecDataModule(
+        cfg.data, cfg.split, cfg.loss, cfg.eval, cfg.trainer.batch_size, cfg.seed
+    )
+    datamodule.setup()
+    inter = datamodule.interactions
+    assert inter is not None and datamodule.split is not None
+    model = build_model(cfg.model, datamodule.num_users, datamodule.num_items)
+    dense_bytes = size_summary(model)["dense_bytes"]
+    explicit = cfg.data.feedback == "explicit"
+    module = RecommenderModule(model, cfg.loss, cfg.optim, cfg.eval, explicit=explicit)
+    methods = cfg.compression.methods()
+    dense_record = None
+    if methods and cfg.compression.dense_epochs > 0:
+        dense_cfg = replace(
+            cfg, trainer=replace(cfg.trainer, max_epochs=cfg.compression.dense_epochs)
+        )
+        dense = fit_and_test(dense_cfg, run_dir / "dense", module, datamodule, compress=False)
+        dense_artifact = run_dir / "dense" / ARTIFACT_NAME
+        dense_record = {
+            "val": dense.val,
+            "test": dense.test,
+            "best_epoch": dense.best_epoch,
+            "artifact_bytes": export_model(
+                module.model, cfg.model, inter.user_ids, inter.item_ids, dense_artifact
+            ),
+        }
+    stage = fit_and_test(cfg, run_dir, module, datamodule, compress=bool(methods))
+    monitor, _ = cfg.eval.monitor_key(explicit)
     record: dict[str, Any] = {
         "status": "completed",
         "run_dir": str(run_dir),
@@ -152,31 +207,29 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
             "num_test": len(datamodule.split.test),
         },
         "monitor": f"val/{monitor}",
-        "best_epoch": best_epoch,
-        "epochs_trained": trainer.current_epoch,
-        "val": val_metrics,
-        "test": _metrics(trainer, "test"),
+        "best_epoch": stage.best_epoch,
+        "epochs_trained": stage.epochs_trained,
+        "val": stage.val,
+        "test": stage.test,
         **model_size(module.model),
         "compression": {
-            "methods": cfg.compression.methods(),
+            "methods": methods,
             "uncompressed_fp32_bytes": dense_bytes,
             **size_summary(module.model, dense_reference_bytes=dense_bytes),
             "structure": describe_structure(module.model),
         },
-        "seconds_per_epoch": _mean(timer.train_seconds),
-        "eval_seconds": _mean(timer.test_seconds),
-        "val_eval_seconds": _mean(timer.val_seconds),
-        "total_seconds": time.time() - started,
+        "seconds_per_epoch": _mean(stage.timer.train_seconds),
+        "eval_seconds": _mean(stage.timer.test_seconds),
+        "val_eval_seconds": _mean(stage.timer.val_seconds),
         "versions": versions(),
         "git_commit": git_commit(),
-        "finished_at": now_iso(),
     }
+    if dense_record is not None:
+        record["dense"] = dense_record
     if cfg.save_model:
         save_state_dict(module.model, run_dir / "model.pt")
         record["model_file"] = str(run_dir / "model.pt")
-    if cfg.compression.methods():
-        inter = datamodule.interactions
-        assert inter is not None
+    if methods:
         artifact = run_dir / ARTIFACT_NAME
         size = export_model(module.model, cfg.model, inter.user_ids, inter.item_ids, artifact)
         record["compression"].update(
@@ -184,6 +237,7 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
             artifact_bytes=size,
             artifact_ratio=size / dense_bytes,
         )
+    record.update(total_seconds=time.time() - started, finished_at=now_iso())
     write_json(run_dir / RESULTS_FILE, record)
     return record
 
@@ -209,7 +263,35 @@ def print_summary(record: dict[str, Any], console: Console | None = None) -> Non
         f"params {record['num_params']:,}  dense bytes {record['dense_bytes']:,}  "
         f"{record['seconds_per_epoch'] or math.nan:.2f} s/epoch  best epoch {record['best_epoch']}"
     )
+    compression = record.get("compression", {})
+    if compression.get("methods"):
+        console.print(_compression_table(record))
     console.print(f"Run dir: {record['run_dir']}")
+
+
+def _compression_table(record: dict[str, Any]) -> Table:
+    """Size on disk and test metrics before and after compression."""
+    comp = record["compression"]
+    key = record["monitor"].split("/", 1)[1]
+    table = Table(title=f"compression: {' + '.join(comp['methods'])}")
+    for column in ("model", "bytes on disk", "vs dense fp32", f"test {key}"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    dense = record.get("dense")
+    reference = comp["uncompressed_fp32_bytes"]
+    if dense is not None:
+        table.add_row(
+            "dense",
+            f"{dense['artifact_bytes']:,}",
+            f"{dense['artifact_bytes'] / reference:.3f}",
+            f"{dense['test'][key]:.4f}",
+        )
+    table.add_row(
+        "compressed",
+        f"{comp['artifact_bytes']:,}",
+        f"{comp['artifact_ratio']:.3f}",
+        f"{record['test'][key]:.4f}",
+    )
+    return table
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")

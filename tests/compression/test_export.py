@@ -20,7 +20,7 @@ from recsys_compress.compression.codec import (
 )
 from recsys_compress.config import ModelConfig
 from recsys_compress.errors import DataError
-from recsys_compress.export import export_model
+from recsys_compress.export import ARTIFACT_NAME, export_model
 from recsys_compress.models import build_model
 from recsys_compress.train import train
 from tests.conftest import REPO
@@ -127,3 +127,18 @@ def test_compressed_run_exports_automatically_and_cli_reexports(tmp_path: Path) 
         timeout=120,
     )
     assert bad.returncode == 2 and "results.json not found" in bad.stderr
+
+
+def test_two_stage_run_records_dense_and_compressed(tmp_path: Path) -> None:
+    cfg = compose_config(
+        [*FAST, "trainer.max_epochs=3", "compression=prune", "compression.dense_epochs=2"]
+    )
+    record = train(cfg, tmp_path)
+    dense, comp = record["dense"], record["compression"]
+    assert set(dense["test"]) == set(record["test"])
+    assert (tmp_path / "dense" / "checkpoints" / "best.ckpt").is_file()
+    assert dense["artifact_bytes"] == (tmp_path / "dense" / ARTIFACT_NAME).stat().st_size
+    # the dense artifact is fp32-sized, the pruned one about a quarter of it
+    assert dense["artifact_bytes"] > comp["uncompressed_fp32_bytes"]
+    assert comp["artifact_bytes"] < 0.3 * dense["artifact_bytes"]
+    assert record["epochs_trained"] == 3
