@@ -15,6 +15,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from recsys_compress.compression.lowrank import SVDConfig
 from recsys_compress.compression.pruning import PruneConfig
+from recsys_compress.compression.qat import QATConfig
 from recsys_compress.compression.sparsity import L1Config
 from recsys_compress.errors import ConfigError
 from recsys_compress.metrics import (
@@ -292,6 +293,7 @@ class CompressionConfig:
     """The compression methods of a run (``compression=prune``, ``compression=[prune,l1]``, ...).
 
     Methods run in one fixed order, prune -> l1 -> svd -> qat; a method left out is None.
+    Pairs that would undo each other are refused here, before any data is read.
     ``dense_epochs > 0``: train the dense model for that many epochs and evaluate it first, then
     compress while fine-tuning for ``trainer.max_epochs`` (before / after in one results.json).
     """
@@ -299,14 +301,36 @@ class CompressionConfig:
     prune: PruneConfig | None = None
     l1: L1Config | None = None
     svd: SVDConfig | None = None
+    qat: QATConfig | None = None
     dense_epochs: int = 0
 
     def __post_init__(self) -> None:
         if self.dense_epochs < 0:
             raise ConfigError(f"compression.dense_epochs={self.dense_epochs} must be >= 0.")
+        if self.svd is not None and (self.prune is not None or self.l1 is not None):
+            raise ConfigError(
+                "compression=[prune|l1, svd]: SVD would replace the sparse weights by dense "
+                "factors and silently undo the sparsity. Use one of them, or prune + qat."
+            )
+        if (
+            self.svd is not None
+            and self.qat is not None
+            and self.svd.at_epoch > self.qat.start_epoch
+        ):
+            raise ConfigError(
+                f"compression.svd.at_epoch={self.svd.at_epoch} is after "
+                f"compression.qat.start_epoch={self.qat.start_epoch}: SVD cannot follow "
+                "quantization (the order is prune -> l1 -> svd -> qat); start QAT later."
+            )
+        if self.qat is not None and not self.qat.symmetric and (self.prune or self.l1):
+            raise ConfigError(
+                "compression.qat.symmetric=false with pruning / L1: asymmetric offsets turn the "
+                "zeros into non-zero values; use compression.qat.symmetric=true."
+            )
 
     def methods(self) -> list[str]:
-        return [name for name in ("prune", "l1", "svd") if getattr(self, name) is not None]
+        names = ("prune", "l1", "svd", "qat")
+        return [name for name in names if getattr(self, name) is not None]
 
 
 @dataclass

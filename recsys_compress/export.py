@@ -23,6 +23,7 @@ from torch import nn
 
 from recsys_compress.compression.codec import decode_tensor, encode_tensor
 from recsys_compress.compression.lowrank import match_state_dict
+from recsys_compress.compression.targets import replace_module
 from recsys_compress.config import ModelConfig, to_train_config
 from recsys_compress.errors import DataError, RecsysCompressError
 from recsys_compress.io import atomic_write
@@ -39,26 +40,53 @@ def _plain(cfg: ModelConfig) -> ModelConfig:
 
 
 def describe_structure(model: nn.Module) -> dict[str, Any]:
-    """How ``model`` departs from the plain architecture: low-rank modules and their ranks, and
-    4-bit integer tensors (stored packed)."""
-    lowrank = {}
+    """How ``model`` departs from the plain architecture: low-rank modules and their ranks,
+    integer (quantised) modules and their schemes, and 4-bit tensors (stored packed)."""
+    lowrank, quantized = {}, {}
     int4 = []
     for name, module in model.named_modules():
         if hasattr(module, "factors") and hasattr(module, "rank"):
             lowrank[name] = int(module.rank)
+        if hasattr(module, "qweight"):
+            quantized[name] = {
+                "kind": module.rcz_group,
+                "bits": module.scheme.bits,
+                "group_size": module.scheme.group_size,
+                "symmetric": module.scheme.symmetric,
+                "activation_bits": getattr(module, "activation_bits", None),
+            }
         if getattr(module, "rcz_bits", 32) == 4:
             int4 += [
                 f"{name}.{n}" if name else n
                 for n, t in module.state_dict().items()
                 if not t.is_floating_point()
             ]
-    return {"lowrank": lowrank, "int4": int4}
+    return {"lowrank": lowrank, "quantized": quantized, "int4": int4}
 
 
-def load_compressed_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Load ``state`` into a freshly built ``model``, first rebuilding the modules whose saved
-    shapes say they were factorised or reduced in dimension."""
+def load_compressed_state(
+    model: nn.Module, state: dict[str, torch.Tensor], structure: dict[str, Any]
+) -> None:
+    """Load ``state`` into a freshly built ``model``, first rebuilding the modules that were
+    factorised or reduced in dimension (told by the saved shapes) and the integer modules of
+    ``structure["quantized"]``."""
+    from recsys_compress.compression.qat import QuantizedEmbedding, QuantizedLinear, QuantScheme
+
     match_state_dict(model, state)
+    for name, spec in structure.get("quantized", {}).items():
+        old = model.get_submodule(name)
+        scheme = QuantScheme(spec["bits"], spec["group_size"], spec["symmetric"])
+        if spec["kind"] == "embedding":
+            new: nn.Module = QuantizedEmbedding(old.num_embeddings, old.embedding_dim, scheme)
+        else:
+            new = QuantizedLinear(
+                old.in_features,
+                old.out_features,
+                scheme,
+                bias=f"{name}.bias" in state,
+                activation_bits=spec["activation_bits"],
+            )
+        replace_module(model, name, new)
     model.load_state_dict(state)
 
 
@@ -153,7 +181,7 @@ def load_compressed(path: str | Path) -> CompressedRecommender:
         model = build_model(
             _plain(ModelConfig(**meta["model"])), meta["num_users"], meta["num_items"]
         )
-        load_compressed_state(model, state)
+        load_compressed_state(model, state, meta["structure"])
     except (SafetensorError, OSError, KeyError, ValueError, RuntimeError) as err:
         raise DataError(
             f"{path} is not a readable recsys-compress artifact ({type(err).__name__}: {err}); "
@@ -181,7 +209,7 @@ def export_run(run_dir: Path, out: Path | None = None) -> Path:
     interactions = load_interactions(cfg.data)
     model = build_model(_plain(cfg.model), interactions.num_users, interactions.num_items)
     state = torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True)
-    load_compressed_state(model, state)
+    load_compressed_state(model, state, record.get("compression", {}).get("structure", {}))
     out = out or run_dir / ARTIFACT_NAME
     export_model(model, cfg.model, interactions.user_ids, interactions.item_ids, out)
     return out

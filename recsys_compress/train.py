@@ -55,6 +55,7 @@ for _notice in (
     r"Your `IterableDataset` has `__len__` defined",
     r"The number of training batches .* is smaller than the logging interval",
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+    r"Experiment logs directory .* exists and is not empty",
 ):
     warnings.filterwarnings("ignore", message=_notice)
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -260,7 +261,7 @@ def print_summary(record: dict[str, Any], console: Console | None = None) -> Non
         table.add_row(key, "" if val is None else f"{val:.4f}", f"{record['test'][key]:.4f}")
     console.print(table)
     console.print(
-        f"params {record['num_params']:,}  dense bytes {record['dense_bytes']:,}  "
+        f"params {record['num_params']:,}  in-memory bytes {record['dense_bytes']:,}  "
         f"{record['seconds_per_epoch'] or math.nan:.2f} s/epoch  best epoch {record['best_epoch']}"
     )
     compression = record.get("compression", {})

@@ -12,6 +12,7 @@ import lightning as L
 from recsys_compress.compression.accounting import SizeLogger
 from recsys_compress.compression.lowrank import SVDLowRank
 from recsys_compress.compression.pruning import MagnitudePruning
+from recsys_compress.compression.qat import QuantizationAwareTraining
 from recsys_compress.compression.sparsity import L1Proximal
 
 if TYPE_CHECKING:
@@ -27,6 +28,8 @@ def build_callbacks(cfg: CompressionConfig) -> list[L.Callback]:
         callbacks.append(L1Proximal(cfg.l1))
     if cfg.svd is not None:
         callbacks.append(SVDLowRank(cfg.svd))
+    if cfg.qat is not None:
+        callbacks.append(QuantizationAwareTraining(cfg.qat))
     if callbacks:
         callbacks.append(SizeLogger())
     return callbacks

@@ -167,6 +167,8 @@ class MagnitudePruning(L.Callback):
 
     # -- Lightning hooks -------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":  # evaluating: the masks are in the weights already
+            return
         self._root = pl_module
         self._targets = select_targets(pl_module, self.cfg.targets, f"{KEY}.targets")
         if self.cfg.structure in ("rows", "columns") and any(

@@ -57,6 +57,8 @@ class L1Proximal(L.Callback):
         self._targets: list[Target] = []
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
         self._targets = select_targets(pl_module, self.cfg.targets, f"{KEY}.targets")
 
     def compression_done(self, trainer: L.Trainer) -> bool:

@@ -142,3 +142,47 @@ def test_two_stage_run_records_dense_and_compressed(tmp_path: Path) -> None:
     assert dense["artifact_bytes"] > comp["uncompressed_fp32_bytes"]
     assert comp["artifact_bytes"] < 0.3 * dense["artifact_bytes"]
     assert record["epochs_trained"] == 3
+
+
+def test_prune_then_qat_gives_a_sparse_int8_artifact(tmp_path: Path) -> None:
+    cfg = compose_config([*FAST, "trainer.max_epochs=3", "compression=[prune,qat]"])
+    record = train(cfg, tmp_path)
+    comp = record["compression"]
+    assert comp["methods"] == ["prune", "qat"]
+    assert set(comp["structure"]["quantized"]) == {"user_embedding", "item_embedding"}
+    # 80% zeros stored as bitmask + int8 values + one fp32 scale per row: ~0.1x of fp32;
+    # the file adds a few KB of metadata (a large share on this tiny model)
+    assert comp["compression_ratio"] < 0.12
+    assert comp["compressed_bytes"] < comp["artifact_bytes"] < comp["compressed_bytes"] + 4096
+    loaded = load_compressed(comp["artifact"])
+    table = loaded.model.item_embedding
+    assert table.qweight.dtype == torch.int8
+    assert float((table.qweight == 0).float().mean()) == pytest.approx(0.8, abs=0.01)
+    net = build_model(cfg.model, 300, 200)
+    from recsys_compress.export import load_compressed_state
+
+    load_compressed_state(
+        net, torch.load(tmp_path / "model.pt", weights_only=True), comp["structure"]
+    )
+    users = torch.arange(20)
+    assert torch.equal(loaded.model.score_all(users), net.score_all(users))
+
+
+@pytest.mark.parametrize(
+    ("methods", "key"),
+    [("[prune,svd]", "undo the sparsity"), ("[l1,svd]", "undo the sparsity")],
+)
+def test_compositions_that_undo_each_other_are_refused(methods: str, key: str) -> None:
+    from recsys_compress.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=key):
+        compose_config([f"compression={methods}"])
+
+
+def test_svd_after_quantization_is_refused() -> None:
+    from recsys_compress.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="SVD cannot follow"):
+        compose_config(
+            ["compression=[svd,qat]", "compression.svd.at_epoch=2", "compression.qat.start_epoch=1"]
+        )

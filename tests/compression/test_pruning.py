@@ -60,7 +60,7 @@ def test_layer_scope_on_mlp_keeps_every_layer_alive_and_global_ranking_is_scale_
                 m.weight.mul_(100.0)
     for scope in ("global", "group"):
         pruning = MagnitudePruning(PruneConfig(sparsity=0.5, scope=scope, schedule="one_shot"))
-        pruning.setup(L.Trainer(logger=False), module, "test")
+        pruning.setup(L.Trainer(logger=False), module, "fit")
         pruning.update_masks(0)
         per_layer = pruning.sparsity_by_layer()
         assert max(per_layer.values()) < 1.0, per_layer
@@ -84,7 +84,7 @@ def test_max_layer_sparsity_caps_a_pooled_threshold() -> None:
             targets=TargetSpec(groups=["linear"]),
         )
     )
-    pruning.setup(L.Trainer(logger=False), module, "test")
+    pruning.setup(L.Trainer(logger=False), module, "fit")
     pruning.update_masks(0)
     assert pruning.sparsity_by_layer()["model.mlp.tower.0"] == pytest.approx(0.9, abs=0.01)
 
@@ -99,7 +99,7 @@ def test_structured_rows_and_neurons() -> None:
             targets=TargetSpec(groups=["embedding"], include=["*item_embedding*"]),
         )
     )
-    rows.setup(L.Trainer(logger=False), module, "test")
+    rows.setup(L.Trainer(logger=False), module, "fit")
     rows.update_masks(0)
     table = module.model.mlp.item_embedding.weight
     zero_rows = (table == 0).all(dim=1)
@@ -115,7 +115,7 @@ def test_structured_rows_and_neurons() -> None:
             targets=TargetSpec(groups=["linear"], include=["*tower*"]),
         )
     )
-    neurons.setup(L.Trainer(logger=False), module, "test")
+    neurons.setup(L.Trainer(logger=False), module, "fit")
     neurons.update_masks(0)
     first, second = module.model.mlp.tower[0], module.model.mlp.tower[2]
     dead = (first.weight == 0).all(dim=1)
