@@ -15,6 +15,7 @@ from tests.e2e.test_train import compose_config
 def test_mf_on_real_ml100k_reaches_min_ndcg(tmp_path: Path) -> None:
     cfg = compose_config(
         [
+            "compression=none",
             "trainer.max_epochs=5",
             "trainer.progress_bar=false",
             "trainer.early_stopping_patience=null",

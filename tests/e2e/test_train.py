@@ -21,6 +21,8 @@ from recsys_compress.train import train
 from tests.conftest import CONF_DIR, REPO
 
 FAST = [
+    "compression=none",
+    "compression.dense_epochs=0",
     "data=synthetic",
     "trainer.max_epochs=2",
     "trainer.progress_bar=false",
@@ -56,8 +58,11 @@ def test_every_config_option_composes_and_validates(override: str) -> None:
         assert cfg.loss.name == option
 
 
-def test_default_config_is_mf_on_ml100k() -> None:
+def test_default_config_is_mf_on_ml100k_pruned_then_int8() -> None:
     cfg = compose_config([])
+    assert cfg.compression.methods() == ["prune", "qat"]
+    assert cfg.compression.dense_epochs > 0
+    assert cfg.compression.prune.sparsity == 0.8 and cfg.compression.qat.bits == 8
     assert (cfg.model.name, cfg.data.source, cfg.loss.name, cfg.eval.protocol) == (
         "mf",
         "ml100k",
@@ -109,6 +114,7 @@ def popularity_hr10(cfg: TrainConfig) -> float:
 def test_training_beats_popularity_on_structured_data(tmp_path: Path) -> None:
     cfg = compose_config(
         [
+            "compression=none",
             "data=synthetic",
             "trainer.max_epochs=15",
             "trainer.progress_bar=false",
