@@ -63,10 +63,22 @@ class RecommenderModule(L.LightningModule):
     def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         return self.model(users, items)
 
+    def on_train_epoch_start(self) -> None:
+        self._loss_sum = torch.zeros((), device=self.device)
+        self._loss_count = 0
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = recommendation_loss(self.model, batch, self.loss_cfg.name)
-        self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=len(batch["users"]))
+        # Summed here and logged once per epoch: ``self.log`` every step costs ~1 ms on CPU,
+        # a large share of a ~4 ms MF step; ``detach`` keeps this free of host syncs.
+        size = len(batch["users"])
+        self._loss_sum += loss.detach() * size
+        self._loss_count += size
         return loss
+
+    def on_train_epoch_end(self) -> None:
+        if self._loss_count:
+            self.log("train/loss", self._loss_sum / self._loss_count, sync_dist=True)
 
     def _evaluate(self, batch: dict[str, torch.Tensor], metrics: nn.ModuleDict) -> None:
         if "candidates" in batch:
@@ -79,7 +91,9 @@ class RecommenderModule(L.LightningModule):
         scores[batch["exclude_rows"], batch["exclude_items"]] = float("-inf")
         relevant = torch.zeros_like(scores, dtype=torch.bool)
         relevant[batch["target_rows"], batch["target_items"]] = True
-        metrics["ranking"].update(scores, relevant)
+        metrics["ranking"].update(
+            scores, relevant, relevant_index=(batch["target_rows"], batch["target_items"])
+        )
         if "rating" in metrics:
             preds = self.model(batch["rating_users"], batch["rating_items"])
             metrics["rating"].update(preds, batch["ratings"])
