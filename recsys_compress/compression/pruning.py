@@ -28,7 +28,7 @@ from recsys_compress.errors import ConfigError
 log = logging.getLogger(__name__)
 
 STRUCTURES = ("unstructured", "rows", "columns", "neurons")
-SCOPES = ("layer", "group", "global")
+SCOPES = ("layer", "row", "group", "global")
 KEY = "compression.prune"
 
 
@@ -130,6 +130,19 @@ def _keep_top(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     if n_prune > 0:
         mask[torch.topk(flat, n_prune, largest=False, sorted=False).indices] = False
     return mask.view_as(scores)
+
+
+def _keep_top_per_row(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Mask keeping the largest ``round((1 - sparsity) * cols)`` scores of every row, so every
+    user / item (or output neuron) keeps the same number of weights."""
+    if scores.ndim < 2:
+        return _keep_top(scores, sparsity)
+    n_prune = min(round(sparsity * scores.shape[1]), scores.shape[1])
+    mask = torch.ones_like(scores, dtype=torch.bool)
+    if n_prune > 0:
+        drop = torch.topk(scores, n_prune, dim=1, largest=False, sorted=False).indices
+        mask.scatter_(1, drop, False)
+    return mask
 
 
 def _next_linear(model: nn.Module, name: str) -> nn.Linear | None:
@@ -320,6 +333,11 @@ class MagnitudePruning(L.Callback):
         if cfg.scope == "layer":
             return {
                 name: _keep_top(s, self.target_sparsity(step, groups[name]))
+                for name, s in scores.items()
+            }
+        if cfg.scope == "row":
+            return {
+                name: _keep_top_per_row(s, self.target_sparsity(step, groups[name]))
                 for name, s in scores.items()
             }
         pools: dict[str, list[str]] = {}

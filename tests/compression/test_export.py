@@ -186,3 +186,38 @@ def test_svd_after_quantization_is_refused() -> None:
         compose_config(
             ["compression=[svd,qat]", "compression.svd.at_epoch=2", "compression.qat.start_epoch=1"]
         )
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["compression=[prune,l1]"],
+        ["compression=[l1,qat]", "compression.l1.strength=1e-3"],
+        [
+            "model=neumf",
+            "compression=[svd,qat]",
+            "compression.svd.targets.groups=[embedding]",
+            "compression.qat.targets.groups=[linear]",
+            "compression.qat.granularity=per_channel",
+        ],
+    ],
+    ids=["prune+l1", "l1+qat", "svd+qat"],
+)
+def test_compositions_run_end_to_end_and_export(tmp_path: Path, overrides: list[str]) -> None:
+    cfg = compose_config([*FAST, "trainer.max_epochs=2", *overrides])
+    record = train(cfg, tmp_path)
+    comp = record["compression"]
+    assert comp["methods"] == cfg.compression.methods()
+    loaded = load_compressed(comp["artifact"])
+    users = torch.arange(8)
+    net = build_model(cfg.model, 300, 200)
+    from recsys_compress.export import load_compressed_state
+
+    load_compressed_state(
+        net, torch.load(tmp_path / "model.pt", weights_only=True), comp["structure"]
+    )
+    assert torch.allclose(loaded.model.score_all(users), net.score_all(users))
+    if "svd" in comp["methods"]:
+        assert comp["structure"]["lowrank"] and comp["structure"]["quantized"]
+    else:
+        assert comp["sparsity"] > 0

@@ -185,3 +185,17 @@ def test_target_spec_matching_nothing_is_an_error() -> None:
     pruning = MagnitudePruning(PruneConfig(targets=TargetSpec(include=["*tower*"])))
     with pytest.raises(ConfigError, match=r"matches no module.*user_embedding"):
         pruning.setup(L.Trainer(logger=False), module, "fit")
+
+
+def test_row_scope_prunes_every_row_to_the_same_count() -> None:
+    _, module = tiny_setup()
+    pruning = MagnitudePruning(PruneConfig(sparsity=0.75, scope="row", schedule="one_shot"))
+    pruning.setup(L.Trainer(logger=False), module, "fit")
+    before = module.model.item_embedding.weight.detach().abs().clone()
+    pruning.update_masks(0)
+    table = module.model.item_embedding.weight  # 8 dims: 2 kept per row
+    assert ((table != 0).sum(dim=1) == 2).all()
+    mask = pruning.masks["model.item_embedding"]
+    kept_min = before.masked_fill(~mask, float("inf")).min(dim=1).values
+    dropped_max = before.masked_fill(mask, 0.0).max(dim=1).values
+    assert (dropped_max <= kept_min).all()
