@@ -67,6 +67,8 @@ def encode_tensor(
         values = tensor.flatten()
         info["encoding"] = "dense"
         entries = {}
+    if values.dtype == torch.float32 and torch.equal(values.half().float(), values):
+        values = values.half()  # e.g. float16-precision quantisation scales: lossless
     entries[f"{name}::values"] = pack_int4(values) if int4 else values
     info["num_values"] = values.numel()
     return entries, info

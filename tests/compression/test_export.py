@@ -221,3 +221,15 @@ def test_compositions_run_end_to_end_and_export(tmp_path: Path, overrides: list[
         assert comp["structure"]["lowrank"] and comp["structure"]["quantized"]
     else:
         assert comp["sparsity"] > 0
+
+
+def test_float32_values_exact_in_float16_are_stored_in_two_bytes() -> None:
+    exact = torch.tensor([0.5, -2.0, 3.0, 1024.0])
+    entries, info = encode_tensor("s", exact)
+    assert entries["s::values"].dtype == torch.float16
+    decoded = decode_tensor("s", entries, info)
+    assert decoded.dtype == torch.float32 and torch.equal(decoded, exact)
+    inexact = torch.tensor([0.1, 1e-9])
+    entries, info = encode_tensor("t", inexact)
+    assert entries["t::values"].dtype == torch.float32
+    assert torch.equal(decode_tensor("t", entries, info), inexact)
