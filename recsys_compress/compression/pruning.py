@@ -38,12 +38,12 @@ class PruneConfig:
 
     targets: TargetSpec = field(default_factory=TargetSpec)
     structure: str = "unstructured"
-    scope: str = "layer"
+    scope: str = "row"
     sparsity: float | None = 0.8
     embedding_sparsity: float | None = None
     linear_sparsity: float | None = None
     threshold: float | None = None
-    score: str = "magnitude"
+    score: str = "taylor"
     schedule: str = "gradual"
     initial_sparsity: float = 0.0
     start_step: int = 0
@@ -85,8 +85,6 @@ class PruneConfig:
             raise ConfigError(f"{KEY}.end_step={self.end_step} must be > {KEY}.start_step.")
         if not 0.0 < self.end_fraction <= 1.0:
             raise ConfigError(f"{KEY}.end_fraction={self.end_fraction} must be in (0, 1].")
-        if self.structure != "unstructured" and self.score == "taylor":
-            raise ConfigError(f"{KEY}.score=taylor is for structure=unstructured only.")
 
     def final_sparsity(self, group: str) -> float:
         """Final sparsity of ``group`` (``embedding`` / ``linear``; else the global one)."""
@@ -295,11 +293,14 @@ class MagnitudePruning(L.Callback):
 
     def _scores(self, target: Target) -> torch.Tensor:
         weight = target.weight.detach()
+        taylor = self._taylor.get(target.name) if self.cfg.score == "taylor" else None
         if self.cfg.structure != "unstructured":
-            return _structured_scores(weight, self.cfg.structure)
-        if self.cfg.score == "taylor" and target.name in self._taylor:
+            if taylor is None:
+                return _structured_scores(weight, self.cfg.structure)
+            return taylor.sum(dim=0 if self.cfg.structure == "columns" else 1)
+        if taylor is not None:
             # |w| breaks ties among weights the batches never touched (zero gradient).
-            return self._taylor[target.name] + 1e-12 * weight.abs()
+            return taylor + 1e-12 * weight.abs()
         return weight.abs()
 
     @torch.no_grad()

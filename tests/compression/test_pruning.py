@@ -37,7 +37,7 @@ def test_cubic_schedule_values() -> None:
 
 def test_gradual_pruning_reaches_target_and_stays_exactly_zero_under_adam(tmp_path: Path) -> None:
     dm, module = tiny_setup()
-    cfg = PruneConfig(sparsity=0.8, end_fraction=0.5, frequency=2)
+    cfg = PruneConfig(sparsity=0.8, end_fraction=0.5, frequency=2, scope="layer")
     pruning = MagnitudePruning(cfg)
     trainer = tiny_trainer(tmp_path, [pruning], max_epochs=4)
     trainer.fit(module, datamodule=dm)
@@ -158,7 +158,9 @@ def test_masks_and_schedule_survive_checkpoint_resume(tmp_path: Path) -> None:
 
 def test_taylor_score_runs_and_prunes_to_target(tmp_path: Path) -> None:
     dm, module = tiny_setup()
-    pruning = MagnitudePruning(PruneConfig(sparsity=0.7, score="taylor", end_fraction=0.5))
+    pruning = MagnitudePruning(
+        PruneConfig(sparsity=0.7, score="taylor", scope="layer", end_fraction=0.5)
+    )
     tiny_trainer(tmp_path, [pruning], max_epochs=2).fit(module, datamodule=dm)
     assert sparsity(module.model.item_embedding.weight) == pytest.approx(0.7, abs=1e-3)
 
