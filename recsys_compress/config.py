@@ -296,6 +296,7 @@ class CompressionConfig:
     Pairs that would undo each other are refused here, before any data is read.
     ``dense_epochs > 0``: train the dense model for that many epochs and evaluate it first, then
     compress while fine-tuning for ``trainer.max_epochs`` (before / after in one results.json).
+    ``embedding_weight_decay``: the L2 on embedding tables while compressing (None: optim's).
     """
 
     prune: PruneConfig | None = None
@@ -303,10 +304,15 @@ class CompressionConfig:
     svd: SVDConfig | None = None
     qat: QATConfig | None = None
     dense_epochs: int = 0
+    embedding_weight_decay: float | None = None
 
     def __post_init__(self) -> None:
         if self.dense_epochs < 0:
             raise ConfigError(f"compression.dense_epochs={self.dense_epochs} must be >= 0.")
+        if self.embedding_weight_decay is not None and self.embedding_weight_decay < 0:
+            raise ConfigError(
+                f"compression.embedding_weight_decay={self.embedding_weight_decay} must be >= 0."
+            )
         if self.svd is not None and (self.prune is not None or self.l1 is not None):
             raise ConfigError(
                 "compression=[prune|l1, svd]: SVD would replace the sparse weights by dense "

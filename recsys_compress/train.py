@@ -193,6 +193,10 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
                 module.model, cfg.model, inter.user_ids, inter.item_ids, dense_artifact
             ),
         }
+    if methods and cfg.compression.embedding_weight_decay is not None:
+        module.optim_cfg = replace(
+            cfg.optim, embedding_weight_decay=cfg.compression.embedding_weight_decay
+        )
     stage = fit_and_test(cfg, run_dir, module, datamodule, compress=bool(methods))
     monitor, _ = cfg.eval.monitor_key(explicit)
     record: dict[str, Any] = {

@@ -234,3 +234,28 @@ def test_float32_values_exact_in_float16_are_stored_in_two_bytes() -> None:
     entries, info = encode_tensor("t", inexact)
     assert entries["t::values"].dtype == torch.float32
     assert torch.equal(decode_tensor("t", entries, info), inexact)
+
+
+def test_compression_stage_weight_decay_applies_only_while_compressing(tmp_path: Path) -> None:
+    norms = {}
+    for decay in ("0.0", "10.0"):
+        cfg = compose_config(
+            [
+                *FAST,
+                "trainer.max_epochs=2",
+                "trainer.early_stopping_patience=null",
+                "compression=qat",
+                "compression.dense_epochs=2",
+                f"compression.embedding_weight_decay={decay}",
+            ]
+        )
+        record = train(cfg, tmp_path / decay)
+        # the dense stage is identical: its own L2 (optim.embedding_weight_decay) is unchanged
+        norms[decay] = (record["dense"]["test"]["ndcg@10"], _table_norm(tmp_path / decay))
+    assert norms["0.0"][0] == norms["10.0"][0]
+    assert norms["10.0"][1] < 0.9 * norms["0.0"][1]
+
+
+def _table_norm(run_dir: Path) -> float:
+    model = load_compressed(run_dir / ARTIFACT_NAME).model
+    return float(model.user_embedding.dequantize().norm())
