@@ -191,7 +191,32 @@ def _factory(module: nn.Module) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------
 
 
-class LowRankEmbedding(nn.Module):
+class _Factorised(nn.Module):
+    """Shared by the factorised modules: ``weight ~ left @ right``, the rank, the SVD init."""
+
+    left: nn.Parameter
+    right: nn.Parameter
+    rank: int
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.left, self.right
+
+    def dense_weight(self) -> torch.Tensor:
+        """The matrix the factors represent (the replaced module's ``weight``)."""
+        return self.left @ self.right
+
+    @torch.no_grad()
+    def _set_from_svd(
+        self, weight: torch.Tensor, randomized: bool | None, oversample: int, niter: int
+    ) -> float:
+        """Fill the factors from the truncated SVD of ``weight``; returns the relative error."""
+        left, right, error = balanced_factors(weight, self.rank, randomized, oversample, niter)
+        self.left.copy_(left)
+        self.right.copy_(right)
+        return error
+
+
+class LowRankEmbedding(_Factorised):
     """A table ``left @ right`` (``[n, r] @ [r, d]``): ``forward(ids) = left[ids] @ right``.
 
     Only the rows of ``left`` that the batch uses are gathered. Options of ``nn.Embedding``
@@ -221,13 +246,6 @@ class LowRankEmbedding(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, self.left) @ self.right
 
-    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.left, self.right
-
-    def dense_weight(self) -> torch.Tensor:
-        """The ``[num_embeddings, embedding_dim]`` table the factors represent."""
-        return self.left @ self.right
-
     @classmethod
     @torch.no_grad()
     def from_module(
@@ -241,16 +259,14 @@ class LowRankEmbedding(nn.Module):
         """The rank-``rank`` truncated SVD of ``module.weight``, and its info dict."""
         n, d = module.weight.shape
         new = cls(n, d, rank, **_factory(module))
-        left, right, error = balanced_factors(module.weight, rank, randomized, oversample, niter)
-        new.left.copy_(left)
-        new.right.copy_(right)
+        error = new._set_from_svd(module.weight, randomized, oversample, niter)
         return new, _info(rank, error, module, new)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, rank={self.rank}"
 
 
-class LowRankLinear(nn.Module):
+class LowRankLinear(_Factorised):
     """``nn.Linear`` with ``weight = left @ right`` (``[out, r] @ [r, in]``), run as two matmuls."""
 
     def __init__(
@@ -280,13 +296,6 @@ class LowRankLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(F.linear(x, self.right), self.left, self.bias)
 
-    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.left, self.right
-
-    def dense_weight(self) -> torch.Tensor:
-        """The ``[out_features, in_features]`` weight the factors represent."""
-        return self.left @ self.right
-
     @classmethod
     @torch.no_grad()
     def from_module(
@@ -300,9 +309,7 @@ class LowRankLinear(nn.Module):
         """The rank-``rank`` truncated SVD of ``module.weight`` (bias copied), and its info."""
         has_bias = module.bias is not None
         new = cls(module.in_features, module.out_features, rank, has_bias, **_factory(module))
-        left, right, error = balanced_factors(module.weight, rank, randomized, oversample, niter)
-        new.left.copy_(left)
-        new.right.copy_(right)
+        error = new._set_from_svd(module.weight, randomized, oversample, niter)
         if has_bias:
             new.bias.copy_(module.bias)
         return new, _info(rank, error, module, new)
