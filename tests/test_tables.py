@@ -39,6 +39,27 @@ def test_seeds_are_aggregated_and_failures_listed(tmp_path: Path) -> None:
     assert "unreadable" in table and "failed" in table
 
 
+def test_dotted_paths_and_dense_shares(tmp_path: Path) -> None:
+    run = tmp_path / "0"
+    run.mkdir()
+    record = {
+        "status": "completed",
+        "config": {"compression": {"qat": {"bits": 8}}},
+        "test": {"ndcg@10": 0.27},
+        "dense": {"test": {"ndcg@10": 0.30}},
+        "compression": {"artifact_ratio": 0.115},
+    }
+    (run / "results.json").write_text(json.dumps(record))
+    metrics = ["compression.artifact_ratio", "dense.test.ndcg@10", "share:ndcg@10", "mrr@10"]
+    rows = aggregate(collect_results([str(tmp_path)]), ["compression.qat.bits"], metrics, "test")
+    (row,) = rows
+    assert row.key == (8,)
+    assert row.mean_std("compression.artifact_ratio") == (0.115, 0.0)
+    assert row.mean_std("dense.test.ndcg@10") == (0.30, 0.0)
+    assert row.mean_std("share:ndcg@10")[0] == pytest.approx(0.9)
+    assert row.mean_std("mrr@10") is None
+
+
 def test_no_results_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"no results\.json"):
         collect_results([str(tmp_path / "missing")])

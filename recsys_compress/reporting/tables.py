@@ -52,6 +52,25 @@ def config_value(record: dict[str, Any], dotted: str) -> Any:
     return value
 
 
+def record_value(record: dict[str, Any], metric: str, part: str) -> float | None:
+    """A figure of a run: ``ndcg@10`` is ``record[part]["ndcg@10"]``; a dotted path such as
+    ``compression.artifact_ratio`` or ``dense.test.ndcg@10`` is read from the record's root;
+    ``share:ndcg@10`` is the compressed value over the dense one of a two-stage run."""
+    if metric.startswith("share:"):
+        name = metric.removeprefix("share:")
+        value = record.get(part, {}).get(name)
+        dense = record.get("dense", {}).get(part, {}).get(name)
+        return value / dense if value is not None and dense else None
+    if metric in record.get(part, {}):
+        return float(record[part][metric])
+    value: Any = record
+    for key in metric.split("."):
+        if not isinstance(value, dict) or key not in value:
+            return None
+        value = value[key]
+    return float(value) if isinstance(value, int | float) else None
+
+
 @dataclass
 class Row:
     """One group of runs: its key values, per-metric values over seeds, and failed runs."""
@@ -79,8 +98,9 @@ def aggregate(
             row.failed.append(f"{record.get('run_dir')}: {record.get('status')}")
             continue
         for metric in metrics:
-            if metric in record.get(part, {}):
-                row.values.setdefault(metric, []).append(float(record[part][metric]))
+            value = record_value(record, metric, part)
+            if value is not None:
+                row.values.setdefault(metric, []).append(value)
     return [rows[k] for k in sorted(rows, key=lambda k: tuple(map(str, k)))]
 
 
