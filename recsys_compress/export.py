@@ -53,6 +53,7 @@ def describe_structure(model: nn.Module) -> dict[str, Any]:
                 "bits": module.scheme.bits,
                 "group_size": module.scheme.group_size,
                 "symmetric": module.scheme.symmetric,
+                "scale_dtype": module.scheme.scale_dtype,
                 "activation_bits": getattr(module, "activation_bits", None),
             }
         if getattr(module, "rcz_bits", 32) == 4:
@@ -75,7 +76,9 @@ def load_compressed_state(
     match_state_dict(model, state)
     for name, spec in structure.get("quantized", {}).items():
         old = model.get_submodule(name)
-        scheme = QuantScheme(spec["bits"], spec["group_size"], spec["symmetric"])
+        scheme = QuantScheme(
+            spec["bits"], spec["group_size"], spec["symmetric"], spec.get("scale_dtype", "float32")
+        )
         if spec["kind"] == "embedding":
             new: nn.Module = QuantizedEmbedding(old.num_embeddings, old.embedding_dim, scheme)
         else:

@@ -18,7 +18,7 @@ from torch import nn
 
 from recsys_compress.compression.targets import module_group
 
-SCALE_BYTES = 4  # float32 quantisation scales
+SCALE_BYTES = 4  # float32 quantisation scales (a quantised module's ``rcz_scale_bytes`` overrides)
 
 
 def dense_encoding_bytes(numel: int, bits: int) -> int:
@@ -34,10 +34,19 @@ def use_sparse_encoding(numel: int, nnz: int, bits: int) -> bool:
     return sparse_encoding_bytes(numel, nnz, bits) < dense_encoding_bytes(numel, bits)
 
 
-def encoded_bytes(numel: int, nnz: int, bits: int, num_scales: int = 0) -> int:
+def encoded_bytes(
+    numel: int, nnz: int, bits: int, num_scales: int = 0, scale_bytes: int = SCALE_BYTES
+) -> int:
     """Bytes of one tensor in its cheaper encoding, with its scales."""
     body = min(dense_encoding_bytes(numel, bits), sparse_encoding_bytes(numel, nnz, bits))
-    return body + num_scales * SCALE_BYTES
+    return body + num_scales * scale_bytes
+
+
+def float_bits(tensor: torch.Tensor) -> int:
+    """Bits a float32 tensor is stored with: 16 when every value is exact in float16 (the codec
+    then stores it as float16, losslessly), else 32."""
+    t = tensor.detach()
+    return 16 if t.dtype == torch.float32 and torch.equal(t.half().float(), t) else 32
 
 
 @dataclass
@@ -58,10 +67,12 @@ class LayerStats:
         return 1.0 - self.nnz / self.params if self.params else 0.0
 
 
-def _quantisation(module: nn.Module) -> tuple[int, int]:
-    """(bits, number of scales) a quantisation method recorded on ``module`` (32, 0 if none)."""
+def _quantisation(module: nn.Module) -> tuple[int, int, int]:
+    """(bits, number of scales, bytes per scale) a quantisation method recorded on ``module``
+    (32, 0, 4 if none)."""
     bits = getattr(module, "rcz_bits", 32)
-    return bits, getattr(module, "rcz_num_scales", 0) if bits < 32 else 0
+    num_scales = getattr(module, "rcz_num_scales", 0) if bits < 32 else 0
+    return bits, num_scales, getattr(module, "rcz_scale_bytes", SCALE_BYTES)
 
 
 def layer_stats(model: nn.Module) -> list[LayerStats]:
@@ -77,22 +88,25 @@ def layer_stats(model: nn.Module) -> list[LayerStats]:
         if not own and rank is None:
             continue
         params = [p for _, p in own] if rank is None else list(module.parameters())
-        bits, num_scales = _quantisation(module)
+        bits, num_scales, scale_bytes = _quantisation(module)
         numel = sum(p.numel() for p in params)
         nnz = sum(int(torch.count_nonzero(p.detach())) for p in params)
         compressed = 0
         for param_name, param in own if rank is None else module.named_parameters():
-            param_bits = bits if param_name.endswith("weight") else 32
+            quantised = bits < 32 and param_name.endswith("weight")
             compressed += encoded_bytes(
                 param.numel(),
                 int(torch.count_nonzero(param.detach())),
-                param_bits,
-                num_scales if param_bits < 32 else 0,
+                bits if quantised else float_bits(param),
+                num_scales if quantised else 0,
+                scale_bytes,
             )
         stats.append(
             LayerStats(
                 name=name or "(root)",
-                group=module_group(module) or ("lowrank" if rank is not None else "other"),
+                group=module_group(module)
+                or getattr(module, "rcz_group", None)  # integer modules after QAT convert
+                or ("lowrank" if rank is not None else "other"),
                 params=numel,
                 nnz=nnz,
                 rank=rank,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from recsys_compress.compression.accounting import use_sparse_encoding
+from recsys_compress.compression.accounting import float_bits, use_sparse_encoding
 
 
 def pack_int4(values: torch.Tensor) -> torch.Tensor:
@@ -42,7 +42,9 @@ def unpack_mask(packed: torch.Tensor, numel: int) -> torch.Tensor:
 
 
 def _bits(tensor: torch.Tensor, int4: bool) -> int:
-    return 4 if int4 else tensor.element_size() * 8
+    if int4:
+        return 4
+    return float_bits(tensor) if tensor.dtype == torch.float32 else tensor.element_size() * 8
 
 
 def encode_tensor(

@@ -521,31 +521,36 @@ def _parent(name: str) -> str:
     return name.rpartition(".")[0]
 
 
-def find_dot_product(root: nn.Module, cfg: SVDConfig) -> tuple[str, str, str | None]:
-    """``(user table, item table, head)`` names for the joint method.
+def find_dot_product(
+    root: nn.Module,
+    targets: TargetSpec,
+    key: str = KEY,
+    alternative: str = f"{KEY}.method=per_layer",
+) -> tuple[str, str, str | None]:
+    """``(user table, item table, head)`` names of the dot product among ``targets``.
 
     The pair: the one targeted embedding matching ``*user_embedding*`` and the one matching
     ``*item_embedding*``, of equal dim. The head: a plain ``nn.Linear(dim, 1)`` next to the user
     table (same parent module), read as the weights ``h`` of ``hᵀ(p ⊙ q) + b``; None for a plain
-    dot product. :func:`apply_svd` verifies the structure numerically before keeping the result.
+    dot product. Callers verify the structure numerically before keeping a result. Errors name
+    ``key`` and suggest ``alternative``.
     """
-    targets = select_targets(root, cfg.targets, f"{KEY}.targets")
-    tables = [t for t in targets if t.group == "embedding"]
+    tables = [t for t in select_targets(root, targets, f"{key}.targets") if t.group == "embedding"]
     users = [t.name for t in tables if fnmatch.fnmatchcase(t.name, USER_TABLE)]
     items = [t.name for t in tables if fnmatch.fnmatchcase(t.name, ITEM_TABLE)]
     if len(users) != 1 or len(items) != 1:
         raise ConfigError(
-            f"{KEY}.method=joint_dot_product needs exactly one user table ({USER_TABLE}) and one "
-            f"item table ({ITEM_TABLE}) among {KEY}.targets; found users={users}, items={items}. "
-            f"Narrow {KEY}.targets.include to the pair that feeds the dot product, or use "
-            f"{KEY}.method=per_layer."
+            f"{key}: a dot-product method needs exactly one user table ({USER_TABLE}) and one "
+            f"item table ({ITEM_TABLE}) among {key}.targets; found users={users}, items={items}. "
+            f"Narrow {key}.targets.include to the pair that feeds the dot product, or use "
+            f"{alternative}."
         )
     user, item = users[0], items[0]
     dim = root.get_submodule(user).embedding_dim
     if root.get_submodule(item).embedding_dim != dim:
         raise ConfigError(
-            f"{KEY}.method=joint_dot_product: {user} and {item} have different dims; the pair "
-            f"must feed a dot product (use {KEY}.method=per_layer)."
+            f"{key}: {user} and {item} have different dims, so they do not feed a dot product; "
+            f"use {alternative}."
         )
     parent = root.get_submodule(_parent(user)) if _parent(user) else root
     heads = [
@@ -555,10 +560,69 @@ def find_dot_product(root: nn.Module, cfg: SVDConfig) -> tuple[str, str, str | N
     ]
     if len(heads) > 1:
         raise ConfigError(
-            f"{KEY}.method=joint_dot_product: several Linear({dim}, 1) layers next to {user} "
-            f"({heads}); cannot tell which weights the dot product. Use {KEY}.method=per_layer."
+            f"{key}: several Linear({dim}, 1) layers next to {user} ({heads}); cannot tell which "
+            f"weights the dot product. Use {alternative}."
         )
     return user, item, heads[0] if heads else None
+
+
+def _structure_error(key: str, model: nn.Module, user: str, item: str, alternative: str) -> str:
+    return (
+        f"{key}: the scores of {type(model).__name__} are not <p_u, q_i> (or h^T(p_u * q_i)) of "
+        f"{user} and {item}, so a dot-product method does not apply. Use {alternative}."
+    )
+
+
+@torch.no_grad()
+def rotate_to_spectral_basis(
+    root: nn.Module, targets: TargetSpec, key: str, alternative: str
+) -> list[nn.Parameter]:
+    """Rewrite a dot-product model's tables, in place, in the balanced basis of its score matrix:
+    ``P <- A sqrt(S)``, ``Q <- B sqrt(S)`` with ``P Qᵀ = A diag(S) Bᵀ`` (:func:`joint_factors`;
+    GMF folds ``h`` into ``P`` and sets ``h = 1``). Every score is unchanged (checked on probe
+    pairs; a model that is not such a dot product is restored and raises ConfigError).
+
+    Dimension ``j`` then carries the ``j``-th singular value, so per-row magnitudes concentrate in
+    the leading dimensions for users and items alike: pruning keeps dimensions both sides keep. In
+    the raw basis a user and an item each keeping 20% of 64 dimensions at random share about 2.6.
+    Returns the Parameters it changed (their optimizer state no longer applies).
+    """
+    user_name, item_name, head_name = find_dot_product(root, targets, key, alternative)
+    user_mod, item_mod = root.get_submodule(user_name), root.get_submodule(item_name)
+    head = root.get_submodule(head_name) if head_name else None
+    params = [user_mod.weight, item_mod.weight] + ([head.weight] if head is not None else [])
+    if any(not isinstance(p, torch.Tensor) or p.ndim != 2 for p in params):
+        raise ConfigError(f"{key}: {user_name} / {item_name} are not plain tables; {alternative}.")
+    p, q = _table(user_mod), _table(item_mod)
+    if head is not None:
+        p = p * head.weight[0]
+    a, b, s = joint_factors(p, q)
+    root_s = s.sqrt()
+    saved = [t.detach().clone() for t in params]
+    model = _recommender_of(root, user_name)
+    before = after = None
+    users, items = _probe_pairs(user_mod, item_mod)
+    was_training = model.training if model is not None else False
+    if model is not None:
+        model.eval()
+        before = model(users, items)
+    k = len(s)  # = dim unless a table has fewer rows than dims: pad with zero columns
+    params[0].zero_()[:, :k] = (a * root_s).to(params[0].dtype)
+    params[1].zero_()[:, :k] = (b * root_s).to(params[1].dtype)
+    if head is not None:
+        params[2].fill_(1.0)
+    if model is not None:
+        after = model(users, items)
+        model.train(was_training)
+        assert before is not None and after is not None
+        tolerance = 1e-4 * float(before.abs().max()) + 1e-5
+        if float((after - before).abs().max()) > tolerance:
+            for param, old in zip(params, saved, strict=True):
+                param.copy_(old)
+            raise ConfigError(_structure_error(key, model, user_name, item_name, alternative))
+    else:
+        log.warning("%s: no Recommender holds %s; structure not verified", key, user_name)
+    return params
 
 
 def _recommender_of(root: nn.Module, name: str) -> nn.Module | None:
@@ -575,7 +639,7 @@ def _recommender_of(root: nn.Module, name: str) -> nn.Module | None:
 
 @torch.no_grad()
 def _joint_apply(root: nn.Module, cfg: SVDConfig) -> list[dict[str, Any]]:
-    user_name, item_name, head_name = find_dot_product(root, cfg)
+    user_name, item_name, head_name = find_dot_product(root, cfg.targets)
     user_mod, item_mod = root.get_submodule(user_name), root.get_submodule(item_name)
     head = root.get_submodule(head_name) if head_name else None
     p, q = _table(user_mod), _table(item_mod)
@@ -627,9 +691,7 @@ def _joint_apply(root: nn.Module, cfg: SVDConfig) -> list[dict[str, Any]]:
                 if name is not None and old is not None:
                     replace_module(root, name, old)
             raise ConfigError(
-                f"{KEY}.method=joint_dot_product: the scores of {type(model).__name__} are not "
-                f"<p_u, q_i> (or h^T(p_u * q_i)) of {user_name} and {item_name}, so the joint "
-                f"reduction does not apply. Use {KEY}.method=per_layer."
+                _structure_error(KEY, model, user_name, item_name, f"{KEY}.method=per_layer")
             )
     install(rank)
     power = s.double().square()
@@ -783,7 +845,7 @@ class SVDLowRank(L.Callback):
         factorised = list(lowrank_ranks(pl_module))
         try:
             if self.cfg.method == "joint_dot_product":
-                found = [n for n in find_dot_product(pl_module, self.cfg) if n is not None]
+                found = [n for n in find_dot_product(pl_module, self.cfg.targets) if n is not None]
             else:
                 found = [
                     t.name for t in select_targets(pl_module, self.cfg.targets, KEY + ".targets")
@@ -888,5 +950,6 @@ __all__ = [
     "match_state_dict",
     "rank_for_energy",
     "rank_for_param_ratio",
+    "rotate_to_spectral_basis",
     "truncated_svd",
 ]

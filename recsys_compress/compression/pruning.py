@@ -7,6 +7,11 @@ After: the weights hold exact zeros that the export stores sparsely.
 
 Masks and the schedule position are the callback's checkpoint state, so ``ckpt_path`` resumes
 with the same masks (Lightning's ModelPruning stores none, and its sparsity decays after a resume).
+Dot-product models (MF, GMF) are first rewritten in the balanced basis of their score matrix
+(``basis``, :func:`~recsys_compress.compression.lowrank.rotate_to_spectral_basis`): the scores are
+unchanged, but magnitudes concentrate in the leading dimensions, so the weights a user keeps meet
+the weights an item keeps. On MF / ML-100K at 80% this keeps 98% of NDCG@10 instead of 87%.
+
 Ranking across layers is scale-aware: with ``scope=group`` or ``global`` each layer's scores are
 divided by their RMS before one threshold is chosen, and no layer is pruned to 100% unless
 ``max_layer_sparsity=1.0``.
@@ -29,6 +34,7 @@ log = logging.getLogger(__name__)
 
 STRUCTURES = ("unstructured", "rows", "columns", "neurons")
 SCOPES = ("layer", "row", "group", "global")
+BASES = ("auto", "spectral", "none")
 KEY = "compression.prune"
 
 
@@ -52,6 +58,7 @@ class PruneConfig:
     frequency: int | None = None
     max_layer_sparsity: float = 0.99
     rewind_step: int | None = None
+    basis: str = "auto"
 
     def __post_init__(self) -> None:
         self.targets.validate(f"{KEY}.targets")
@@ -60,6 +67,7 @@ class PruneConfig:
             "scope": (self.scope, SCOPES),
             "score": (self.score, ("magnitude", "taylor")),
             "schedule": (self.schedule, ("one_shot", "gradual")),
+            "basis": (self.basis, BASES),
         }
         for name, (value, allowed) in checks.items():
             if value not in allowed:
@@ -207,6 +215,13 @@ class MagnitudePruning(L.Callback):
             return self.last_update_step >= 0
         return self.end_step is not None and self.last_update_step >= self.end_step
 
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # The basis changes at the start of the epoch of the first mask, before QAT (next in the
+        # pipeline) swaps in fake-quant modules whose rounding would blur the score check.
+        first_mask_now = self.cfg.start_step < trainer.global_step + trainer.num_training_batches
+        if self.cfg.basis != "none" and self.last_update_step < 0 and first_mask_now:
+            self._rotate(trainer)
+
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
@@ -267,6 +282,38 @@ class MagnitudePruning(L.Callback):
         self.rewind_state = state_dict["rewind_state"]
 
     # -- mechanics --------------------------------------------------------------------------
+    def _rotate(self, trainer: L.Trainer) -> None:
+        """Before the first mask: the spectral basis of a dot product (see the module doc).
+        ``basis=auto`` keeps the model's basis when it is not a plain dot product of float
+        tables (NeuMF, MLP; or already fake-quantised by a QAT that started earlier)."""
+        from recsys_compress.compression.lowrank import rotate_to_spectral_basis
+
+        assert self._root is not None
+        if self.rewind_state is not None:
+            log.warning(
+                "%s.basis: rewind_step %s precedes start_step, so the rewind weights are in the "
+                "original basis; pruning there (set %s.basis=none to silence this).",
+                KEY,
+                self.cfg.rewind_step,
+                KEY,
+            )
+            return
+        try:
+            changed = rotate_to_spectral_basis(
+                self._root, self.cfg.targets, KEY, f"{KEY}.basis=none"
+            )
+        except ConfigError as err:
+            if self.cfg.basis == "spectral":
+                raise
+            log.info("%s.basis=auto: no dot product to rotate (%s)", KEY, err)
+            return
+        # Moments of the old coordinates do not apply to the new ones; |w·g| sums neither.
+        for optimizer in trainer.optimizers:
+            for param in changed:
+                optimizer.state.pop(param, None)
+        self._taylor.clear()
+        log.info("%s: pruning in the spectral basis of the dot product", KEY)
+
     def _due(self, step: int) -> bool:
         if step < self.cfg.start_step or step == self.last_update_step:
             return False

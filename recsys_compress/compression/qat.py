@@ -83,6 +83,7 @@ log = logging.getLogger(__name__)
 KEY = "compression.qat"
 BITS = (4, 8)
 GRANULARITIES = ("per_channel", "per_group")
+SCALE_DTYPES = ("float16", "float32")
 
 
 @dataclass
@@ -96,6 +97,8 @@ class QATConfig:
     granularity: str = "per_channel"
     group_size: int = 32
     symmetric: bool = True
+    scale_dtype: str = "float16"
+    float_dtype: str = "float16"
     activation_bits: int | None = None
     start_epoch: int = 0
     freeze_epoch: int | None = None
@@ -118,6 +121,19 @@ class QATConfig:
                 f"{KEY}.group_size={self.group_size} must be >= 2 (weights per scale); for one "
                 f"scale per row use {KEY}.granularity=per_channel."
             )
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise ConfigError(
+                f"{KEY}.scale_dtype={self.scale_dtype!r}: use one of {', '.join(SCALE_DTYPES)}."
+            )
+        if self.float_dtype not in SCALE_DTYPES:
+            raise ConfigError(
+                f"{KEY}.float_dtype={self.float_dtype!r}: use one of {', '.join(SCALE_DTYPES)}."
+            )
+        if self.scale_dtype == "float16" and not self.symmetric:
+            raise ConfigError(
+                f"{KEY}.scale_dtype=float16 needs {KEY}.symmetric=true: asymmetric schemes keep "
+                f"float32 scales and offsets; set {KEY}.scale_dtype=float32."
+            )
         if self.start_epoch < 0:
             raise ConfigError(f"{KEY}.start_epoch={self.start_epoch} must be >= 0.")
         if self.freeze_epoch is not None and self.freeze_epoch < 0:
@@ -138,6 +154,11 @@ class QuantScheme:
     bits: int
     group_size: int | None  # None: per channel (one scale per row)
     symmetric: bool = True
+    scale_dtype: str = "float32"  # float16: symmetric scales rounded *up* to float16
+
+    @property
+    def scale_bytes(self) -> int:
+        return 2 if self.scale_dtype == "float16" else 4
 
     @property
     def qmin(self) -> int:
@@ -156,7 +177,7 @@ class QuantScheme:
         return width if self.group_size is None else self.group_size
 
     def num_scales(self, rows: int, width: int) -> int:
-        """Float32 values stored beside the integers (offsets of asymmetric schemes included)."""
+        """Float values stored beside the integers (offsets of asymmetric schemes included)."""
         per_row = width // self.columns_per_scale(width)
         return rows * per_row * (1 if self.symmetric else 2)
 
@@ -184,7 +205,53 @@ class QuantScheme:
 
 def scheme_for(cfg: QATConfig, group: str) -> QuantScheme:
     group_size = cfg.group_size if cfg.granularity == "per_group" else None
-    return QuantScheme(cfg.bits_for(group), group_size, cfg.symmetric)
+    return QuantScheme(cfg.bits_for(group), group_size, cfg.symmetric, cfg.scale_dtype)
+
+
+# Smallest scale: torchao's default eps, 2^-23 (exact in float16, as a subnormal).
+SCALE_EPS = torch.finfo(torch.float32).eps
+
+
+def round_up_to_float16(scale: torch.Tensor) -> torch.Tensor:
+    """The smallest float16 value >= each positive float32 ``scale``, as float32.
+
+    Rounding *up* keeps every weight of the row within the integer range: with a scale rounded to
+    the nearest float16 (torchao's ``scale_precision=float16``) a row's largest weights can clip by
+    more than half a step.
+    """
+    if scale.numel() and float(scale.max()) > float(torch.finfo(torch.float16).max):
+        raise ValueError(
+            f"{KEY}.scale_dtype=float16: a scale of {float(scale.max()):.3g} exceeds float16's "
+            f"range (weights above ~8e6); set {KEY}.scale_dtype=float32."
+        )
+    half = scale.half()
+    below = half.float() < scale
+    bumped = (half.view(torch.int16) + 1).view(torch.float16)  # next float16 up (scale > 0)
+    return torch.where(below, bumped, half).float()
+
+
+@torch.no_grad()
+def symmetric_scales(rows: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
+    """Scales ``[rows, groups]`` of a symmetric scheme: ``max|w| / ((qmax - qmin) / 2)`` per group
+    (torchao's formula), floored at ``SCALE_EPS`` and, for float16 scales, rounded up."""
+    width = rows.shape[-1]
+    per_scale = scheme.columns_per_scale(width)
+    amax = rows.detach().float().abs().view(rows.shape[0], width // per_scale, per_scale)
+    scale = (amax.amax(dim=-1) / ((scheme.qmax - scheme.qmin) / 2)).clamp_min(SCALE_EPS)
+    return round_up_to_float16(scale) if scheme.scale_dtype == "float16" else scale
+
+
+def _own_scales(scheme: QuantScheme) -> bool:
+    """Whether the qparams are computed here rather than by torchao's quantiser: float16 scales
+    (torchao's rounds to nearest, which clips; see :func:`round_up_to_float16`)."""
+    return scheme.symmetric and scheme.scale_dtype == "float16"
+
+
+def fake_quantize(rows: torch.Tensor, scheme: QuantScheme, quantizer: Any) -> torch.Tensor:
+    """Fake-quantise 2-D ``rows`` with scales computed from these rows (row-local qparams)."""
+    if _own_scales(scheme):
+        return _fake_quantize_with(rows, symmetric_scales(rows, scheme), None, scheme)
+    return quantizer(rows)
 
 
 # -- numerics (torchao primitives) --------------------------------------------------------------
@@ -214,8 +281,11 @@ CHUNK_ROWS = 1 << 16
 def whole_qparams(
     weight: torch.Tensor, scheme: QuantScheme
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Scales ``[rows, groups]`` (and float offsets if asymmetric) of a whole weight, as torchao's
-    ``IntxFakeQuantizer`` computes them in its forward pass."""
+    """Scales ``[rows, groups]`` (and float offsets if asymmetric) of a whole weight, as the
+    fake-quant forward pass computes them."""
+    if _own_scales(scheme):
+        chunks = weight.detach().split(CHUNK_ROWS)
+        return torch.cat([symmetric_scales(chunk, scheme) for chunk in chunks]), None
     quantizer = torchao_qat().IntxFakeQuantizer(scheme.fake_quantize_config())
     scales, offsets = [], []
     for chunk in weight.detach().float().split(CHUNK_ROWS):
@@ -279,6 +349,7 @@ class _QParams:
         self._is_frozen = False
         self.rcz_bits = scheme.bits
         self.rcz_num_scales = scheme.num_scales(rows, width)
+        self.rcz_scale_bytes = scheme.scale_bytes
 
     @torch.no_grad()
     def compute_qparams(self) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -359,7 +430,7 @@ class FakeQuantEmbedding(_QParams, nn.Embedding):
             zero_point = None if self.zero_point is None else self.zero_point[flat]
             rows = _fake_quantize_with(rows, self.scale[flat], zero_point, self.scheme)
         else:
-            rows = self.weight_fake_quantizer(rows)
+            rows = fake_quantize(rows, self.scheme, self.weight_fake_quantizer)
         return rows.view(*ids.shape, self.embedding_dim)
 
 
@@ -392,7 +463,7 @@ class FakeQuantLinear(_QParams, nn.Linear):
         if self._is_frozen:
             w = _fake_quantize_with(self.weight, self.scale, self.zero_point, self.scheme)
         else:
-            w = self.weight_fake_quantizer(self.weight)
+            w = fake_quantize(self.weight, self.scheme, self.weight_fake_quantizer)
         return F.linear(x, w, self.bias)
 
 
@@ -413,6 +484,7 @@ class _Quantized(nn.Module):
         self.register_buffer("zero_points", zero_points)
         self.rcz_bits = scheme.bits
         self.rcz_num_scales = scheme.num_scales(rows, width)
+        self.rcz_scale_bytes = scheme.scale_bytes
 
     @torch.no_grad()
     def set_quantized(
@@ -620,7 +692,8 @@ def post_training_quantize(model: nn.Module, cfg: QATConfig) -> nn.Module:
     """The PTQ baseline: quantise the targets of ``cfg`` with the same quantisers, no training.
 
     Converts ``model`` in place (and returns it): targets become QuantizedEmbedding /
-    QuantizedLinear with scales computed from the current weights.
+    QuantizedLinear with scales computed from the current weights; the float parameters left
+    are rounded to float16 values when ``cfg.float_dtype`` says so.
     """
     for p in plan(model, cfg):
         current = model.get_submodule(p.name)
@@ -628,7 +701,25 @@ def post_training_quantize(model: nn.Module, cfg: QATConfig) -> nn.Module:
             current, p.scheme, cfg.activation_bits if p.group == "linear" else None
         )
         replace_module(model, p.name, convert_module(fake))
+    if cfg.float_dtype == "float16":
+        round_float_params(model)
     return model
+
+
+@torch.no_grad()
+def round_float_params(
+    root: nn.Module, state_dict: dict[str, Any] | None = None, prefix: str = ""
+) -> None:
+    """Round every float32 parameter of ``root`` to the nearest float16 value, in place (or, with
+    ``state_dict``, the entries of that dict that will load into them). The export stores such
+    tensors in 2 bytes per value; the model keeps computing in float32."""
+    for name, param in root.named_parameters():
+        if param.dtype != torch.float32:
+            continue
+        if state_dict is None:
+            param.copy_(param.half().float())
+        elif (key := prefix + name) in state_dict and state_dict[key].dtype == torch.float32:
+            state_dict[key] = state_dict[key].half().float()
 
 
 # -- the callback --------------------------------------------------------------------------------
@@ -732,9 +823,12 @@ class QuantizationAwareTraining(L.Callback):
         self.frozen = True
 
     def convert(self, root: nn.Module) -> None:
-        """Replace each fake-quant module by its integer module."""
+        """Replace each fake-quant module by its integer module; with ``float_dtype=float16``
+        round the parameters left in float (biases, excluded layers) to float16 values."""
         for name, module in _named(root, FAKE_QUANT):
             replace_module(root, name, convert_module(module))
+        if self.cfg.float_dtype == "float16":
+            round_float_params(root)
         self.converted = True
 
     # -- internals -------------------------------------------------------------------------
@@ -778,3 +872,7 @@ class QuantizationAwareTraining(L.Callback):
             elif key + "frozen" in state_dict:
                 replace_module(module, name, self._fake(current, group))
                 self.started = True
+        if self.converted and self.cfg.float_dtype == "float16":
+            # e.g. validate/test(ckpt_path="best") after convert: the float32 biases of the
+            # checkpoint load rounded, as convert rounded them, so metrics match the export.
+            round_float_params(module, state_dict, prefix)

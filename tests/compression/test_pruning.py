@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -15,7 +16,7 @@ from recsys_compress.compression.pruning import (
     _next_linear,
     cubic_sparsity,
 )
-from recsys_compress.compression.targets import TargetSpec
+from recsys_compress.compression.targets import TargetSpec, select_targets
 from recsys_compress.errors import ConfigError
 from tests.compression.helpers import tiny_setup, tiny_trainer
 
@@ -201,3 +202,95 @@ def test_row_scope_prunes_every_row_to_the_same_count() -> None:
     kept_min = before.masked_fill(~mask, float("inf")).min(dim=1).values
     dropped_max = before.masked_fill(mask, 0.0).max(dim=1).values
     assert (dropped_max <= kept_min).all()
+
+
+def _low_rank_mf(num_users: int = 60, num_items: int = 50, dim: int = 16) -> nn.Module:
+    """MF whose score matrix has a decaying spectrum spread over every raw dimension."""
+    from recsys_compress.models.mf import MF
+
+    torch.manual_seed(5)
+    model = MF(num_users, num_items, dim=dim)
+    mix = torch.linalg.qr(torch.randn(dim, dim))[0]  # a random basis: no raw dim is special
+    spectrum = torch.logspace(0, -2, dim)
+    with torch.no_grad():
+        model.user_embedding.weight.copy_(torch.randn(num_users, dim) * spectrum @ mix)
+        model.item_embedding.weight.copy_(torch.randn(num_items, dim) * spectrum @ mix)
+    return model
+
+
+def test_spectral_basis_keeps_scores_and_orders_dimensions_by_energy() -> None:
+    from recsys_compress.compression.lowrank import rotate_to_spectral_basis
+
+    model = _low_rank_mf()
+    users = torch.arange(60)
+    with torch.no_grad():
+        before = model.score_all(users)
+        rotate_to_spectral_basis(model, TargetSpec(), "compression.prune", "basis=none")
+        after = model.score_all(users)
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)
+    for table in (model.user_embedding.weight, model.item_embedding.weight):
+        norms = table.detach().norm(dim=0)
+        assert (norms[:-1] >= norms[1:] - 1e-5).all()  # energy decreasing along the dims
+    # both tables' columns are balanced: ||p_j|| = ||q_j|| = sqrt(s_j)
+    torch.testing.assert_close(
+        model.user_embedding.weight.norm(dim=0), model.item_embedding.weight.norm(dim=0)
+    )
+
+
+def test_spectral_basis_folds_the_gmf_head_and_refuses_neumf() -> None:
+    from recsys_compress.compression.lowrank import rotate_to_spectral_basis
+
+    _, gmf = tiny_setup("gmf")
+    with torch.no_grad():
+        gmf.model.predict.weight.uniform_(0.5, 2.0)
+    users = torch.arange(20)
+    before = gmf.model.score_all(users).detach()
+    rotate_to_spectral_basis(gmf.model, TargetSpec(), "compression.prune", "basis=none")
+    torch.testing.assert_close(gmf.model.score_all(users).detach(), before, rtol=1e-4, atol=1e-5)
+    assert torch.equal(gmf.model.predict.weight, torch.ones_like(gmf.model.predict.weight))
+
+    _, neumf = tiny_setup("neumf")
+    state = {k: v.clone() for k, v in neumf.state_dict().items()}
+    with pytest.raises(ConfigError, match=r"compression\.prune.*compression\.prune\.basis=none"):
+        rotate_to_spectral_basis(
+            neumf.model, TargetSpec(), "compression.prune", "compression.prune.basis=none"
+        )
+    assert all(torch.equal(v, neumf.state_dict()[k]) for k, v in state.items())  # untouched
+
+
+@pytest.mark.parametrize("scope", ["row", "layer"])
+def test_pruning_in_the_spectral_basis_keeps_scores_better(scope: str) -> None:
+    """Per-row pruning of a dot product in its raw basis keeps dims the other side dropped."""
+    users = torch.arange(60)
+    errors = {}
+    for basis in ("none", "spectral"):
+        model = _low_rank_mf()
+        with torch.no_grad():
+            reference = model.score_all(users)
+        module = nn.ModuleDict({"model": model})
+        pruning = MagnitudePruning(
+            PruneConfig(sparsity=0.75, schedule="one_shot", score="magnitude", scope=scope)
+        )
+        pruning._root = module
+        pruning._targets = select_targets(module, pruning.cfg.targets, "compression.prune")
+        if basis == "spectral":
+            pruning.cfg.basis = "spectral"
+            pruning._rotate(SimpleNamespace(optimizers=[]))
+        pruning.update_masks(0)
+        assert sparsity(model.user_embedding.weight) == pytest.approx(0.75)
+        with torch.no_grad():
+            errors[basis] = float((model.score_all(users) - reference).norm() / reference.norm())
+    assert errors["spectral"] < 0.5 * errors["none"], errors
+
+
+def test_basis_auto_prunes_neumf_in_its_own_basis_and_spectral_refuses_it(tmp_path: Path) -> None:
+    dm, module = tiny_setup("neumf")
+    auto = MagnitudePruning(PruneConfig(sparsity=0.5, schedule="one_shot"))
+    tiny_trainer(tmp_path, [auto], max_epochs=1).fit(module, datamodule=dm)
+    assert auto.current_sparsity == pytest.approx(0.5, abs=0.01)
+    dm, module = tiny_setup("neumf")
+    strict = MagnitudePruning(PruneConfig(sparsity=0.5, schedule="one_shot", basis="spectral"))
+    with pytest.raises(ConfigError, match=r"compression\.prune\.basis=none"):
+        tiny_trainer(tmp_path, [strict], max_epochs=1).fit(module, datamodule=dm)
+    with pytest.raises(ConfigError, match=r"compression\.prune\.basis='pca'"):
+        PruneConfig(basis="pca")

@@ -24,6 +24,7 @@ from recsys_compress.compression.qat import (
     convert_module,
     plan,
     post_training_quantize,
+    round_up_to_float16,
     to_fake_quant,
     torchao_qat,
 )
@@ -113,6 +114,55 @@ def test_fake_quant_values_lie_on_the_grid(scheme: QuantScheme) -> None:
         assert levels.round().min() == scheme.qmin  # s = max|w| / (2^(b-1) - 0.5)
 
 
+def test_round_up_to_float16_is_the_smallest_float16_not_below() -> None:
+    scale = torch.tensor([1e-7, 3.3e-5, 0.0123, 0.5, 1.0, 1000.3, 2.0**-23])
+    up = round_up_to_float16(scale)
+    assert torch.equal(up.half().float(), up)  # exact in float16
+    assert (up >= scale).all()
+    assert up[4] == 1.0 and up[6] == 2.0**-23  # exact inputs stay
+    below = (up.half().view(torch.int16) - 1).view(torch.float16).float()
+    assert (below < scale).all()  # the float16 just below would be too small
+    with pytest.raises(ValueError, match="scale_dtype=float32"):
+        round_up_to_float16(torch.tensor([1e6]))
+
+
+@pytest.mark.parametrize("bits, group_size", [(8, None), (4, None), (4, 8)])
+def test_float16_scales_keep_every_weight_within_half_a_step(
+    bits: int, group_size: int | None
+) -> None:
+    torch.manual_seed(4)
+    table = nn.Embedding(40, 16)
+    with torch.no_grad():
+        table.weight.mul_(torch.logspace(-6, 1, 40)[:, None])  # scales over 7 decades
+        table.weight[5] = 0.0  # a pruned row: no NaN, no division by a zero scale
+    scheme = QuantScheme(bits, group_size, True, "float16")
+    fake = FakeQuantEmbedding(table, scheme)
+    values = fake(torch.arange(40)).detach()
+    scale, offset = fake.compute_qparams()
+    assert offset is None and torch.equal(scale.half().float(), scale)
+    step = scale.repeat_interleave(16 // scale.shape[1], dim=1)
+    levels = values / step
+    torch.testing.assert_close(levels, levels.round(), rtol=0, atol=1e-3)
+    assert levels.round().min() >= scheme.qmin and levels.round().max() <= scheme.qmax
+    assert torch.isfinite(values).all() and (values[5] == 0).all()
+    # no clipping: round to nearest everywhere, the extremes included
+    assert ((values - table.weight.detach()).abs() <= 0.5 * step * (1 + 1e-4)).all()
+    # the row-gathered path equals the whole-table path, and convert stores the same grid
+    ids = torch.tensor([[3, 39, 3], [5, 0, 17]])
+    assert torch.equal(fake(ids), values[ids])
+    real = convert_module(fake)
+    assert torch.equal(real.scales, scale)
+    assert torch.equal(real(torch.arange(40)), values)
+    assert real.rcz_scale_bytes == 2
+
+
+def test_float16_scales_need_a_symmetric_scheme() -> None:
+    with pytest.raises(ConfigError, match=r"compression\.qat\.scale_dtype=float32"):
+        QATConfig(symmetric=False)
+    with pytest.raises(ConfigError, match=r"compression\.qat\.scale_dtype='bfloat16'"):
+        QATConfig(scale_dtype="bfloat16")
+
+
 def test_frozen_scales_are_not_recomputed() -> None:
     torch.manual_seed(2)
     table = nn.Embedding(10, 8)
@@ -174,6 +224,7 @@ def test_converted_scores_match_fake_quant_model(granularity: str) -> None:
             granularity=granularity,
             group_size=8,
             activation_bits=activation_bits,
+            float_dtype="float32",  # exact comparison; float16 rounding: the next test
         )
         with torch.no_grad():
             float_scores = model.score_all(users)
@@ -191,6 +242,38 @@ def test_converted_scores_match_fake_quant_model(granularity: str) -> None:
         assert not torch.equal(fake_scores, float_scores)
         relative = (fake_scores - float_scores).norm() / float_scores.norm()
         assert relative < (0.2 if bits == 4 else 0.05)
+
+
+def test_convert_rounds_the_float_leftovers_to_float16_and_checkpoints_load_rounded() -> None:
+    torch.manual_seed(6)
+    model = neumf()
+    users = torch.arange(0, 40, 3)
+    callback = QuantizationAwareTraining(QATConfig(bits=8))
+    callback.start(model)
+    trained_state = {k: v.clone() for k, v in model.state_dict().items()}  # a QAT checkpoint
+    with torch.no_grad():
+        fake_scores = model.score_all(users)
+    callback.convert(model)
+    floats = {n: p for n, p in model.named_parameters() if p.is_floating_point()}
+    assert floats and all(torch.equal(p.half().float(), p) for p in floats.values())
+    assert {s.name: s for s in layer_stats(model)}["mlp.tower.0"].compressed_bytes == (
+        16 * 16 + 2 * 16 + 2 * 16  # int8 weight [16, 16], float16 scale per row, float16 bias
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(model.score_all(users), fake_scores, rtol=2e-3, atol=2e-3)
+    # loading the float checkpoint into the converted model (validate/test with ckpt_path):
+    # biases arrive rounded as convert rounded them, so metrics are the exported model's
+    host = nn.Module()
+    host.model = model
+    callback._hooked = None
+    callback.setup(None, host, "validate")  # type: ignore[arg-type]
+    host.load_state_dict({f"model.{k}": v for k, v in trained_state.items()})
+    assert all(
+        torch.equal(p.half().float(), p) for p in model.parameters() if p.is_floating_point()
+    )
+    assert not torch.equal(
+        trained_state["mlp.tower.0.bias"].half().float(), trained_state["mlp.tower.0.bias"]
+    )
 
 
 def test_swap_shares_parameters_so_the_optimizer_keeps_working() -> None:
@@ -215,12 +298,15 @@ def test_layer_stats_count_converted_and_fake_quant_modules() -> None:
     model = post_training_quantize(MF(n_users, n_items, dim=d), QATConfig(bits=8))
     stats = {s.name: s for s in layer_stats(model)}
     assert isinstance(model.user_embedding, QuantizedEmbedding)
-    assert stats["user_embedding"].compressed_bytes == n_users * d + 4 * n_users
-    assert stats["item_embedding"].compressed_bytes == n_items * d + 4 * n_items
+    # int8 values and one float16 scale per row (the default scale_dtype)
+    assert stats["user_embedding"].compressed_bytes == n_users * d + 2 * n_users
+    assert stats["item_embedding"].compressed_bytes == n_items * d + 2 * n_items
     assert stats["user_embedding"].params == n_users * d
     assert stats["user_bias"].bits == 32  # excluded by default: stays float32
 
-    int4 = QATConfig(bits=4, granularity="per_group", group_size=8, symmetric=False)
+    int4 = QATConfig(
+        bits=4, granularity="per_group", group_size=8, symmetric=False, scale_dtype="float32"
+    )
     fake = MF(n_users, n_items, dim=d)
     QuantizationAwareTraining(int4).start(fake)
     converted = post_training_quantize(MF(n_users, n_items, dim=d), int4)
