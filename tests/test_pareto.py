@@ -1,0 +1,185 @@
+"""Pareto front, seed aggregation and the size / quality plot built from results.json files."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from recsys_compress.reporting.pareto import (
+    aggregate_points,
+    front_markdown,
+    observations,
+    pareto_front,
+    plot_pareto,
+)
+from recsys_compress.reporting.tables import collect_results
+from tests.conftest import REPO
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+PDF_MAGIC = b"%PDF-"
+
+
+def brute_force_front(points: list[tuple[float, float]]) -> set[int]:
+    def dominates(q: tuple[float, float], p: tuple[float, float]) -> bool:
+        return q[0] <= p[0] and q[1] >= p[1] and q != p
+
+    return {i for i, p in enumerate(points) if not any(dominates(q, p) for q in points)}
+
+
+def test_front_is_the_non_dominated_set_with_ties_and_duplicates() -> None:
+    points = [
+        (100.0, 0.30),  # 0: dominated by 4 (smaller, same value)
+        (200.0, 0.35),  # 1: front
+        (150.0, 0.28),  # 2: dominated by 0 and 4
+        (200.0, 0.35),  # 3: duplicate of 1, also on the front
+        (50.0, 0.30),  # 4: front (smallest)
+        (300.0, 0.35),  # 5: dominated by 1 (same value, larger)
+        (300.0, 0.40),  # 6: front (best value)
+        (200.0, 0.33),  # 7: dominated by 1 (same size, lower value)
+    ]
+    assert pareto_front(points) == [4, 1, 3, 6]
+
+
+def test_front_edge_cases() -> None:
+    assert pareto_front([]) == []
+    assert pareto_front([(10.0, 0.1)]) == [0]
+    assert pareto_front([(10.0, 0.1), (10.0, 0.1)]) == [0, 1]
+    assert pareto_front([(10.0, float("nan")), (20.0, 0.1)]) == [1]
+    # a larger model is on the front only if it is strictly better
+    assert pareto_front([(10.0, 0.2), (20.0, 0.2), (30.0, 0.25)]) == [0, 2]
+
+
+def test_front_matches_brute_force_on_random_points_with_many_ties() -> None:
+    rng = random.Random(0)
+    for _ in range(200):
+        points = [(float(rng.randint(1, 6)), rng.randint(0, 5) / 10) for _ in range(12)]
+        front = pareto_front(points)
+        assert set(front) == brute_force_front(points)
+        assert len(front) == len(set(front))
+        assert [points[i][0] for i in front] == sorted(points[i][0] for i in front)
+
+
+def write_run(
+    root: Path,
+    name: str,
+    seed: int,
+    methods: list[str],
+    ndcg: float,
+    size: int | None,
+    sparsity: float | None = None,
+    dense: dict[str, Any] | None = None,
+    status: str = "completed",
+) -> None:
+    config = {
+        "seed": seed,
+        "model": {"name": "mf", "dim": 8},
+        "trainer": {"max_epochs": 3},
+        "compression": {
+            "prune": None if sparsity is None else {"sparsity": sparsity},
+            "qat": {"bits": 8} if "qat" in methods else None,
+            "dense_epochs": 2 if dense else 0,
+        },
+    }
+    record: dict[str, Any] = {"status": status, "seed": seed, "config": config}
+    if status == "completed":
+        record["test"] = {"ndcg@10": ndcg}
+        record["compression"] = {"methods": methods}
+        if size is not None:
+            record["compression"]["artifact_bytes"] = size
+        if dense:
+            record["dense"] = dense
+    else:
+        record["error"] = "ConfigError: boom"
+    run = root / name
+    run.mkdir(parents=True)
+    (run / "results.json").write_text(json.dumps(record))
+
+
+def dense_of(seed: int) -> dict[str, Any]:
+    return {"artifact_bytes": 8000, "test": {"ndcg@10": [0.5, 0.625, 0.75][seed]}}
+
+
+@pytest.fixture
+def sweep(tmp_path: Path) -> Path:
+    """Prune at two sparsities and int8 over seeds; dense sections shared between methods."""
+    root = tmp_path / "sweep"
+    for seed, ndcg in enumerate([0.25, 0.375, 0.5]):
+        write_run(root, f"p50_{seed}", seed, ["prune"], ndcg, 4000, 0.5, dense_of(seed))
+    for seed, ndcg in enumerate([0.125, 0.25]):
+        size = 1000 + 500 * seed
+        write_run(root, f"p90_{seed}", seed, ["prune"], ndcg, size, 0.9, dense_of(seed))
+    write_run(root, "q8_0", 0, ["qat"], 0.5, 2000)
+    write_run(root, "q8_1", 1, ["qat"], 0.0, None)  # no artifact: reported, not a point
+    write_run(root, "broken", 0, ["qat"], 0.0, 0, status="failed")
+    return root
+
+
+def test_seeds_are_averaged_exactly_and_dense_points_counted_once(sweep: Path) -> None:
+    found, problems = observations(collect_results([str(sweep)]))
+    points = {p.label: p for p in aggregate_points(found)}
+    assert set(points) == {"dense", "prune (sparsity=0.5)", "prune (sparsity=0.9)", "qat"}
+    p50 = points["prune (sparsity=0.5)"]
+    assert (p50.n, p50.size, p50.size_std) == (3, 4000.0, 0.0)
+    assert p50.value == 0.375 and p50.value_std == 0.125
+    p90 = points["prune (sparsity=0.9)"]
+    assert (p90.size, p90.value) == (1250.0, 0.1875)
+    assert p90.size_std == pytest.approx(353.5533906)
+    # five runs carry a dense section, from three seeds: one dense model per seed
+    dense = points["dense"]
+    assert (dense.n, dense.size, dense.value) == (3, 8000.0, 0.625)
+    assert points["qat"].n == 1
+    assert len(problems) == 2
+    assert any("broken: failed (ConfigError: boom)" in line for line in problems)
+    assert any("q8_1: no compression.artifact_bytes" in line for line in problems)
+
+
+def test_group_by_keys_define_the_configurations(sweep: Path) -> None:
+    records = collect_results([str(sweep)])
+    found, _ = observations(records, group_by=["model.name"])
+    points = {p.label: p for p in aggregate_points(found)}
+    # one configuration per method: both sparsities of prune merge
+    assert set(points) == {"dense", "prune", "qat"}
+    assert points["prune"].n == 5
+    assert points["prune"].value == pytest.approx((0.25 + 0.375 + 0.5 + 0.125 + 0.25) / 5)
+
+
+def test_front_table_and_plot_files(sweep: Path, tmp_path: Path) -> None:
+    found, _ = observations(collect_results([str(sweep)]))
+    points = aggregate_points(found)
+    front = pareto_front([(p.size, p.value) for p in points])
+    labels = [points[i].label for i in front]
+    # p90 (1250 B, 0.1875) < qat (2000 B, 0.5) < dense (8000 B, 0.625); p50 is dominated by qat
+    assert labels == ["prune (sparsity=0.9)", "qat", "dense"]
+    table = front_markdown(points, front, "ndcg@10", "compression.artifact_bytes")
+    assert "| prune (sparsity=0.9) | 1,250 ± 354 | 0.1875 ± 0.0884 | 2 |" in table
+    assert "| dense | 8,000 ± 0 | 0.6250 ± 0.1250 | 3 |" in table
+    png, pdf = plot_pareto(points, front, "ndcg@10", "bytes", tmp_path / "out" / "pareto")
+    assert png.read_bytes().startswith(PNG_MAGIC) and png.stat().st_size > 10_000
+    assert pdf.read_bytes().startswith(PDF_MAGIC)
+
+
+def load_script(name: str) -> Any:
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cli_prints_front_and_lists_failed_runs(
+    sweep: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    main = load_script("plot_pareto").main
+    prefix = tmp_path / "fig"
+    assert main([str(sweep / "p*"), str(sweep / "q8_*"), str(sweep), "--out", str(prefix)]) == 0
+    out = capsys.readouterr().out
+    assert "| qat | 2,000 ± 0 | 0.5000 ± 0.0000 | 1 |" in out
+    assert "broken: failed" in out
+    assert (tmp_path / "fig.png").read_bytes().startswith(PNG_MAGIC)
+    assert (tmp_path / "fig.pdf").read_bytes().startswith(PDF_MAGIC)
+    assert main([str(tmp_path / "nothing_here")]) == 2
