@@ -75,32 +75,54 @@ def _quantisation(module: nn.Module) -> tuple[int, int, int]:
     return bits, num_scales, getattr(module, "rcz_scale_bytes", SCALE_BYTES)
 
 
+def _own_sizes(module: nn.Module) -> tuple[int, int, int]:
+    """(numel, non-zeros, compressed bytes) of ``module``'s own parameters: a quantised module's
+    weight with its bits and scales, every other parameter in float (16 bits when exact)."""
+    bits, num_scales, scale_bytes = _quantisation(module)
+    numel = nnz = compressed = 0
+    for param_name, param in module.named_parameters(recurse=False):
+        quantised = bits < 32 and param_name.endswith("weight")
+        count = int(torch.count_nonzero(param.detach()))
+        numel, nnz = numel + param.numel(), nnz + count
+        compressed += encoded_bytes(
+            param.numel(),
+            count,
+            bits if quantised else float_bits(param),
+            num_scales if quantised else 0,
+            scale_bytes,
+        )
+    return numel, nnz, compressed
+
+
+def _is_factorised(module: nn.Module) -> bool:
+    return hasattr(module, "factors") and hasattr(module, "rank")
+
+
 def layer_stats(model: nn.Module) -> list[LayerStats]:
     """Stats of every module that owns parameters, in ``named_modules`` order.
 
-    A low-rank module reports its factors (``rank`` set); quantised modules carry ``rcz_bits``
-    and ``rcz_num_scales`` (set by the QAT callback) and store only their weight quantised.
+    A factorised (low-rank) module is one layer (``rank`` set, group ``lowrank``): it sums its
+    factor modules, each counted with its own quantisation (QAT after SVD quantises the factors),
+    and the factors are not reported again; its ``bits`` are the widest of its factors'.
+    Quantised modules carry ``rcz_bits`` and ``rcz_num_scales`` (set by the QAT callback) and
+    store only their weight quantised.
     """
     stats = []
+    factorised: list[str] = []
     for name, module in model.named_modules():
-        own = list(module.named_parameters(recurse=False))
-        rank = getattr(module, "rank", None) if hasattr(module, "factors") else None
-        if not own and rank is None:
-            continue
-        params = [p for _, p in own] if rank is None else list(module.parameters())
-        bits, num_scales, scale_bytes = _quantisation(module)
-        numel = sum(p.numel() for p in params)
-        nnz = sum(int(torch.count_nonzero(p.detach())) for p in params)
-        compressed = 0
-        for param_name, param in own if rank is None else module.named_parameters():
-            quantised = bits < 32 and param_name.endswith("weight")
-            compressed += encoded_bytes(
-                param.numel(),
-                int(torch.count_nonzero(param.detach())),
-                bits if quantised else float_bits(param),
-                num_scales if quantised else 0,
-                scale_bytes,
-            )
+        if any(name.startswith(f"{f}.") or not f for f in factorised):
+            continue  # a factor: counted by its factorised layer
+        if _is_factorised(module):
+            factorised.append(name)
+            parts = [m for m in module.modules() if any(True for _ in m.parameters(False))]
+            rank: int | None = int(module.rank)
+            bits = max(_quantisation(m)[0] for m in parts) if parts else 32
+        else:
+            if not any(True for _ in module.parameters(recurse=False)):
+                continue
+            parts, rank, bits = [module], None, _quantisation(module)[0]
+        sizes = [_own_sizes(m) for m in parts]
+        numel = sum(s[0] for s in sizes)
         stats.append(
             LayerStats(
                 name=name or "(root)",
@@ -108,11 +130,11 @@ def layer_stats(model: nn.Module) -> list[LayerStats]:
                 or getattr(module, "rcz_group", None)  # integer modules after QAT convert
                 or ("lowrank" if rank is not None else "other"),
                 params=numel,
-                nnz=nnz,
+                nnz=sum(s[1] for s in sizes),
                 rank=rank,
                 bits=bits,
                 dense_bytes=4 * numel,
-                compressed_bytes=compressed,
+                compressed_bytes=sum(s[2] for s in sizes),
             )
         )
     return stats

@@ -4,6 +4,9 @@
 ``[out, in]``) becomes ``left @ right`` with ``left = U_r sqrt(S_r)`` and ``right = sqrt(S_r) V_rᵀ``
 (the balanced split of the best rank-r approximation), held by :class:`LowRankEmbedding` /
 :class:`LowRankLinear`. An embedding gathers rows of ``left`` only, so its cost follows the batch.
+The factors are standard child modules (``left``: ``nn.Embedding`` / ``nn.Linear``, ``right``:
+``nn.Linear``), so the methods that act on module types act on them: QAT after SVD quantises the
+factors (:func:`select_layer_targets` gives each factor its layer's group and name).
 
 ``joint_dot_product``: for a model scoring ``<p_u, q_i>`` (MF) or ``hᵀ(p_u ⊙ q_i)`` (GMF), the
 score matrix ``P Qᵀ`` is what matters, not each table. :func:`jointly_reduce_dot_product` finds its
@@ -19,6 +22,10 @@ Checkpoints: factorised modules change the parameter names and shapes. The callb
 before it loads the checkpoint's weights, so the hook rebuilds the architecture the checkpoint
 holds (:func:`match_state_dict`) just before ``fit(ckpt_path=...)`` / ``validate(ckpt_path=...)``
 load them. Without a Trainer use :func:`convert_to_lowrank` or :func:`match_state_dict`.
+
+Composition: pruning / L1 must not target a module SVD replaces (its dense factors would drop
+their zeros); :meth:`SVDLowRank.setup` checks it on the model
+(:func:`check_disjoint_from_sparsity`).
 """
 
 from __future__ import annotations
@@ -31,10 +38,15 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from recsys_compress.compression.targets import TargetSpec, replace_module, select_targets
+from recsys_compress.compression.targets import (
+    Target,
+    TargetSpec,
+    module_group,
+    replace_module,
+    select_targets,
+)
 from recsys_compress.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -182,8 +194,23 @@ def _own_params(module: nn.Module) -> int:
 
 
 def _factory(module: nn.Module) -> dict[str, Any]:
-    param = next(module.parameters())
-    return {"device": param.device, "dtype": param.dtype}
+    """``device`` and float ``dtype`` of ``module``'s parameters (float32 if only integer ones,
+    e.g. a factorised layer whose factors QAT converted)."""
+    params = list(module.parameters())
+    floats = [p for p in params if p.is_floating_point()]
+    return {
+        "device": params[0].device,
+        "dtype": floats[0].dtype if floats else torch.float32,
+    }
+
+
+def factor_matrix(module: nn.Module) -> torch.Tensor:
+    """The ``[rows, width]`` matrix of a factor: its float ``weight`` (also of a fake-quant
+    module), or the dequantised integers of a converted (QAT) module."""
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor):
+        return weight
+    return module.dequantize()  # type: ignore[operator]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -192,18 +219,27 @@ def _factory(module: nn.Module) -> dict[str, Any]:
 
 
 class _Factorised(nn.Module):
-    """Shared by the factorised modules: ``weight ~ left @ right``, the rank, the SVD init."""
+    """Shared by the factorised modules: ``weight ~ L @ R``, the rank, the SVD init.
 
-    left: nn.Parameter
-    right: nn.Parameter
+    The factors are ordinary child modules (``left``, ``right``: ``nn.Embedding`` /
+    ``nn.Linear``), so a method that acts on module types (QAT, pruning) acts on them as on any
+    layer; ``group`` is the kind of layer they replace (a factor is compressed with its group's
+    settings, see :func:`select_layer_targets`).
+    """
+
+    left: nn.Module
+    right: nn.Module
     rank: int
+    group: str
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.left, self.right
+        """``(L [rows, r], R [r, cols])`` with ``L @ R`` the replaced weight."""
+        raise NotImplementedError
 
     def dense_weight(self) -> torch.Tensor:
         """The matrix the factors represent (the replaced module's ``weight``)."""
-        return self.left @ self.right
+        left, right = self.factors()
+        return left @ right
 
     @torch.no_grad()
     def _set_from_svd(
@@ -211,17 +247,23 @@ class _Factorised(nn.Module):
     ) -> float:
         """Fill the factors from the truncated SVD of ``weight``; returns the relative error."""
         left, right, error = balanced_factors(weight, self.rank, randomized, oversample, niter)
-        self.left.copy_(left)
-        self.right.copy_(right)
+        self._set_factors(left, right)
         return error
+
+    def _set_factors(self, left: torch.Tensor, right: torch.Tensor) -> None:
+        raise NotImplementedError
 
 
 class LowRankEmbedding(_Factorised):
-    """A table ``left @ right`` (``[n, r] @ [r, d]``): ``forward(ids) = left[ids] @ right``.
+    """A table ``L @ R`` (``[n, r] @ [r, d]``): ``forward(ids) = right(left(ids)) = L[ids] @ R``.
 
-    Only the rows of ``left`` that the batch uses are gathered. Options of ``nn.Embedding``
-    (``padding_idx``, ``max_norm``, ``sparse``) are not carried over.
+    ``left``: ``nn.Embedding(n, r)`` holding ``L``; ``right``: ``nn.Linear(r, d, bias=False)``
+    holding ``Rᵀ`` (``nn.Linear`` stores ``[out, in]``). Only the rows of ``L`` that the batch
+    uses are gathered. Options of ``nn.Embedding`` (``padding_idx``, ``max_norm``, ``sparse``)
+    are not carried over.
     """
+
+    group = "embedding"
 
     def __init__(
         self,
@@ -234,17 +276,24 @@ class LowRankEmbedding(_Factorised):
         super().__init__()
         kw = {"device": device, "dtype": dtype}
         self.num_embeddings, self.embedding_dim, self.rank = num_embeddings, embedding_dim, rank
-        self.left = nn.Parameter(torch.empty(num_embeddings, rank, **kw))
-        self.right = nn.Parameter(torch.empty(rank, embedding_dim, **kw))
+        self.left = nn.Embedding(num_embeddings, rank, **kw)
+        self.right = nn.Linear(rank, embedding_dim, bias=False, **kw)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """Placeholders (N(0, 0.1)); :meth:`from_module` or a state dict sets the real values."""
-        nn.init.normal_(self.left, std=0.1)
-        nn.init.normal_(self.right, std=0.1)
+        nn.init.normal_(self.left.weight, std=0.1)
+        nn.init.normal_(self.right.weight, std=0.1)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids, self.left) @ self.right
+        return self.right(self.left(ids))
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return factor_matrix(self.left), factor_matrix(self.right).T
+
+    def _set_factors(self, left: torch.Tensor, right: torch.Tensor) -> None:
+        self.left.weight.copy_(left)
+        self.right.weight.copy_(right.T)
 
     @classmethod
     @torch.no_grad()
@@ -267,7 +316,11 @@ class LowRankEmbedding(_Factorised):
 
 
 class LowRankLinear(_Factorised):
-    """``nn.Linear`` with ``weight = left @ right`` (``[out, r] @ [r, in]``), run as two matmuls."""
+    """``nn.Linear`` with ``weight = L @ R`` (``[out, r] @ [r, in]``), run as two Linears:
+    ``forward(x) = left(right(x))``, ``right = nn.Linear(in, r, bias=False)`` holding ``R``,
+    ``left = nn.Linear(r, out)`` holding ``L`` and the bias."""
+
+    group = "linear"
 
     def __init__(
         self,
@@ -281,20 +334,31 @@ class LowRankLinear(_Factorised):
         super().__init__()
         kw = {"device": device, "dtype": dtype}
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
-        self.left = nn.Parameter(torch.empty(out_features, rank, **kw))
-        self.right = nn.Parameter(torch.empty(rank, in_features, **kw))
-        self.bias = nn.Parameter(torch.empty(out_features, **kw)) if bias else None
+        self.right = nn.Linear(in_features, rank, bias=False, **kw)
+        self.left = nn.Linear(rank, out_features, bias=bias, **kw)
         self.reset_parameters()
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The layer's bias (held by ``left``)."""
+        return self.left.bias  # type: ignore[return-value]
 
     def reset_parameters(self) -> None:
         """Placeholder values; :meth:`from_module` or a state dict sets the real ones."""
-        nn.init.normal_(self.left, std=1.0 / math.sqrt(self.rank))
-        nn.init.normal_(self.right, std=1.0 / math.sqrt(self.in_features))
-        if self.bias is not None:
-            nn.init.zeros_(self.bias)
+        nn.init.normal_(self.left.weight, std=1.0 / math.sqrt(self.rank))
+        nn.init.normal_(self.right.weight, std=1.0 / math.sqrt(self.in_features))
+        if self.left.bias is not None:
+            nn.init.zeros_(self.left.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.linear(x, self.right), self.left, self.bias)
+        return self.left(self.right(x))
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return factor_matrix(self.left), factor_matrix(self.right)
+
+    def _set_factors(self, left: torch.Tensor, right: torch.Tensor) -> None:
+        self.left.weight.copy_(left)
+        self.right.weight.copy_(right)
 
     @classmethod
     @torch.no_grad()
@@ -311,7 +375,7 @@ class LowRankLinear(_Factorised):
         new = cls(module.in_features, module.out_features, rank, has_bias, **_factory(module))
         error = new._set_from_svd(module.weight, randomized, oversample, niter)
         if has_bias:
-            new.bias.copy_(module.bias)
+            new.left.bias.copy_(module.bias)
         return new, _info(rank, error, module, new)
 
     def extra_repr(self) -> str:
@@ -382,11 +446,107 @@ def lowrank_ranks(model: nn.Module) -> dict[str, int]:
     return {n: m.rank for n, m in model.named_modules() if isinstance(m, LOW_RANK_TYPES)}
 
 
+def _matches(names: list[str], patterns: list[str]) -> bool:
+    return any(fnmatch.fnmatchcase(n, p) for n in names for p in patterns)
+
+
+def select_layer_targets(model: nn.Module, spec: TargetSpec, key: str) -> list[Target]:
+    """:func:`~recsys_compress.compression.targets.select_targets`, reading each factor of a
+    factorised layer as part of that layer: the factor (``<layer>.left`` / ``<layer>.right``) is
+    selected when the layer's group (``embedding`` for :class:`LowRankEmbedding`, whose ``right``
+    is a Linear) is in ``spec.groups``, the layer's name or its own matches ``include`` and
+    neither matches ``exclude``; its target group is the layer's. So ``include: [user_embedding]``
+    picks both factors of the factorised table, with the embedding settings.
+    """
+    spec.validate(key)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, LOW_RANK_TYPES)}
+    found, candidates = [], []
+    for name, module in model.named_modules():
+        group = module_group(module)
+        if group is None:
+            continue
+        names = [name]
+        layer_name = name.rpartition(".")[0]
+        if layer_name in layers and name != layer_name:
+            group = layers[layer_name].group
+            names.append(layer_name)
+        candidates.append(f"{name} ({group})")
+        if (
+            group in spec.groups
+            and _matches(names, list(spec.include))
+            and not _matches(names, list(spec.exclude))
+        ):
+            found.append(Target(name, module, group))
+    if not found:
+        raise ConfigError(
+            f"{key} (groups={list(spec.groups)}, include={list(spec.include)}, "
+            f"exclude={list(spec.exclude)}) matches no module. Modules that could match: "
+            f"{', '.join(candidates) or 'none'}."
+        )
+    return found
+
+
+def factorised_layer(root: nn.Module, name: str) -> _Factorised | None:
+    """The factorised layer whose factor is module ``name`` (its ``left`` / ``right``), else
+    None."""
+    layer_name, _, child = name.rpartition(".")
+    if child not in ("left", "right"):
+        return None
+    layer = root.get_submodule(layer_name) if layer_name else root
+    return layer if isinstance(layer, LOW_RANK_TYPES) else None
+
+
+def _inside_factorised(root: nn.Module, name: str) -> bool:
+    """Whether module ``name`` lies inside a factorised layer (an ancestor of it is one)."""
+    parts = name.split(".")
+    return any(
+        isinstance(root.get_submodule(".".join(parts[:i])) if i else root, LOW_RANK_TYPES)
+        for i in range(len(parts))
+    )
+
+
+def _layer_targets(root: nn.Module, spec: TargetSpec) -> list[Target]:
+    """The targets of ``spec`` that SVD may factorise: factors of layers factorised before are
+    never factorised again."""
+    key = f"{KEY}.targets"
+    targets = select_targets(root, spec, key)
+    plain = [t for t in targets if not _inside_factorised(root, t.name)]
+    if not plain:
+        raise ConfigError(
+            f"{key} selects only factors of layers that are factorised already "
+            f"({', '.join(t.name for t in targets)}); nothing left to factorise."
+        )
+    return plain
+
+
 def _columns(module: nn.Module) -> int:
     """The dimension a factorisation or a joint reduction may change (table dim / in_features)."""
     if isinstance(module, nn.Embedding | LowRankEmbedding):
         return module.embedding_dim
     return module.in_features
+
+
+def _saved_shape(state_dict: dict[str, Any], key: str) -> tuple[int, ...] | None:
+    """Shape of the matrix saved under ``key``: its ``weight``, or the ``qweight`` of a module
+    that QAT converted to integers."""
+    for name in ("weight", "qweight"):
+        tensor = state_dict.get(f"{key}{name}")
+        if tensor is not None:
+            return tuple(tensor.shape)
+    return None
+
+
+def _upgrade_legacy_factors(state_dict: dict[str, Any], key: str, is_embedding: bool) -> None:
+    """Rename, in place, the factors of a layer saved when they were raw Parameters (``left``,
+    ``right``, and the Linear's ``bias``) to the keys of the factor modules (``left.weight``,
+    ``right.weight`` (transposed for an embedding), ``left.bias``)."""
+    if f"{key}left" not in state_dict or f"{key}right" not in state_dict:
+        return
+    left, right = state_dict.pop(f"{key}left"), state_dict.pop(f"{key}right")
+    state_dict[f"{key}left.weight"] = left
+    state_dict[f"{key}right.weight"] = right.T.contiguous() if is_embedding else right
+    if not is_embedding and f"{key}bias" in state_dict:
+        state_dict[f"{key}left.bias"] = state_dict.pop(f"{key}bias")
 
 
 def _rebuilt_like(module: nn.Module, state_dict: dict[str, Any], key: str) -> nn.Module | None:
@@ -397,16 +557,18 @@ def _rebuilt_like(module: nn.Module, state_dict: dict[str, Any], key: str) -> nn
         return None
     rows = module.num_embeddings if is_embedding else module.out_features
     kw = _factory(module)
-    has_bias = f"{key}bias" in state_dict
     factorised = isinstance(module, LOW_RANK_TYPES)
-    if f"{key}left" in state_dict and f"{key}right" in state_dict:
-        left, right = state_dict[f"{key}left"], state_dict[f"{key}right"]
-        n, r, d = left.shape[0], left.shape[1], right.shape[1]
+    _upgrade_legacy_factors(state_dict, key, is_embedding)
+    left, right = _saved_shape(state_dict, f"{key}left."), _saved_shape(state_dict, f"{key}right.")
+    if left is not None and right is not None:
+        # embedding: left [n, r], right [d, r]; linear: left [out, r], right [r, in]
+        n, r = left
+        d = right[0] if is_embedding else right[1]
         if n != rows or (factorised and module.rank == r and _columns(module) == d):
             return None
         if is_embedding:
             return LowRankEmbedding(n, d, r, **kw)
-        return LowRankLinear(d, n, r, has_bias, **kw)
+        return LowRankLinear(d, n, r, f"{key}left.bias" in state_dict, **kw)
     if f"{key}weight" in state_dict:
         n, d = state_dict[f"{key}weight"].shape
         if n != rows or (not factorised and _columns(module) == d):
@@ -418,6 +580,7 @@ def _rebuilt_like(module: nn.Module, state_dict: dict[str, Any], key: str) -> nn
                 key.rstrip("."),
                 KEY,
             )
+        has_bias = f"{key}bias" in state_dict
         return nn.Embedding(n, d, **kw) if is_embedding else nn.Linear(d, n, has_bias, **kw)
     return None
 
@@ -430,12 +593,16 @@ def match_state_dict(
 ) -> list[str]:
     """Rebuild modules of ``root`` so their parameters have the names and shapes of ``state_dict``.
 
-    A module whose entry has ``left`` / ``right`` becomes an (empty) factorised module of that
-    rank; one whose entry has a ``weight`` becomes a plain Embedding / Linear of that shape (a
-    jointly reduced table, or a checkpoint saved before the factorisation). Only the second
-    dimension may change: a different number of rows (outputs) is left for ``load_state_dict`` to
-    report. ``names``: the modules to consider (default: every Embedding / Linear, factorised or
-    not). Returns the names of the rebuilt modules.
+    A module whose entry has factors (``left.weight`` / ``right.weight``, or ``qweight`` for
+    factors that QAT converted) becomes an (empty) factorised module of the saved rank; one whose
+    entry has a ``weight`` becomes a plain Embedding / Linear of that shape (a jointly reduced
+    table, or a checkpoint saved before the factorisation). Only the second dimension may change:
+    a different number of rows (outputs) is left for ``load_state_dict`` to report. Factors saved
+    as raw ``left`` / ``right`` Parameters (before the factors were modules) are renamed in
+    ``state_dict``. Quantised factors stay plain here: QAT's load hook (or
+    ``export.load_compressed_state``) makes them integer modules. ``names``: the modules to
+    consider (default: every Embedding / Linear, factorised or not); the factors inside a
+    factorised module are left to it. Returns the names of the rebuilt modules.
     """
     if names is None:
         kinds = (nn.Embedding, nn.Linear, *LOW_RANK_TYPES)
@@ -445,6 +612,8 @@ def match_state_dict(
         try:
             module = root.get_submodule(name)
         except AttributeError:
+            continue
+        if _inside_factorised(root, name):
             continue
         new = _rebuilt_like(module, state_dict, f"{prefix}{name}.")
         if new is not None:
@@ -760,7 +929,7 @@ def apply_svd(module: nn.Module, cfg: SVDConfig) -> list[dict[str, Any]]:
     if cfg.method == "joint_dot_product":
         return _joint_apply(module, cfg)
     report = []
-    for target in select_targets(module, cfg.targets, f"{KEY}.targets"):
+    for target in _layer_targets(module, cfg.targets):
         weight = _matrix(target.module)
         n, d = weight.shape
         before = _own_params(target.module)
@@ -821,6 +990,52 @@ def _rebuild_optimizers(trainer: L.Trainer) -> None:
         config.scheduler.load_state_dict(state)
 
 
+def replaced_by_svd(root: nn.Module, cfg: SVDConfig) -> list[str]:
+    """The modules :func:`apply_svd` would replace in ``root`` (per layer: the targets some rank
+    shrinks; joint: the two tables and the GMF head)."""
+    if cfg.method == "joint_dot_product":
+        return [n for n in find_dot_product(root, cfg.targets) if n is not None]
+    return [
+        t.name
+        for t in _layer_targets(root, cfg.targets)
+        if sum(t.weight.shape) < t.weight.shape[0] * t.weight.shape[1]
+    ]
+
+
+def check_disjoint_from_sparsity(trainer: L.Trainer, root: nn.Module, cfg: SVDConfig) -> None:
+    """ConfigError when a pruning or L1 callback of ``trainer`` targets a module that SVD will
+    replace: the dense factors would silently drop the zeros those methods keep in its weight.
+    Disjoint targets compose (e.g. prune the embeddings, factorise the MLP)."""
+    from recsys_compress.compression.pruning import KEY as PRUNE_KEY
+    from recsys_compress.compression.pruning import MagnitudePruning
+    from recsys_compress.compression.sparsity import KEY as L1_KEY
+    from recsys_compress.compression.sparsity import L1Proximal
+
+    sparsifiers = [
+        (PRUNE_KEY if isinstance(cb, MagnitudePruning) else L1_KEY, cb.cfg.targets)
+        for cb in trainer.callbacks
+        if isinstance(cb, MagnitudePruning | L1Proximal)
+    ]
+    if not sparsifiers:
+        return
+    replaced = replaced_by_svd(root, cfg)
+    for key, spec in sparsifiers:
+        theirs = [t.name for t in select_targets(root, spec, f"{key}.targets")]
+        both = [
+            n
+            for n in theirs
+            if any(n == r or n.startswith(f"{r}.") or r.startswith(f"{n}.") for r in replaced)
+        ]
+        if both:
+            raise ConfigError(
+                f"{key}.targets and {KEY}.targets overlap on {', '.join(both)}: SVD would "
+                "replace their sparse weights by dense factors and silently undo the sparsity. "
+                f"Make the targets disjoint, e.g. {key}.targets.groups=[embedding] "
+                f"{KEY}.targets.groups=[linear], or exclude these modules from one of them "
+                f"({key}.targets.exclude / {KEY}.targets.exclude)."
+            )
+
+
 class SVDLowRank(L.Callback):
     """Replaces the targets of ``cfg`` by their truncated SVD at the start of epoch ``at_epoch``,
     then training continues on the factors (the optimizer is rebuilt over them).
@@ -847,9 +1062,7 @@ class SVDLowRank(L.Callback):
             if self.cfg.method == "joint_dot_product":
                 found = [n for n in find_dot_product(pl_module, self.cfg.targets) if n is not None]
             else:
-                found = [
-                    t.name for t in select_targets(pl_module, self.cfg.targets, KEY + ".targets")
-                ]
+                found = [t.name for t in _layer_targets(pl_module, self.cfg.targets)]
         except ConfigError:
             if not factorised:
                 raise
@@ -857,6 +1070,8 @@ class SVDLowRank(L.Callback):
         return list(dict.fromkeys([*found, *factorised]))
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit" and not self.applied:
+            check_disjoint_from_sparsity(trainer, pl_module, self.cfg)
         # Lightning calls setup() before it loads a checkpoint's weights (fit / validate / test
         # with ckpt_path), so the pre-hook is in place to rebuild the factorised architecture.
         if self._hooked is not pl_module:
@@ -941,7 +1156,10 @@ __all__ = [
     "SVDLowRank",
     "apply_svd",
     "balanced_factors",
+    "check_disjoint_from_sparsity",
     "convert_to_lowrank",
+    "factor_matrix",
+    "factorised_layer",
     "factorize_module",
     "find_dot_product",
     "joint_factors",
@@ -950,6 +1168,8 @@ __all__ = [
     "match_state_dict",
     "rank_for_energy",
     "rank_for_param_ratio",
+    "replaced_by_svd",
     "rotate_to_spectral_basis",
+    "select_layer_targets",
     "truncated_svd",
 ]

@@ -41,12 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recsys_compress.compression.targets import (
-    TargetSpec,
-    module_group,
-    replace_module,
-    select_targets,
-)
+from recsys_compress.compression.lowrank import factorised_layer, select_layer_targets
+from recsys_compress.compression.targets import TargetSpec, module_group, replace_module
 from recsys_compress.errors import ConfigError
 
 
@@ -103,6 +99,7 @@ class QATConfig:
     start_epoch: int = 0
     freeze_epoch: int | None = None
     convert_at_end: bool = True
+    post_training: bool = False
 
     def __post_init__(self) -> None:
         self.targets.validate(f"{KEY}.targets")
@@ -206,6 +203,18 @@ class QuantScheme:
 def scheme_for(cfg: QATConfig, group: str) -> QuantScheme:
     group_size = cfg.group_size if cfg.granularity == "per_group" else None
     return QuantScheme(cfg.bits_for(group), group_size, cfg.symmetric, cfg.scale_dtype)
+
+
+def factor_scheme(scheme: QuantScheme, width: int) -> QuantScheme | None:
+    """The scheme for an SVD factor whose rows hold ``width`` values (often the rank): None when
+    ``width`` is 1 (a rank-1 factor: one scale per value saves nothing, it stays float), per
+    channel when ``group_size`` does not divide ``width``. The rank is chosen per layer (e.g. by
+    ``compression.svd.param_ratio``), so this adapts instead of refusing mid-training."""
+    if width < 2:
+        return None
+    if scheme.group_size is not None and width % scheme.group_size:
+        return QuantScheme(scheme.bits, None, scheme.symmetric, scheme.scale_dtype)
+    return scheme
 
 
 # Smallest scale: torchao's default eps, 2^-23 (exact in float16, as a subnormal).
@@ -660,13 +669,27 @@ class _Planned:
 
 def plan(model: nn.Module, cfg: QATConfig) -> list[_Planned]:
     """The targets of ``cfg`` in ``model`` with their schemes; ConfigError on widths that the
-    granularity cannot split."""
-    targets = select_targets(model, cfg.targets, f"{KEY}.targets")
+    granularity cannot split.
+
+    The factors of a layer that SVD factorised are targets when the layer is (with its group's
+    settings, :func:`~recsys_compress.compression.lowrank.select_layer_targets`); their widths
+    follow the rank, so they adapt (:func:`factor_scheme`): a rank-1 factor stays float, a rank
+    that ``group_size`` does not divide gets per-channel scales; both are logged.
+    """
+    targets = select_layer_targets(model, cfg.targets, f"{KEY}.targets")
     planned, too_narrow = [], []
     bad_groups: dict[str, int] = {}
+    adapted: dict[str, str] = {}
     for t in targets:
         width = t.module.weight.shape[1]
         scheme = scheme_for(cfg, t.group)
+        if factorised_layer(model, t.name) is not None:
+            fitted = factor_scheme(scheme, width)
+            if fitted != scheme:
+                adapted[t.name] = "kept float" if fitted is None else "per_channel"
+            if fitted is not None:
+                planned.append(_Planned(t.name, t.group, fitted))
+            continue
         if width < 2:
             too_narrow.append(t.name)
         elif scheme.group_size is not None and width % scheme.group_size:
@@ -684,6 +707,18 @@ def plan(model: nn.Module, cfg: QATConfig) -> list[_Planned]:
             f"{KEY}.group_size={cfg.group_size} does not divide the row width of {listed}: use "
             f"a group_size dividing every width (e.g. {math.gcd(*widths)}), "
             f"{KEY}.granularity=per_channel, or exclude these modules in {KEY}.targets.exclude."
+        )
+    if adapted:
+        log.warning(
+            "%s: SVD factors with rows of width 1 (rank 1) stay float, and those whose width "
+            "%s.group_size=%d does not divide are quantised per channel: %s. Choose "
+            "compression.svd.rank (or embedding_rank / linear_rank) >= 2 and a multiple of "
+            "%s.group_size to avoid this.",
+            KEY,
+            KEY,
+            cfg.group_size,
+            ", ".join(f"{name} ({how})" for name, how in adapted.items()),
+            KEY,
         )
     return planned
 
@@ -731,8 +766,9 @@ class QuantizationAwareTraining(L.Callback):
     """Fake-quantises the targets of ``cfg`` from ``start_epoch``, freezes their scales after
     ``freeze_epoch``, and converts them to integer modules at the end of ``fit``.
 
-    Targets are selected when QAT starts, so a method that replaced modules earlier (e.g. SVD
-    factors) is respected. Checkpoint state: ``{"started", "frozen", "converted", "config"}``;
+    Targets are selected when QAT starts, so a method that replaced modules earlier is
+    respected: the factors of a layer SVD factorised are quantised when the layer is targeted.
+    Checkpoint state: ``{"started", "frozen", "converted", "config"}``;
     the module types are rebuilt from the checkpoint's keys by a ``load_state_dict`` pre-hook
     installed in :meth:`setup` (Lightning calls ``setup`` before it loads a checkpoint).
     """
@@ -813,7 +849,8 @@ class QuantizationAwareTraining(L.Callback):
         for p in plan(root, self.cfg):
             current = root.get_submodule(p.name)
             if not isinstance(current, FAKE_QUANT):
-                replace_module(root, p.name, self._fake(current, p.group))
+                activation_bits = self.cfg.activation_bits if p.group == "linear" else None
+                replace_module(root, p.name, to_fake_quant(current, p.scheme, activation_bits))
         self.started = True
 
     def freeze(self, root: nn.Module) -> None:
@@ -832,9 +869,12 @@ class QuantizationAwareTraining(L.Callback):
         self.converted = True
 
     # -- internals -------------------------------------------------------------------------
-    def _fake(self, module: nn.Module, group: str) -> nn.Module:
+    def _fake(self, module: nn.Module, group: str, factor: bool = False) -> nn.Module:
         activation_bits = self.cfg.activation_bits if group == "linear" else None
-        return to_fake_quant(module, scheme_for(self.cfg, group), activation_bits)
+        scheme = scheme_for(self.cfg, group)
+        if factor:
+            scheme = factor_scheme(scheme, module.weight.shape[1]) or scheme
+        return to_fake_quant(module, scheme, activation_bits)
 
     def _sync_modules(self, root: nn.Module) -> None:
         """Make flags and module types agree after a checkpoint loaded.
@@ -865,12 +905,15 @@ class QuantizationAwareTraining(L.Callback):
             group = module_group(current)
             if group is None or isinstance(current, FAKE_QUANT):
                 continue
+            layer = factorised_layer(module, name)  # an SVD factor: its layer's settings
+            group = layer.group if layer is not None else group
             key = f"{prefix}{name}."
             if key + "qweight" in state_dict:
-                replace_module(module, name, convert_module(self._fake(current, group)))
+                fake = self._fake(current, group, factor=layer is not None)
+                replace_module(module, name, convert_module(fake))
                 self.started = self.converted = True
             elif key + "frozen" in state_dict:
-                replace_module(module, name, self._fake(current, group))
+                replace_module(module, name, self._fake(current, group, factor=layer is not None))
                 self.started = True
         if self.converted and self.cfg.float_dtype == "float16":
             # e.g. validate/test(ckpt_path="best") after convert: the float32 biases of the

@@ -85,10 +85,22 @@ def test_full_rank_reproduces_dense_embedding_and_linear():
     assert torch.allclose(low_lin(x), lin(x), atol=1e-5)
     assert torch.allclose(low_lin.dense_weight(), lin.weight, atol=1e-5)
     assert (info["params_before"], info["params_after"]) == (12 * 7 + 7, 7 * 19 + 7)
-    # Own parameters only (counted once by the accounting), and the factors() protocol.
-    assert [n for n, _ in low_lin.named_parameters(recurse=False)] == ["left", "right", "bias"]
+    # The factors are standard modules (so QAT / pruning act on them), and the factors()
+    # protocol keeps the math orientation: weight = left @ right.
+    assert [n for n, _ in low_lin.named_parameters()] == [
+        "right.weight",
+        "left.weight",
+        "left.bias",
+    ]
+    assert type(low_lin.left) is nn.Linear and type(low_lin.right) is nn.Linear
+    assert low_lin.bias is low_lin.left.bias
     left, right = low_lin.factors()
     assert left.shape == (7, 7) and right.shape == (7, 12)
+    assert type(low.left) is nn.Embedding and low.left.weight.shape == (30, 8)
+    assert type(low.right) is nn.Linear and low.right.weight.shape == (8, 8)
+    left, right = low.factors()
+    assert torch.allclose(left @ right, emb.weight, atol=1e-5)
+    assert torch.equal(low.dense_weight(), left @ right)
 
 
 @pytest.mark.parametrize("rank", [1, 5, 12])
@@ -454,7 +466,7 @@ def test_checkpoint_of_a_factorised_model_resumes(tmp_path, caplog):
     fit(module, dm, [svd, checkpoints], tmp_path, max_epochs=2)
     last = tmp_path / "ckpt" / "last.ckpt"
     state = torch.load(last, map_location="cpu", weights_only=True)
-    assert state["state_dict"]["model.user_embedding.left"].shape == (dm.num_users, 3)
+    assert state["state_dict"]["model.user_embedding.left.weight"].shape == (dm.num_users, 3)
     (callback_state,) = [v for k, v in state["callbacks"].items() if "SVDLowRank" in k]
     assert callback_state["applied"] is True
     assert callback_state["ranks"] == {"model.user_embedding": 3, "model.item_embedding": 3}
@@ -465,11 +477,10 @@ def test_checkpoint_of_a_factorised_model_resumes(tmp_path, caplog):
     trainer = fit(resumed, dm, [svd2, probe], tmp_path, max_epochs=3, ckpt_path=last)
     assert trainer.current_epoch == 3 and svd2.applied and svd2.ranks == callback_state["ranks"]
     assert isinstance(resumed.model.user_embedding, LowRankEmbedding)
-    assert torch.equal(
-        probe.factors["model.user_embedding.left"], state["state_dict"]["model.user_embedding.left"]
-    )
-    left = resumed.model.user_embedding.left.detach()
-    assert not torch.equal(left, state["state_dict"]["model.user_embedding.left"])  # it trained
+    saved_left = state["state_dict"]["model.user_embedding.left.weight"]
+    assert torch.equal(probe.factors["model.user_embedding.left.weight"], saved_left)
+    left = resumed.model.user_embedding.left.weight.detach()
+    assert not torch.equal(left, saved_left)  # it trained
     assert svd2.report == callback_state["report"]  # not re-applied
 
     # Validating the dense epoch-0 checkpoint restores the dense tables (with a warning).
@@ -492,3 +503,93 @@ def test_checkpoint_of_a_factorised_model_resumes(tmp_path, caplog):
     svd3 = SVDLowRank(SVDConfig(at_epoch=1, param_ratio=None, rank=3))
     fit(again, dm, [svd3], tmp_path, max_epochs=2, ckpt_path=dense_ckpt)
     assert svd3.applied and again.model.user_embedding.rank == 3
+
+
+# ------------------------------------------------------------------------------------------------
+# Composition with QAT: the factors are targets of their layer
+# ------------------------------------------------------------------------------------------------
+
+
+def test_qat_targets_the_factors_with_their_layers_group_and_names():
+    from recsys_compress.compression.qat import QATConfig, plan
+
+    model = randomise(NeuMF(20, 25, 8, 8, [16, 8]))
+    apply_svd(model, svd_cfg(rank=4, targets=TargetSpec(groups=["embedding"])))
+    planned = {p.name: (p.group, p.scheme.bits) for p in plan(model, QATConfig(linear_bits=4))}
+    # an embedding's right factor is a Linear, but quantised with the embedding settings
+    assert planned["mlp.user_embedding.left"] == ("embedding", 8)
+    assert planned["mlp.user_embedding.right"] == ("embedding", 8)
+    assert planned["mlp.tower.0"] == ("linear", 4)
+    linear_only = QATConfig(targets=TargetSpec(groups=["linear"]))
+    assert not any("embedding" in p.name for p in plan(model, linear_only))
+    # the layer's own name selects both factors; a factor's name excludes it
+    by_layer = QATConfig(targets=TargetSpec(include=["gmf_user_embedding"]))
+    assert [p.name for p in plan(model, by_layer)] == [
+        "gmf_user_embedding.left",
+        "gmf_user_embedding.right",
+    ]
+    no_right = QATConfig(targets=TargetSpec(include=["*embedding*"], exclude=["*.right"]))
+    assert all(p.name.endswith(".left") for p in plan(model, no_right))
+
+
+def test_factor_widths_adapt_the_qat_scheme(caplog):
+    from recsys_compress.compression.qat import QATConfig, plan
+
+    model = randomise(MF(13, 17, 8))
+    apply_svd(model, svd_cfg(rank=1, targets=TargetSpec(include=["user_embedding"])))
+    apply_svd(model, svd_cfg(rank=6, targets=TargetSpec(include=["item_embedding"])))
+    with caplog.at_level("WARNING"):
+        planned = {
+            p.name: p.scheme for p in plan(model, QATConfig(granularity="per_group", group_size=4))
+        }
+    # rank 1: rows of one value stay float; rank 6: group_size 4 does not divide it -> per channel
+    assert set(planned) == {"item_embedding.left", "item_embedding.right"}
+    assert all(s.group_size is None for s in planned.values())
+    assert "user_embedding.left (kept float)" in caplog.text
+    assert "item_embedding.right (per_channel)" in caplog.text
+    assert "compression.qat.group_size" in caplog.text and "compression.svd.rank" in caplog.text
+    exact = randomise(MF(13, 17, 8))
+    apply_svd(exact, svd_cfg(rank=8))
+    schemes = [p.scheme for p in plan(exact, QATConfig(granularity="per_group", group_size=4))]
+    assert len(schemes) == 4 and all(s.group_size == 4 for s in schemes)
+
+
+def test_factors_saved_as_raw_parameters_still_load():
+    """State dicts written when the factors were Parameters ``left`` / ``right`` (and ``bias``)."""
+    source = randomise(NeuMF(20, 25, 8, 8, [16, 8]))
+    apply_svd(source, svd_cfg(rank=4))
+    legacy = {}
+    for key, value in source.state_dict().items():
+        layer, _, rest = key.rpartition(".")
+        layer, _, factor = layer.rpartition(".")
+        module = source.get_submodule(layer) if factor in ("left", "right") else None
+        if isinstance(module, LowRankEmbedding):
+            legacy[f"{layer}.{factor}"] = value.T if factor == "right" else value
+        elif isinstance(module, LowRankLinear):
+            legacy[f"{layer}.{'bias' if rest == 'bias' else factor}"] = value
+        else:
+            legacy[key] = value
+    assert "mlp.tower.0.bias" in legacy and "mlp.user_embedding.right" in legacy
+    fresh = NeuMF(20, 25, 8, 8, [16, 8])
+    match_state_dict(fresh, legacy)
+    fresh.load_state_dict(legacy)
+    pairs = torch.arange(20), torch.arange(20)
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(*pairs), source(*pairs))
+
+
+def test_factors_of_a_table_get_the_embedding_weight_decay() -> None:
+    from recsys_compress.config import EvalConfig, LossConfig, OptimConfig
+
+    model = MF(30, 20, dim=8)
+    optim = OptimConfig(embedding_weight_decay=1e-3, weight_decay=0.0)
+    module = RecommenderModule(model, LossConfig(), optim, EvalConfig())
+    apply_svd(model, SVDConfig(rank=4, param_ratio=None))
+    decay = {
+        id(p): group["weight_decay"]
+        for group in module.configure_optimizers().param_groups
+        for p in group["params"]
+    }
+    factors = [*model.user_embedding.parameters(), *model.item_embedding.parameters()]
+    assert len(factors) == 4 and all(decay[id(p)] == 1e-3 for p in factors)
+    assert len(decay) == len(list(model.parameters()))  # each parameter in exactly one group
