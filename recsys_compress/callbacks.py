@@ -1,10 +1,15 @@
-"""Lightning callbacks of the training run: timing, and checkpointing aware of compression."""
+"""Lightning callbacks of the training run: timing, checkpointing aware of compression, and the
+state a resumed run needs (rolling ``last.ckpt``, early-stopping decision, random generators)."""
 
 from __future__ import annotations
 
+import random
 import time
+from typing import Any
 
 import lightning as L
+import numpy as np
+import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
 
@@ -55,16 +60,72 @@ class CompressedModelCheckpoint(ModelCheckpoint):
     """ModelCheckpoint that ranks only checkpoints of the finally compressed model.
 
     Otherwise the "best" checkpoint of a gradually pruned run is an early, still dense one, and
-    the run would report a dense model's metrics. ``last.ckpt`` is still written every epoch.
+    the run would report a dense model's metrics. ``last.ckpt`` is written every epoch and, with
+    ``every_n_steps``, also every that many optimizer steps (the rolling checkpoint a killed run
+    resumes from; ranking still happens only after validation).
     """
+
+    def __init__(self, *args: Any, every_n_steps: int | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.every_n_steps = every_n_steps
 
     def _save_topk_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict) -> None:
         if _compression_done(trainer):
             super()._save_topk_checkpoint(trainer, monitor_candidates)
 
+    def on_train_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        every = self.every_n_steps
+        if not every or trainer.global_step % every or self._should_skip_saving_checkpoint(trainer):
+            return
+        saved_step = self._last_global_step_saved
+        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        # The epoch-end save (after validation, at the same step) must still happen.
+        self._last_global_step_saved = saved_step
+
 
 class CompressedEarlyStopping(EarlyStopping):
-    """EarlyStopping that starts counting only once compression has reached its final state."""
+    """EarlyStopping that starts counting only once compression has reached its final state.
+
+    A run resumed from the checkpoint of the epoch that decided to stop stops again at once
+    (Lightning does not store ``trainer.should_stop``; this callback's state holds the decision).
+    """
 
     def _should_skip_check(self, trainer: L.Trainer) -> bool:
         return super()._should_skip_check(trainer) or not _compression_done(trainer)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.wait_count >= self.patience or self.stopped_epoch > 0:
+            trainer.should_stop = True
+
+
+class RandomState(L.Callback):
+    """Saves the global random generators (Python, NumPy, torch CPU and CUDA) in checkpoints and
+    restores them on resume, so randomness after the checkpoint (e.g. dropout) repeats exactly.
+    The state holds only tensors and Python scalars (checkpoints load with ``weights_only``)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        name, keys, pos, has_gauss, cached = np.random.get_state()
+        state: dict[str, Any] = {
+            "python": random.getstate(),
+            "numpy": [name, torch.from_numpy(keys.copy()), pos, has_gauss, cached],
+            "torch": torch.get_rng_state(),
+        }
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        random.setstate(state_dict["python"])
+        name, keys, pos, has_gauss, cached = state_dict["numpy"]
+        np.random.set_state((name, keys.numpy(), pos, has_gauss, cached))
+        torch.set_rng_state(state_dict["torch"])
+        if "cuda" in state_dict and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state_dict["cuda"])

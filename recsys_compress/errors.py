@@ -11,3 +11,17 @@ class ConfigError(RecsysCompressError, ValueError):
 
 class DataError(RecsysCompressError, ValueError):
     """A missing, corrupt or unusable data file. The message names the file and what to do."""
+
+
+class RunDirInUseError(ConfigError):
+    """The run directory already holds a completed run that this run would overwrite.
+
+    Raised before anything is written: the existing ``results.json`` stays as it is.
+    """
+
+
+class OutputWriteError(RecsysCompressError):
+    """A result file (results.json, model.pt, artifact) could not be written, e.g. a full disk.
+
+    The write was atomic: the previous version of the file, if any, is intact.
+    """

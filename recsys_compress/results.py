@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
+import io
 import json
+import logging
 import platform
 import subprocess
 import time
@@ -14,23 +17,121 @@ import lightning as L
 import torch
 from torch import nn
 
+from recsys_compress.errors import OutputWriteError, RunDirInUseError
 from recsys_compress.io import atomic_write
+
+log = logging.getLogger(__name__)
 
 RESULTS_FILE = "results.json"
 
 
+def write_bytes(path: Path, data: bytes) -> None:
+    """Atomically write ``data`` to ``path`` (temp file, fsync, rename).
+
+    A failed write (a full disk, no permission) raises :class:`OutputWriteError` naming the file;
+    the previous version of the file, if any, is left intact and no temp file remains.
+    """
+    existed = path.is_file()
+    try:
+        with atomic_write(path) as handle:
+            handle.write(data)
+    except OSError as err:
+        reason = "no space left on device" if err.errno == errno.ENOSPC else err.strerror or err
+        kept = f"the previous {path.name} is intact" if existed else "nothing was written"
+        raise OutputWriteError(
+            f"{reason} while writing {path}; {kept}. Free space on that disk (or fix its "
+            "permissions) and run again."
+        ) from err
+
+
 def write_json(path: Path, record: dict[str, Any]) -> None:
-    """Atomically write ``record`` as indented JSON."""
+    """Atomically write ``record`` as indented JSON (:func:`write_bytes`)."""
     text = json.dumps(record, indent=2, sort_keys=False, default=str) + "\n"
-    with atomic_write(path) as handle:
-        handle.write(text.encode())
+    write_bytes(path, text.encode())
 
 
 def save_state_dict(module: nn.Module, path: Path) -> None:
     """Atomically save ``module.state_dict()`` (loadable with ``weights_only=True``)."""
     state = {k: v.detach().cpu() for k, v in module.state_dict().items()}
-    with atomic_write(path) as handle:
-        torch.save(state, handle)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    write_bytes(path, buffer.getvalue())
+
+
+def read_record(run_dir: Path) -> dict[str, Any] | None:
+    """The ``results.json`` of ``run_dir``; None if there is none or it cannot be read."""
+    path = run_dir / RESULTS_FILE
+    try:
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:
+        log.warning("Ignoring unreadable %s (%s).", path, err)
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def write_failure(run_dir: Path, record: dict[str, Any]) -> None:
+    """Record a failed run in ``results.json``, unless that file holds a completed run (a rerun
+    that fails keeps the earlier results) or cannot be written (the error is logged): the
+    caller is already reporting a failure."""
+    previous = read_record(run_dir)
+    if previous is not None and previous.get("status") == "completed":
+        log.warning("Kept the completed %s of the earlier run.", run_dir / RESULTS_FILE)
+        return
+    try:
+        write_json(run_dir / RESULTS_FILE, record)
+    except OutputWriteError as err:
+        log.error("%s", err)
+
+
+def _first_difference(old: Any, new: Any, prefix: str = "") -> str | None:
+    """The first dotted key where ``new`` differs from ``old`` (keys ``old`` lacks are skipped:
+    they did not exist when it ran)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key, value in new.items():
+            if key in old:
+                found = _first_difference(old[key], value, f"{prefix}{key}.")
+                if found is not None:
+                    return found
+        return None
+    return None if old == new else prefix.rstrip(".")
+
+
+def completed_run(run_dir: Path, config: dict[str, Any]) -> dict[str, Any] | None:
+    """``skip_completed``: the record in ``run_dir`` if it is a completed run of ``config``
+    (``skip_completed`` itself aside), else None (no results, or a failed run: train again).
+
+    A completed run of another config raises :class:`RunDirInUseError` (nothing is written):
+    the job's output dir (``hydra.sweep.subdir``, the job number) belongs to another job when the
+    sweep's parameters changed.
+    """
+    record = read_record(run_dir)
+    if record is None or record.get("status") != "completed":
+        return None
+    current = json.loads(json.dumps(config, default=str))
+    current.pop("skip_completed", None)
+    current.pop("overwrite", None)
+    key = _first_difference(record.get("config", {}), current)
+    if key is not None:
+        raise RunDirInUseError(
+            f"skip_completed=true, but {run_dir / RESULTS_FILE} is a completed run of another "
+            f"config ({key} differs): rerun the same sweep command on that hydra.sweep.dir, or "
+            "use a new hydra.sweep.dir for new parameters."
+        )
+    return record
+
+
+def refuse_overwrite(run_dir: Path) -> None:
+    """Raise :class:`RunDirInUseError` if ``run_dir`` holds a completed run: a run dir is never
+    overwritten unless the user says so (``overwrite=true``)."""
+    record = read_record(run_dir)
+    if record is not None and record.get("status") == "completed":
+        raise RunDirInUseError(
+            f"{run_dir} already holds a completed run ({RESULTS_FILE}), which this run would "
+            "overwrite: use a new hydra.run.dir, skip_completed=true to keep that run, or "
+            "overwrite=true to train again and replace it."
+        )
 
 
 def model_size(model: nn.Module) -> dict[str, int]:

@@ -330,6 +330,59 @@ def test_load_movielens_downloads_and_extracts_only_the_member(tmp_path, monkeyp
     assert sorted(p.name for p in (cache / "ml100k").iterdir()) == ["ml-100k.zip", "u.data"]
 
 
+def test_download_failing_midway_leaves_no_partial_file_and_a_retry_works(tmp_path, monkeypatch):
+    server = tmp_path / "server"
+    server.mkdir()
+    ratings = "".join(f"{u}\t{i}\t{r}\t{t}\n" for u, i, r, t in ROWS)
+    archive = _zip(server / "ml-100k.zip", {"ml-100k/u.data": ratings})
+    expected = read_ml100k(_u_data(tmp_path / "ref.data"))
+    md5 = hashlib.md5(archive.read_bytes()).hexdigest()
+    monkeypatch.setitem(MOVIELENS, "ml100k", _small_ml100k_spec(expected, md5=md5))
+    monkeypatch.setattr(sources, "_probe", lambda url, timeout: None)
+
+    class Dropped:
+        """Sends the first half of the archive, then the connection resets."""
+
+        def __init__(self) -> None:
+            self.chunks = [archive.read_bytes()[: archive.stat().st_size // 2]]
+
+        def read(self, size: int) -> bytes:
+            if self.chunks:
+                return self.chunks.pop()
+            raise ConnectionResetError("connection reset by peer")
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc) -> None:
+            pass
+
+    monkeypatch.setattr(sources.urllib.request, "urlopen", lambda url, timeout: Dropped())
+
+    def no_pip(dest_dir: Path) -> Path:
+        raise DataError("`pip download recbole==1.2.1` failed (test)")
+
+    monkeypatch.setattr(sources, "_pip_download_recbole", no_pip)
+    cache = tmp_path / "cache"
+    with pytest.raises(DataError, match="connection reset"):
+        load_movielens("ml100k", cache_dir=cache)
+    assert list((cache / "ml100k").iterdir()) == []  # no partial zip, no temp file
+    monkeypatch.setattr(sources.urllib.request, "urlopen", lambda url, timeout: archive.open("rb"))
+    _assert_rows(load_movielens("ml100k", cache_dir=cache))
+    assert sorted(p.name for p in (cache / "ml100k").iterdir()) == ["ml-100k.zip", "u.data"]
+
+
+def test_interrupted_pip_download_leaves_no_partial_wheel(tmp_path, monkeypatch):
+    def interrupted(staging: Path) -> Path:
+        (staging / "recbole-1.2.1-py3-none-any.whl").write_bytes(b"PK partial")
+        raise DataError("`pip download recbole==1.2.1` failed (test)")
+
+    monkeypatch.setattr(sources, "_pip_download", interrupted)
+    with pytest.raises(DataError, match="pip download"):
+        sources._pip_download_recbole(tmp_path / "wheel")
+    assert list((tmp_path / "wheel").iterdir()) == []
+
+
 def test_load_movielens_bad_cached_zip(tmp_path):
     ds_dir = tmp_path / "ml1m"
     ds_dir.mkdir()

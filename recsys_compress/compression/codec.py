@@ -8,6 +8,8 @@ state dict (bit for bit), so an exported model scores exactly like the model tha
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import torch
 
@@ -74,6 +76,17 @@ def encode_tensor(
     entries[f"{name}::values"] = pack_int4(values) if int4 else values
     info["num_values"] = values.numel()
     return entries, info
+
+
+def payload_digest(entries: dict[str, torch.Tensor], meta: str) -> torch.Tensor:
+    """SHA-256 (its first 16 bytes, as a uint8 tensor) of the metadata text and every stored
+    tensor (name, dtype, shape, bytes): a changed byte anywhere in an artifact changes it."""
+    digest = hashlib.sha256(meta.encode())
+    for name in sorted(entries):
+        tensor = entries[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{list(tensor.shape)};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return torch.frombuffer(bytearray(digest.digest()[:16]), dtype=torch.uint8)
 
 
 def decode_tensor(name: str, entries: dict[str, torch.Tensor], info: dict) -> torch.Tensor:

@@ -83,12 +83,16 @@ class PruneConfig:
                 raise ConfigError(f"{KEY}.{name}={value} must lie in [0, 1).")
         if not 0.0 < self.max_layer_sparsity <= 1.0:
             raise ConfigError(f"{KEY}.max_layer_sparsity={self.max_layer_sparsity}: use (0, 1].")
-        if self.threshold is not None and self.threshold < 0:
-            raise ConfigError(f"{KEY}.threshold={self.threshold} must be >= 0.")
+        if self.threshold is not None and not 0 <= self.threshold < float("inf"):
+            raise ConfigError(f"{KEY}.threshold={self.threshold} must be a finite number >= 0.")
         if self.frequency is not None and self.frequency < 1:
             raise ConfigError(f"{KEY}.frequency={self.frequency} must be >= 1 optimizer steps.")
         if self.start_step < 0:
             raise ConfigError(f"{KEY}.start_step={self.start_step} must be >= 0.")
+        if self.rewind_step is not None and self.rewind_step < 0:
+            raise ConfigError(
+                f"{KEY}.rewind_step={self.rewind_step} must be >= 0 (or null: no rewinding)."
+            )
         if self.end_step is not None and self.end_step <= self.start_step:
             raise ConfigError(f"{KEY}.end_step={self.end_step} must be > {KEY}.start_step.")
         if not 0.0 < self.end_fraction <= 1.0:
@@ -201,13 +205,14 @@ class MagnitudePruning(L.Callback):
             raise ConfigError(
                 f"{KEY}.structure=neurons prunes MLP neurons: set {KEY}.targets.groups=[linear]."
             )
-        if self.end_step is None and stage == "fit":
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Not in setup(): asking for the number of steps there builds the train loader before a
+        # resumed run restores its position in the epoch (and this callback's end_step).
+        if self.end_step is None:
             total = int(trainer.estimated_stepping_batches)
             self.end_step = max(self.cfg.start_step + 1, int(total * self.cfg.end_fraction))
-        if self.end_step is not None:
-            self.frequency = self.cfg.frequency or max(
-                1, (self.end_step - self.cfg.start_step) // 20
-            )
+        self.frequency = self.cfg.frequency or max(1, (self.end_step - self.cfg.start_step) // 20)
 
     def compression_done(self, trainer: L.Trainer) -> bool:
         """Whether the final sparsity has been applied (checkpoint ranking starts then)."""
@@ -243,6 +248,8 @@ class MagnitudePruning(L.Callback):
                 continue
             contribution = (t.weight.detach() * t.weight.grad.detach()).abs()
             if t.name in self._taylor:
+                # .to: sums restored from a (CPU) checkpoint join the weights' device
+                self._taylor[t.name] = self._taylor[t.name].to(contribution.device)
                 self._taylor[t.name] += contribution
             else:
                 self._taylor[t.name] = contribution
@@ -271,6 +278,9 @@ class MagnitudePruning(L.Callback):
             "last_update_step": self.last_update_step,
             "end_step": self.end_step,
             "rewind_state": self.rewind_state,
+            # |w·g| summed since the last mask update: a run resumed between two updates
+            # then ranks the weights on the same sums as an uninterrupted one.
+            "taylor": {k: v.cpu() for k, v in self._taylor.items()},
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -280,6 +290,7 @@ class MagnitudePruning(L.Callback):
         self.last_update_step = state_dict["last_update_step"]
         self.end_step = state_dict["end_step"]
         self.rewind_state = state_dict["rewind_state"]
+        self._taylor = dict(state_dict.get("taylor", {}))
 
     # -- mechanics --------------------------------------------------------------------------
     def _rotate(self, trainer: L.Trainer) -> None:

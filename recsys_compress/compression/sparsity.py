@@ -39,8 +39,8 @@ class L1Config:
         self.targets.validate(f"{KEY}.targets")
         for name in ("strength", "embedding_strength", "linear_strength", "final_threshold"):
             value = getattr(self, name)
-            if value is not None and value < 0:
-                raise ConfigError(f"{KEY}.{name}={value} must be >= 0.")
+            if value is not None and not 0 <= value < float("inf"):
+                raise ConfigError(f"{KEY}.{name}={value} must be a finite number >= 0.")
         if self.start_step < 0 or self.warmup_steps < 0:
             raise ConfigError(f"{KEY}.start_step and {KEY}.warmup_steps must be >= 0.")
 

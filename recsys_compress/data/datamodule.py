@@ -1,7 +1,9 @@
 """LightningDataModule: interactions -> split -> whole-tensor training batches and eval batches.
 
 Training batches are slices of tensors built once per epoch (fresh negatives, one shuffle), so
-there is no per-sample ``__getitem__`` and no collate on the hot path. Evaluation batches are
+there is no per-sample ``__getitem__`` and no collate on the hot path. The training loader is
+resumable mid-epoch: a checkpoint records how many batches of which epoch were trained, and the
+resumed loader rebuilds that epoch from ``(seed, epoch)`` and skips them. Evaluation batches are
 built once: chunks of users with the items to exclude and the held-out items to find, or
 (sampled protocol) each held-out item with a fixed, seeded set of sampled negatives.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -33,6 +36,10 @@ class TrainBatches(IterableDataset):
     ``bce``: pointwise (users, items, labels), ``k`` negatives per positive. ``bpr``: triples
     (users, pos_items, neg_items), ``k`` per positive. ``mse``: (users, items, ratings). The epoch's
     randomness comes from ``(seed, epoch)``, so an epoch can be replayed exactly.
+
+    Resuming (:meth:`state_dict` / :meth:`load_state_dict`): ``progress_fn`` says how many batches
+    of the current epoch the trainer has finished; after a load, the next iteration of that epoch
+    starts after them.
     """
 
     def __init__(
@@ -46,6 +53,7 @@ class TrainBatches(IterableDataset):
         batch_size: int,
         seed: int,
         epoch_fn: Callable[[], int],
+        progress_fn: Callable[[], int] | None = None,
     ) -> None:
         self.users, self.items, self.ratings = users, items, ratings
         self.sampler = sampler
@@ -54,6 +62,9 @@ class TrainBatches(IterableDataset):
         self.batch_size = batch_size
         self.seed = seed
         self.epoch_fn = epoch_fn
+        self.progress_fn = progress_fn
+        self._resume_at: tuple[int, int] | None = None  # (epoch, batches already trained)
+        self.shard = (0, 1)  # (rank, world size) under DDP: see __iter__
 
     def num_samples(self) -> int:
         positives = len(self.users)
@@ -89,10 +100,55 @@ class TrainBatches(IterableDataset):
         return {key: value[order] for key, value in data.items()}
 
     def __iter__(self) -> Iterator[Batch]:
-        data = self.epoch_tensors(self.epoch_fn())
+        epoch = self.epoch_fn()
+        skip = 0
+        if self._resume_at is not None and self._resume_at[0] == epoch:
+            skip = self._resume_at[1]
+        self._resume_at = None
+        data = self.epoch_tensors(epoch)
         total = len(data["users"])
-        for start in range(0, total, self.batch_size):
-            yield {key: value[start : start + self.batch_size] for key, value in data.items()}
+        rank, world = self.shard
+        for start in range(skip * self.batch_size, total, self.batch_size):
+            batch = {key: value[start : start + self.batch_size] for key, value in data.items()}
+            if world > 1:
+                # DDP: every rank builds the same epoch (same seed, same negatives) and takes
+                # its share of each batch, so ranks step in lockstep and the averaged gradient
+                # is the whole batch's. A last batch smaller than the world is dropped.
+                if len(batch["users"]) < world:
+                    return
+                batch = {key: value.tensor_split(world)[rank] for key, value in batch.items()}
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        """The position to resume from: the epoch and how many of its batches were trained."""
+        done = self.progress_fn() if self.progress_fn is not None else 0
+        return {"epoch": self.epoch_fn(), "batches_done": done}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """The next iteration over ``state["epoch"]`` skips its first ``batches_done`` batches."""
+        self._resume_at = (int(state["epoch"]), int(state["batches_done"]))
+
+
+class TrainLoader(DataLoader):
+    """The DataLoader of :class:`TrainBatches` that Lightning saves and restores mid-epoch
+    (it has ``state_dict`` / ``load_state_dict``). Its own generator keeps the global RNG, which
+    e.g. dropout draws from, untouched when an epoch's iterator is created, so a resumed run
+    draws the same numbers as an uninterrupted one.
+    """
+
+    dataset: TrainBatches
+
+    def __init__(self, dataset: TrainBatches, **kwargs: Any) -> None:
+        # Keyword arguments: Lightning may re-create the loader with other settings.
+        kwargs.setdefault("batch_size", None)
+        kwargs.setdefault("generator", torch.Generator())
+        super().__init__(dataset, **kwargs)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.dataset.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.dataset.load_state_dict(state)
 
 
 def _csr(users: np.ndarray, items: np.ndarray, num_users: int) -> tuple[np.ndarray, np.ndarray]:
@@ -236,6 +292,7 @@ class RecDataModule(L.LightningDataModule):
             self.batch_size,
             self.seed,
             self._current_epoch,
+            self._batches_done,
         )
         eval_seed = self.eval_cfg.seed if self.eval_cfg.seed is not None else self.seed
         explicit = self.data_cfg.feedback == "explicit"
@@ -278,11 +335,32 @@ class RecDataModule(L.LightningDataModule):
     def _current_epoch(self) -> int:
         return self.trainer.current_epoch if self.trainer is not None else self._epoch
 
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_batches, batch_size=None)
+    def _batches_done(self) -> int:
+        """Training batches of the current epoch finished so far (0 outside ``fit``)."""
+        if self.trainer is None:
+            return 0
+        return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+
+    def _rank_and_world(self) -> tuple[int, int]:
+        if self.trainer is None:
+            return 0, 1
+        return self.trainer.global_rank, self.trainer.world_size
+
+    def _eval_shard(self, batches: list[Batch]) -> list[Batch]:
+        """Under DDP each rank evaluates every world-th user chunk (the metric states are sums,
+        synced at compute); with fewer chunks than ranks every rank evaluates all of them, which
+        leaves the means unchanged."""
+        rank, world = self._rank_and_world()
+        return batches[rank::world] if len(batches) >= world else batches
+
+    def train_dataloader(self) -> TrainLoader:
+        self.train_batches.shard = self._rank_and_world()
+        return TrainLoader(self.train_batches)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_data.batches, batch_size=None, shuffle=False)
+        batches = self._eval_shard(self.val_data.batches)
+        return DataLoader(batches, batch_size=None, shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
-        return DataLoader(self.test_data.batches, batch_size=None, shuffle=False)
+        batches = self._eval_shard(self.test_data.batches)
+        return DataLoader(batches, batch_size=None, shuffle=False)

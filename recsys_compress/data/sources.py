@@ -23,6 +23,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import urllib.parse
 import urllib.request
 import zipfile
@@ -715,11 +716,22 @@ def _read_ml100k_any(path: Path) -> pd.DataFrame:
 
 
 def _pip_download_recbole(dest_dir: Path) -> Path:
-    """``pip download`` the RecBole wheel (no deps, never installed) into dest_dir; -> the wheel."""
+    """``pip download`` the RecBole wheel (no deps, never installed) into dest_dir; -> the wheel.
+
+    pip saves into a temporary dir next to dest_dir; only a complete wheel is moved into place,
+    so an interrupted download never leaves a partial wheel in the cache."""
     cached = sorted(dest_dir.glob(RECBOLE_WHEEL_GLOB))
     if cached:
         return cached[0]
     dest_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest_dir, prefix=".pip-") as staging:
+        wheel = _pip_download(Path(staging))
+        final = dest_dir / wheel.name
+        os.replace(wheel, final)
+    return final
+
+
+def _pip_download(dest_dir: Path) -> Path:
     cmd = [
         sys.executable,
         "-m",
