@@ -7,9 +7,13 @@ with a :class:`~recsys_compress.errors.ConfigError` that names the key and the f
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from lightning.pytorch.accelerators import AcceleratorRegistry
+from lightning.pytorch.strategies import StrategyRegistry
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -39,7 +43,7 @@ def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
 
 
 def _at_least(key: str, value: float, low: float, hint: str = "") -> None:
-    if value < low:
+    if not math.isfinite(value) or value < low:
         raise ConfigError(f"{key}={value} must be >= {low}{': ' + hint if hint else ''}.")
 
 
@@ -61,6 +65,7 @@ class SyntheticConfig:
         _at_least("data.synthetic.num_users", self.num_users, 1)
         _at_least("data.synthetic.num_items", self.num_items, 2)
         _at_least("data.synthetic.interactions_per_user", self.interactions_per_user, 1)
+        _at_least("data.synthetic.seed", self.seed, 0)
         if self.interactions_per_user >= self.num_items:
             raise ConfigError(
                 "data.synthetic.interactions_per_user must be < data.synthetic.num_items "
@@ -97,6 +102,11 @@ class DataConfig:
         _at_least("data.min_user_interactions", self.min_user_interactions, 0)
         _at_least("data.min_item_interactions", self.min_item_interactions, 0)
         _at_least("data.connect_timeout", self.connect_timeout, 0.1)
+        if self.rating_threshold is not None and not math.isfinite(self.rating_threshold):
+            raise ConfigError(
+                f"data.rating_threshold={self.rating_threshold} must be a finite number (ratings "
+                ">= it are positives), or null to keep every rating."
+            )
         if self.source == "csv" and not self.path:
             raise ConfigError(
                 "data=csv needs a file: set data.path=/path/to/interactions.csv "
@@ -233,13 +243,39 @@ class OptimConfig:
     def __post_init__(self) -> None:
         _one_of("optim.name", self.name, OPTIMIZERS)
         _one_of("optim.scheduler", self.scheduler, SCHEDULERS)
-        if self.lr <= 0:
-            raise ConfigError(f"optim.lr={self.lr} must be > 0.")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"optim.lr={self.lr} must be a finite number > 0, e.g. 0.002.")
         _at_least("optim.weight_decay", self.weight_decay, 0.0)
         _at_least("optim.embedding_weight_decay", self.embedding_weight_decay, 0.0)
         _at_least("optim.momentum", self.momentum, 0.0)
         _at_least("optim.step_size", self.step_size, 1)
         _in_range("optim.gamma", self.gamma, 0.0, 1.0)
+
+
+# Lightning's precision values (``lightning.fabric.connector._PRECISION_INPUT``).
+PRECISIONS = (
+    *("32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true"),
+    *("transformer-engine", "transformer-engine-float16", "32", "16", "bf16", "64"),
+)
+ACCELERATORS = ("auto", "gpu", *sorted(AcceleratorRegistry.available_accelerators()))
+STRATEGIES = ("auto", *StrategyRegistry.available_strategies())
+
+
+def _check_devices(devices: Any) -> None:
+    """``trainer.devices``: auto, -1 (all), a count >= 1, a list of device indices or "0,1"."""
+    ok = False
+    if isinstance(devices, str):
+        ok = devices == "auto" or bool(re.fullmatch(r"-1|[1-9][0-9]*|[0-9]+(,[0-9]+)*,?", devices))
+    elif isinstance(devices, int) and not isinstance(devices, bool):
+        ok = devices == -1 or devices >= 1
+    elif isinstance(devices, list | tuple):
+        ok = bool(devices) and all(isinstance(d, int) and d >= 0 for d in devices)
+        ok = ok and len(set(devices)) == len(devices)
+    if not ok:
+        raise ConfigError(
+            f"trainer.devices={devices!r} is not a device count or list: use auto, -1 (all), a "
+            "count >= 1 (e.g. 1) or device indices (e.g. [0,1])."
+        )
 
 
 @dataclass
@@ -259,9 +295,34 @@ class TrainerConfig:
     progress_refresh_rate: int = 20
     deterministic: bool = False
     gradient_clip_val: float | None = None
+    # Debugging (conf/debug/): fast_dev_run: n train / val / test batches, no checkpoints or logs;
+    # overfit_batches: train and validate on the same few batches (a fraction or a count);
+    # profiler: simple | advanced, its report written into the run dir.
+    fast_dev_run: int = 0
+    overfit_batches: float = 0.0
+    profiler: str | None = None
+    # Crash safety: checkpoints/last.ckpt is also written every this many optimizer steps (a
+    # killed run loses at most these; null: only at epoch ends). resume=<run dir> continues there.
+    checkpoint_every_n_steps: int | None = 200
 
     def __post_init__(self) -> None:
         _at_least("trainer.max_epochs", self.max_epochs, 1)
+        if self.checkpoint_every_n_steps is not None:
+            _at_least(
+                "trainer.checkpoint_every_n_steps",
+                self.checkpoint_every_n_steps,
+                1,
+                "optimizer steps between rolling checkpoints (null: only at epoch ends)",
+            )
+        _at_least("trainer.fast_dev_run", self.fast_dev_run, 0)
+        if self.overfit_batches > 1 and not float(self.overfit_batches).is_integer():
+            raise ConfigError(
+                f"trainer.overfit_batches={self.overfit_batches} must be a fraction in [0, 1] "
+                "or a whole number of batches."
+            )
+        _at_least("trainer.overfit_batches", self.overfit_batches, 0.0)
+        if self.profiler is not None:
+            _one_of("trainer.profiler", self.profiler, ("simple", "advanced"))
         _at_least("trainer.batch_size", self.batch_size, 1)
         if self.early_stopping_patience is not None:
             _at_least("trainer.early_stopping_patience", self.early_stopping_patience, 1)
@@ -276,16 +337,49 @@ class TrainerConfig:
         _at_least("trainer.limit_train_batches", self.limit_train_batches, 1e-9)
         if self.gradient_clip_val is not None:
             _at_least("trainer.gradient_clip_val", self.gradient_clip_val, 0.0)
+        _one_of("trainer.precision", str(self.precision), PRECISIONS)
+        _one_of("trainer.accelerator", self.accelerator, ACCELERATORS)
+        _one_of("trainer.strategy", self.strategy, STRATEGIES)
+        _check_devices(self.devices)
 
 
 @dataclass
 class LoggerConfig:
-    """Experiment logger: ``csv`` (metrics.csv in the run dir) or ``none``."""
+    """Experiment logger: ``csv`` (metrics.csv in the run dir), ``wandb`` (metrics.csv and a W&B
+    run in ``<run dir>/wandb``) or ``none``. The other keys apply to ``wandb`` only.
+
+    ``mode``: ``auto`` is online when a W&B API key is configured, else offline; ``group``: null
+    groups a multirun's jobs by sweep; ``run_name``: null names a run by its Hydra overrides.
+    """
 
     name: str = "csv"
+    mode: str = "auto"
+    project: str = "recsys-compress"
+    entity: str | None = None
+    group: str | None = None
+    run_name: str | None = None
+    tags: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        _one_of("logger.name", self.name, ("csv", "none"))
+        _one_of("logger.name", self.name, ("csv", "wandb", "none"))
+        _one_of("logger.mode", self.mode, ("auto", "offline", "online"))
+        bad = sorted(set("/\\#?%:") & set(self.project))
+        if not self.project or len(self.project) > 128 or bad:
+            raise ConfigError(
+                f"logger.project={self.project!r} is not a W&B project name: use 1-128 "
+                "characters without / \\ # ? % :, e.g. logger.project=recsys-compress."
+            )
+        for key in ("entity", "group", "run_name"):
+            value = getattr(self, key)
+            if value is not None and not 0 < len(value) <= 128:
+                raise ConfigError(
+                    f"logger.{key}={value!r} must be 1-128 characters, or null for the default."
+                )
+        for tag in self.tags:
+            if not 0 < len(tag) <= 64:
+                raise ConfigError(
+                    f"logger.tags has {tag!r}: W&B tags are 1-64 characters; shorten or drop it."
+                )
 
 
 @dataclass
@@ -293,10 +387,14 @@ class CompressionConfig:
     """The compression methods of a run (``compression=prune``, ``compression=[prune,l1]``, ...).
 
     Methods run in one fixed order, prune -> l1 -> svd -> qat; a method left out is None.
-    Pairs that would undo each other are refused here, before any data is read.
+    Pairs that would undo each other are refused here, before any data is read; prune / l1 with
+    svd compose only on disjoint targets, which needs the model: the SVD callback checks it in
+    ``setup``, before training (``lowrank.check_disjoint_from_sparsity``).
     ``dense_epochs > 0``: train the dense model for that many epochs and evaluate it first, then
     compress while fine-tuning for ``trainer.max_epochs`` (before / after in one results.json).
     ``embedding_weight_decay``: the L2 on embedding tables while compressing (None: optim's).
+    ``lr``: the learning rate while compressing (None: ``optim.lr``); fine-tuning a trained model
+    often wants a smaller one than training it from scratch.
     """
 
     prune: PruneConfig | None = None
@@ -305,19 +403,15 @@ class CompressionConfig:
     qat: QATConfig | None = None
     dense_epochs: int = 0
     embedding_weight_decay: float | None = None
+    lr: float | None = None
 
     def __post_init__(self) -> None:
+        if self.lr is not None and not 0 < self.lr < math.inf:
+            raise ConfigError(f"compression.lr={self.lr} must be > 0 (or null: optim.lr).")
         if self.dense_epochs < 0:
             raise ConfigError(f"compression.dense_epochs={self.dense_epochs} must be >= 0.")
-        if self.embedding_weight_decay is not None and self.embedding_weight_decay < 0:
-            raise ConfigError(
-                f"compression.embedding_weight_decay={self.embedding_weight_decay} must be >= 0."
-            )
-        if self.svd is not None and (self.prune is not None or self.l1 is not None):
-            raise ConfigError(
-                "compression=[prune|l1, svd]: SVD would replace the sparse weights by dense "
-                "factors and silently undo the sparsity. Use one of them, or prune + qat."
-            )
+        if self.embedding_weight_decay is not None:
+            _at_least("compression.embedding_weight_decay", self.embedding_weight_decay, 0.0)
         if (
             self.svd is not None
             and self.qat is not None
@@ -333,6 +427,19 @@ class CompressionConfig:
                 "compression.qat.symmetric=false with pruning / L1: asymmetric offsets turn the "
                 "zeros into non-zero values; use compression.qat.symmetric=true."
             )
+        if self.qat is not None and self.qat.post_training:
+            others = [m for m in self.methods() if m != "qat"]
+            if others:
+                raise ConfigError(
+                    f"compression.qat.post_training=true quantises a trained model without "
+                    f"training, but {others} train: use compression=qat alone for the PTQ "
+                    "baseline, or compression.qat.post_training=false."
+                )
+            if self.dense_epochs == 0:
+                raise ConfigError(
+                    "compression.qat.post_training=true needs a trained model to quantise: set "
+                    "compression.dense_epochs > 0 (e.g. 30)."
+                )
 
     def methods(self) -> list[str]:
         names = ("prune", "l1", "svd", "qat")
@@ -354,9 +461,57 @@ class TrainConfig:
     compression: CompressionConfig = field(default_factory=CompressionConfig)
     seed: int = 42
     save_model: bool = True
+    # A run (or sweep job) whose output dir already holds a completed results.json of the same
+    # config returns its recorded metric without training: rerunning a sweep on its old
+    # hydra.sweep.dir redoes only the failed or missing jobs.
+    skip_completed: bool = False
+    overwrite: bool = False
+    # Continue a killed run from its last checkpoint: the run dir it printed ("Run dir: ...").
+    # The run keeps its own config (run_config.json); overrides may only repeat it.
+    resume: str | None = None
+    # What main() returns to a sweeper: [] the monitored val metric; one entry a float; several a
+    # list (multi-objective). Each is a val metric (ndcg@10) or a dotted results.json path
+    # (compression.artifact_bytes, test.hr@10).
+    optimized_metrics: list[str] = field(default_factory=list)
+    # Budget mode (hparams_search=budget): the compressed artifact must fit in budget_bytes, or
+    # in budget_ratio x the dense fp32 model's bytes; a config that cannot is not trained, and
+    # a sweep scores a run over budget below any NDCG (recsys_compress/reporting/budget.py).
+    budget_bytes: int | None = None
+    budget_ratio: float | None = None
 
     def __post_init__(self) -> None:
         _at_least("seed", self.seed, 0)
+        if self.budget_bytes is not None and self.budget_ratio is not None:
+            raise ConfigError(
+                "budget_bytes and budget_ratio are both set: give one (bytes of the artifact, or "
+                "a fraction of the dense fp32 model), set the other to null."
+            )
+        if self.budget_bytes is not None:
+            _at_least("budget_bytes", self.budget_bytes, 1, "the artifact's size limit in bytes")
+        if self.budget_ratio is not None and not 0 < self.budget_ratio <= 1:
+            raise ConfigError(
+                f"budget_ratio={self.budget_ratio} must lie in (0, 1]: the fraction of the dense "
+                "fp32 model's bytes the artifact may take, e.g. 0.1."
+            )
+        budgeted = self.budget_bytes is not None or self.budget_ratio is not None
+        if budgeted and len(self.optimized_metrics) > 1:
+            raise ConfigError(
+                f"a budget (budget_bytes / budget_ratio) makes size a constraint, not an "
+                f"objective: optimized_metrics={list(self.optimized_metrics)} must name one "
+                "metric, e.g. [ndcg@10] (a size / quality front: hparams_search=compress_pareto)."
+            )
+        if budgeted and not self.compression.methods():
+            raise ConfigError(
+                "a budget needs a compression method to fit it: set compression= (e.g. "
+                "[prune,qat]) or drop budget_bytes / budget_ratio."
+            )
+        if any(not name.strip() for name in self.optimized_metrics) or len(
+            set(self.optimized_metrics)
+        ) != len(self.optimized_metrics):
+            raise ConfigError(
+                f"optimized_metrics={list(self.optimized_metrics)} must be distinct, non-empty "
+                "names, e.g. [ndcg@10] or [compression.artifact_bytes,ndcg@10]."
+            )
         if self.loss.name == "mse" and self.data.feedback != "explicit":
             raise ConfigError(
                 "loss=mse fits ratings, but data.feedback=implicit: set data.feedback=explicit "

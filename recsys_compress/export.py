@@ -9,8 +9,11 @@ size a run reports. :func:`load_compressed` rebuilds an inference model from it.
 from __future__ import annotations
 
 import argparse
+import base64
 import json
+import pickle
 import sys
+import zlib
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -21,17 +24,17 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from torch import nn
 
-from recsys_compress.compression.codec import decode_tensor, encode_tensor
+from recsys_compress.compression.codec import decode_tensor, encode_tensor, payload_digest
 from recsys_compress.compression.lowrank import match_state_dict
 from recsys_compress.compression.targets import replace_module
 from recsys_compress.config import ModelConfig, to_train_config
 from recsys_compress.errors import DataError, RecsysCompressError
-from recsys_compress.io import atomic_write
 from recsys_compress.models import Recommender, build_model
-from recsys_compress.results import RESULTS_FILE
+from recsys_compress.results import RESULTS_FILE, read_record, write_bytes
 
 FORMAT = "recsys-compress/1"
 ARTIFACT_NAME = "model.compressed.safetensors"
+DIGEST = "::sha256"  # the tensor holding payload_digest() of the other tensors and the metadata
 
 
 def _plain(cfg: ModelConfig) -> ModelConfig:
@@ -41,7 +44,10 @@ def _plain(cfg: ModelConfig) -> ModelConfig:
 
 def describe_structure(model: nn.Module) -> dict[str, Any]:
     """How ``model`` departs from the plain architecture: low-rank modules and their ranks,
-    integer (quantised) modules and their schemes, and 4-bit tensors (stored packed)."""
+    integer (quantised) modules and their schemes, and 4-bit tensors (stored packed).
+
+    Quantised SVD factors are listed by their own names (``user_embedding.left``, ...); the
+    rank itself is read back from the saved shapes (:func:`load_compressed_state`)."""
     lowrank, quantized = {}, {}
     int4 = []
     for name, module in model.named_modules():
@@ -69,8 +75,8 @@ def load_compressed_state(
     model: nn.Module, state: dict[str, torch.Tensor], structure: dict[str, Any]
 ) -> None:
     """Load ``state`` into a freshly built ``model``, first rebuilding the modules that were
-    factorised or reduced in dimension (told by the saved shapes) and the integer modules of
-    ``structure["quantized"]``."""
+    factorised or reduced in dimension (told by the saved shapes), then the integer modules of
+    ``structure["quantized"]`` (factors of a factorised module included)."""
     from recsys_compress.compression.qat import QuantizedEmbedding, QuantizedLinear, QuantScheme
 
     match_state_dict(model, state)
@@ -112,6 +118,20 @@ def _ids_from(entry: dict[str, Any], tensor: torch.Tensor | None) -> np.ndarray:
     return np.asarray(entry["values"], dtype=str)
 
 
+def pack_metadata(meta: dict[str, Any]) -> str:
+    """The artifact's metadata as ``zlib:`` + base64 of the compressed JSON: on a small model the
+    plain JSON (config, structure, tensor layout) is ~2% of the file. ``unpack_metadata`` reads it
+    back (and plain JSON)."""
+    raw = json.dumps(meta, separators=(",", ":")).encode()
+    return "zlib:" + base64.b64encode(zlib.compress(raw, 9)).decode()
+
+
+def unpack_metadata(text: str) -> dict[str, Any]:
+    if text.startswith("zlib:"):
+        text = zlib.decompress(base64.b64decode(text[5:])).decode()
+    return json.loads(text)
+
+
 def export_model(
     model: Recommender,
     model_cfg: ModelConfig,
@@ -139,9 +159,12 @@ def export_model(
         meta[key], tensor = _ids_entry(ids)
         if tensor is not None:
             tensors[f"::{key}"] = tensor
-    blob = save(tensors, metadata={"recsys_compress": json.dumps(meta)})
-    with atomic_write(path) as handle:
-        handle.write(blob)
+    text = pack_metadata(meta)
+    # The checksum is a tensor: safetensors writes metadata keys in no fixed order, and one
+    # metadata key keeps a re-export byte-identical.
+    tensors[DIGEST] = payload_digest(tensors, text)
+    blob = save(tensors, metadata={"recsys_compress": text})
+    write_bytes(path, blob)
     return len(blob)
 
 
@@ -169,23 +192,45 @@ class CompressedRecommender:
 def load_compressed(path: str | Path) -> CompressedRecommender:
     """Rebuild the model stored in an artifact written by :func:`export_model`.
 
-    A truncated or tampered file raises :class:`DataError` naming it.
+    A truncated or tampered file raises :class:`DataError` naming it: the file's SHA-256 of its
+    metadata and tensors (written by :func:`export_model`) must match.
     """
     path = Path(path)
     try:
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as handle:
-            meta = json.loads(handle.metadata()["recsys_compress"])
+            metadata = handle.metadata()
+        text = metadata["recsys_compress"]
+        meta = unpack_metadata(text)
         tensors = load_file(str(path))
         if meta.get("format") != FORMAT:
             raise KeyError("format")
+        digest = tensors.pop(DIGEST, None)
+        if digest is not None and not torch.equal(payload_digest(tensors, text), digest):
+            raise DataError(
+                f"{path}: its contents do not match the SHA-256 stored in it at export: the file "
+                "was modified or damaged after it was written. Export it again with "
+                "`python -m recsys_compress.export <run dir>`."
+            )
         state = {name: decode_tensor(name, tensors, info) for name, info in meta["tensors"].items()}
         model = build_model(
             _plain(ModelConfig(**meta["model"])), meta["num_users"], meta["num_items"]
         )
         load_compressed_state(model, state, meta["structure"])
-    except (SafetensorError, OSError, KeyError, ValueError, RuntimeError) as err:
+    except DataError:
+        raise
+    except (
+        SafetensorError,
+        zlib.error,
+        OSError,
+        KeyError,
+        ValueError,
+        RuntimeError,
+        TypeError,
+        AttributeError,
+        IndexError,
+    ) as err:
         raise DataError(
             f"{path} is not a readable recsys-compress artifact ({type(err).__name__}: {err}); "
             "it may be truncated or modified: export it again with "
@@ -196,6 +241,45 @@ def load_compressed(path: str | Path) -> CompressedRecommender:
     return CompressedRecommender(model, user_ids, item_ids)
 
 
+def load_run_state(model: nn.Module, path: Path, structure: dict[str, Any]) -> None:
+    """Load a run's ``model.pt`` (``weights_only``) into ``model`` built from its config.
+
+    A missing or unreadable file, or one whose tensors do not fit the config's model (another
+    run's, or the data changed), raises :class:`DataError` naming the file and what differs.
+    """
+    if not path.is_file():
+        raise DataError(f"{path} not found: the run kept no model (save_model=false).")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as err:
+        raise DataError(
+            f"{path} cannot be read as a model.pt ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}); it is truncated or not a state "
+            "dict saved by this package: train the run again."
+        ) from None
+    if not isinstance(state, dict):
+        raise DataError(f"{path} holds a {type(state).__name__}, not a state dict.")
+    expected = model.state_dict()
+    if not structure.get("lowrank"):  # else factorised / reduced shapes are expected
+        for name, tensor in state.items():
+            if name in expected and tuple(tensor.shape) != tuple(expected[name].shape):
+                raise DataError(
+                    f"{path} does not fit the model of its run's config: {name} has shape "
+                    f"{tuple(tensor.shape)}, the config's {type(model).__name__} "
+                    f"{tuple(expected[name].shape)}. The model.pt belongs to another run, or the "
+                    "data or model.* keys changed since training."
+                )
+    try:
+        load_compressed_state(model, state, structure)
+    except (RuntimeError, KeyError, AttributeError) as err:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        detail = "; ".join(lines[1:3] or lines[:1])
+        raise DataError(
+            f"{path} does not fit the model of its run's config ({detail}). The model.pt belongs "
+            "to another run, or the data or model.* keys changed since training."
+        ) from None
+
+
 def export_run(run_dir: Path, out: Path | None = None) -> Path:
     """Export the final model of a finished run (its ``model.pt``) next to its results."""
     from recsys_compress.data.interactions import load_interactions
@@ -203,7 +287,9 @@ def export_run(run_dir: Path, out: Path | None = None) -> Path:
     results_path = run_dir / RESULTS_FILE
     if not results_path.is_file():
         raise DataError(f"{results_path} not found: pass the directory of a finished run.")
-    record = json.loads(results_path.read_text())
+    record = read_record(run_dir)
+    if record is None:
+        raise DataError(f"{results_path} is unreadable (truncated?): nothing to export.")
     if record.get("status") != "completed":
         raise DataError(
             f"{run_dir} did not complete (status {record.get('status')}): nothing to export."
@@ -211,8 +297,7 @@ def export_run(run_dir: Path, out: Path | None = None) -> Path:
     cfg = to_train_config(record["config"])
     interactions = load_interactions(cfg.data)
     model = build_model(_plain(cfg.model), interactions.num_users, interactions.num_items)
-    state = torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True)
-    load_compressed_state(model, state, record.get("compression", {}).get("structure", {}))
+    load_run_state(model, run_dir / "model.pt", record.get("compression", {}).get("structure", {}))
     out = out or run_dir / ARTIFACT_NAME
     export_model(model, cfg.model, interactions.user_ids, interactions.item_ids, out)
     return out

@@ -7,7 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=${1:-outputs/reproduce_ml100k}
 PY=${PYTHON:-python}
-run() { "$PY" -m recsys_compress.train trainer.progress_bar=false "$@"; }
+# skip_completed: a rerun keeps the runs that finished (delete the root to start over).
+run() { "$PY" -m recsys_compress.train trainer.progress_bar=false skip_completed=true "$@"; }
 for seed in ${SEEDS:-0 1 2}; do
   run experiment=ml100k_ratio_mf seed=$seed hydra.run.dir=$ROOT/ratio_mf/$seed
   run experiment=ml100k_ratio_neumf seed=$seed hydra.run.dir=$ROOT/ratio_neumf/$seed

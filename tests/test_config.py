@@ -136,7 +136,7 @@ BAD_VALUES = [
     ({"trainer": {"check_val_every_n_epoch": 0}}, "trainer.check_val_every_n_epoch"),
     ({"trainer": {"progress_refresh_rate": 0}}, "trainer.progress_refresh_rate"),
     # logger
-    ({"logger": {"name": "wandb"}}, "logger.name"),
+    ({"logger": {"name": "tensorboard"}}, "logger.name"),
     # combinations
     ({"loss": {"name": "mse"}}, "data.feedback=explicit"),
     ({"data": {"feedback": "explicit"}, "loss": {"name": "bce"}}, "loss=mse"),

@@ -16,6 +16,7 @@ from hydra import compose, initialize_config_dir
 
 from recsys_compress.config import TrainConfig, to_train_config
 from recsys_compress.data.datamodule import RecDataModule
+from recsys_compress.errors import ConfigError
 from recsys_compress.metrics import SampledRankingMetrics
 from recsys_compress.train import train
 from tests.conftest import CONF_DIR, REPO
@@ -198,6 +199,17 @@ def test_same_seed_same_metrics(tmp_path: Path) -> None:
     assert third["test"] != first["test"]
 
 
+def test_same_seed_same_metrics_with_dense_stage_and_compression(tmp_path: Path) -> None:
+    overrides = [*FAST, "compression=[prune,qat]", "compression.dense_epochs=1"]
+    first = train(compose_config(overrides), tmp_path / "a")
+    second = train(compose_config(overrides), tmp_path / "b")
+    for part in ("val", "test"):
+        assert first[part] == second[part]
+        assert first["dense"][part] == second["dense"][part]
+    assert first["compression"]["artifact_bytes"] == second["compression"]["artifact_bytes"]
+    assert (tmp_path / "a" / "model.pt").read_bytes() == (tmp_path / "b" / "model.pt").read_bytes()
+
+
 def run_cli(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "RECSYS_COMPRESS_CACHE": str(tmp_path / "cache")}
     return subprocess.run(
@@ -216,6 +228,16 @@ def test_cli_run_prints_table_and_run_dir(tmp_path: Path) -> None:
     assert "ndcg@10" in result.stdout
     assert f"Run dir: {tmp_path}/run" in result.stdout.replace("\n", "")
     assert json.loads((tmp_path / "run" / "results.json").read_text())["status"] == "completed"
+    # the same run dir again: refused, the completed run stays as it was ...
+    before = (tmp_path / "run" / "results.json").read_bytes()
+    again = run_cli(FAST, tmp_path)
+    assert again.returncode == 2 and "Traceback" not in again.stderr
+    assert "already holds a completed run" in again.stderr and "overwrite=true" in again.stderr
+    assert (tmp_path / "run" / "results.json").read_bytes() == before
+    # ... unless the user asks for it
+    replaced = run_cli([*FAST, "overwrite=true"], tmp_path)
+    assert replaced.returncode == 0, replaced.stderr
+    assert (tmp_path / "run" / "results.json").read_bytes() != before
 
 
 @pytest.mark.parametrize(
@@ -239,3 +261,40 @@ def test_cli_bad_input_fails_before_training(
     assert expected in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_post_training_quantization_baseline_trains_nothing(tmp_path: Path) -> None:
+    """compression.qat.post_training: the dense stage's model, quantised as is (PTQ)."""
+    cfg = compose_config(
+        [
+            *FAST,
+            "compression=qat",
+            "compression.dense_epochs=2",
+            "compression.qat.post_training=true",
+        ]
+    )
+    record = train(cfg, tmp_path)
+    assert record["epochs_trained"] == 0 and record["best_epoch"] is None
+    assert record["compression"]["structure"]["quantized"]  # integer modules, no QAT epochs
+    dense = torch.load(tmp_path / "dense" / "checkpoints" / "best.ckpt", weights_only=True)
+    table = dense["state_dict"]["model.user_embedding.weight"]
+    model = torch.load(tmp_path / "model.pt", weights_only=True)
+    q, scales = model["user_embedding.qweight"], model["user_embedding.scales"]
+    # the integers are the dense table's, rounded on its own per-row float16 scales
+    assert torch.equal(scales, scales.half().float())
+    assert (q.float() * scales - table).abs().max() <= 0.5 * scales.max() * (1 + 1e-4)
+    assert record["test"]["ndcg@10"] == pytest.approx(record["dense"]["test"]["ndcg@10"], abs=0.02)
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["compression=[prune,qat]"], r"\['prune'\] train: use compression=qat alone"),
+        (["compression=qat", "compression.dense_epochs=0"], "compression.dense_epochs > 0"),
+    ],
+)
+def test_post_training_quantization_refuses_what_cannot_work(
+    overrides: list[str], expected: str
+) -> None:
+    with pytest.raises(ConfigError, match=expected):
+        compose_config([*overrides, "compression.qat.post_training=true"])
