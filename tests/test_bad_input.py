@@ -141,6 +141,8 @@ OUT_OF_RANGE: dict[str, tuple[Any, dict[str, Any]]] = {
     "compression.embedding_weight_decay": (-1.0, {}),
     "compression.lr": (0.0, {}),
     "seed": (-1, {}),
+    "budget_bytes": (0, {}),
+    "budget_ratio": (1.5, {}),
 }
 FLOAT_FIELDS = sorted(k for k, t in numeric_fields().items() if t is float)
 
