@@ -45,6 +45,7 @@ from recsys_compress.compression.targets import (
     TargetSpec,
     module_group,
     replace_module,
+    require_match,
     select_targets,
 )
 from recsys_compress.errors import ConfigError
@@ -477,13 +478,7 @@ def select_layer_targets(model: nn.Module, spec: TargetSpec, key: str) -> list[T
             and not _matches(names, list(spec.exclude))
         ):
             found.append(Target(name, module, group))
-    if not found:
-        raise ConfigError(
-            f"{key} (groups={list(spec.groups)}, include={list(spec.include)}, "
-            f"exclude={list(spec.exclude)}) matches no module. Modules that could match: "
-            f"{', '.join(candidates) or 'none'}."
-        )
-    return found
+    return require_match(found, candidates, spec, key)
 
 
 def factorised_layer(root: nn.Module, name: str) -> _Factorised | None:

@@ -84,6 +84,13 @@ def select_targets(model: nn.Module, spec: TargetSpec, key: str) -> list[Target]
         selected = group in spec.groups and _matches(name, spec.include)
         if selected and not _matches(name, spec.exclude):
             found.append(Target(name, module, group))
+    return require_match(found, candidates, spec, key)
+
+
+def require_match(
+    found: list[Target], candidates: list[str], spec: TargetSpec, key: str
+) -> list[Target]:
+    """``found``, or a ConfigError naming ``key`` and listing the ``candidates`` when empty."""
     if not found:
         raise ConfigError(
             f"{key} (groups={list(spec.groups)}, include={list(spec.include)}, "

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from recsys_compress.reporting.figures import save_figure
 from recsys_compress.reporting.tables import record_value
 
 DENSE = "dense"
@@ -274,10 +275,4 @@ def plot_pareto(
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    prefix = Path(out_prefix)
-    prefix.parent.mkdir(parents=True, exist_ok=True)
-    paths = [prefix.with_name(prefix.name + ext) for ext in (".png", ".pdf")]
-    for path in paths:
-        fig.savefig(path, dpi=150, bbox_inches="tight")
-    plt.close(fig)
-    return paths
+    return save_figure(fig, out_prefix)

@@ -37,6 +37,7 @@ from recsys_compress.errors import ConfigError, DataError
 from recsys_compress.export import ARTIFACT_NAME, load_compressed
 from recsys_compress.models import Recommender, build_model
 from recsys_compress.module import RecommenderModule
+from recsys_compress.reporting.figures import save_figure
 from recsys_compress.results import RESULTS_FILE
 
 METHODS = ("prune", "svd", "qat")
@@ -336,13 +337,7 @@ def plot_sensitivity(result: SensitivityResult, out_prefix: str | Path) -> list[
     fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
     fig.suptitle(f"per-layer sensitivity (uncompressed {result.metric} {result.baseline:.4f})")
     fig.tight_layout()
-    prefix = Path(out_prefix)
-    prefix.parent.mkdir(parents=True, exist_ok=True)
-    paths = [prefix.with_name(prefix.name + ext) for ext in (".png", ".pdf")]
-    for path in paths:
-        fig.savefig(path, dpi=150, bbox_inches="tight")
-    plt.close(fig)
-    return paths
+    return save_figure(fig, out_prefix)
 
 
 def write_outputs(result: SensitivityResult, out_prefix: str | Path) -> list[Path]:
