@@ -1,0 +1,77 @@
+"""What every benchmark section returns, and the small timing / memory helpers they share.
+
+A section is a module with ``run(quick: bool) -> list[Figure]``. Figures are ratios against a
+reference measured in the same process where the issue asks for one, because the machine is shared
+and noisy; absolute times and throughputs go into ``details``.
+"""
+
+from __future__ import annotations
+
+import gc
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class Figure:
+    """One measured figure and its target: passes when ``value <op> target``."""
+
+    section: str
+    name: str
+    value: float
+    target: float | None = None
+    op: str = "<="
+    unit: str = "x"
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool | None:
+        """None for figures reported without a target."""
+        if self.target is None:
+            return None
+        return self.value <= self.target if self.op == "<=" else self.value >= self.target
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "passed": self.passed}
+
+
+def median_seconds(fn: Callable[[], Any], repeat: int, warmup: int = 1) -> float:
+    """Median wall time of ``fn()`` over ``repeat`` calls after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        gc.collect()
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def interleaved_medians(
+    fns: dict[str, Callable[[], Any]], repeat: int, warmup: int = 1
+) -> dict[str, float]:
+    """Median time of each function, timed in alternation so that load on a shared machine
+    hits all of them alike (a ratio of two medians taken minutes apart is mostly noise)."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            gc.collect()
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MB (ru_maxrss is KB on Linux)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (1 << 20) if sys.platform == "darwin" else rss / 1024
