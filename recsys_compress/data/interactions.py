@@ -20,6 +20,7 @@ import pandas as pd
 import torch
 
 from recsys_compress.config import DataConfig
+from recsys_compress.data.sorting import lexsort_ints, stable_argsort, time_key
 from recsys_compress.errors import DataError
 from recsys_compress.io import atomic_write
 
@@ -96,6 +97,37 @@ def _k_core(users: np.ndarray, items: np.ndarray, min_user: int, min_item: int) 
         keep = new_keep
 
 
+def _factorize(ids: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """``pd.factorize(ids, sort=True)``; integer ids spanning at most a few times as many values
+    as there are rows (MovieLens ids) take a faster route through a dense lookup table."""
+    values = ids.to_numpy()
+    if values.dtype.kind in "iu" and len(values):
+        low, high = int(values.min()), int(values.max())
+        if high - low < 4 * len(values) + 1024:
+            codes, uniques = _compact(values.astype(np.int64, copy=False) - low, high - low + 1)
+            return codes, (uniques + low).astype(values.dtype)
+    return pd.factorize(ids, sort=True)
+
+
+def _user_time_order(users: np.ndarray, timestamps: np.ndarray, num_users: int) -> np.ndarray:
+    """Row order by (user, timestamp with NaN first, row): one packed integer sort when the
+    timestamps are whole numbers, else a stable float sort then a stable sort by user."""
+    keyed = time_key(timestamps)
+    if keyed is not None:
+        return lexsort_ints([users, keyed[0]], [num_users, keyed[1]])
+    by_time = np.argsort(np.nan_to_num(timestamps, nan=-np.inf), kind="stable")
+    return by_time[stable_argsort(users[by_time], num_users)]
+
+
+def _compact(codes: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Codes in ``[0, size)`` -> (codes renumbered ``0..m-1`` in the same order, the ``m`` old
+    codes that occur, ascending): ``np.unique(codes, return_inverse=True)`` without a sort."""
+    used = np.bincount(codes, minlength=size) > 0
+    if used.all():
+        return codes, np.arange(size)
+    return (np.cumsum(used) - 1)[codes], np.flatnonzero(used)
+
+
 def preprocess(
     frame: pd.DataFrame,
     *,
@@ -119,39 +151,39 @@ def preprocess(
             f"data.rating_threshold={rating_threshold} but {origin} has no ratings: "
             "set data.rating_col, or data.rating_threshold=null."
         )
-    user_codes, user_ids = pd.factorize(frame["user"], sort=True)
-    item_codes, item_ids = pd.factorize(frame["item"], sort=True)
+    user_codes, user_ids = _factorize(frame["user"])
+    item_codes, item_ids = _factorize(frame["item"])
     timestamps = frame["timestamp"].to_numpy(np.float64)
     ratings = frame["rating"].to_numpy(np.float32)
-    # Latest interaction of each (user, item) pair wins; row order breaks timestamp ties.
-    order = np.lexsort((np.arange(len(frame)), np.nan_to_num(timestamps, nan=-np.inf)))
-    pair = user_codes[order].astype(np.int64) * max(len(item_ids), 1) + item_codes[order]
-    _, last = np.unique(pair[::-1], return_index=True)
-    rows = np.sort(order[len(order) - 1 - last])
+    # Rows by (user, time, row order): the final order, in which the last row of a repeated
+    # (user, item) pair is its latest interaction, the one that stays.
+    rows = _user_time_order(user_codes, timestamps, len(user_ids))
+    pair = user_codes[rows] * max(len(item_ids), 1) + item_codes[rows]
+    sorted_pairs = np.sort(pair)
+    if (sorted_pairs[1:] == sorted_pairs[:-1]).any():
+        rows = rows[~pd.Series(pair).duplicated(keep="last").to_numpy()]
     if rating_threshold is not None:
         # After de-duplication: a pair counts as positive by its latest rating.
         rows = rows[ratings[rows] >= rating_threshold]
-    user_codes, item_codes = user_codes[rows], item_codes[rows]
-    timestamps, ratings = timestamps[rows], ratings[rows]
-
     if len(rows):
-        keep = _k_core(user_codes, item_codes, min_user_interactions, min_item_interactions)
-        user_codes, item_codes = user_codes[keep], item_codes[keep]
-        timestamps, ratings = timestamps[keep], ratings[keep]
-    if len(user_codes) == 0:
+        rows = rows[
+            _k_core(
+                user_codes[rows], item_codes[rows], min_user_interactions, min_item_interactions
+            )
+        ]
+    if len(rows) == 0:
         raise DataError(
             f"no interactions left in {origin} after filtering (data.rating_threshold="
             f"{rating_threshold}, data.min_user_interactions={min_user_interactions}, "
             f"data.min_item_interactions={min_item_interactions}): lower these values."
         )
-    used_users, users = np.unique(user_codes, return_inverse=True)
-    used_items, items = np.unique(item_codes, return_inverse=True)
-    order = np.lexsort((np.nan_to_num(timestamps, nan=-np.inf), users))
+    users, used_users = _compact(user_codes[rows], len(user_ids))
+    items, used_items = _compact(item_codes[rows], len(item_ids))
     return Interactions(
-        users=torch.from_numpy(users[order].astype(np.int64)),
-        items=torch.from_numpy(items[order].astype(np.int64)),
-        ratings=torch.from_numpy(ratings[order]),
-        timestamps=torch.from_numpy(timestamps[order]),
+        users=torch.from_numpy(users),
+        items=torch.from_numpy(items),
+        ratings=torch.from_numpy(ratings[rows]),
+        timestamps=torch.from_numpy(timestamps[rows]),
         num_users=len(used_users),
         num_items=len(used_items),
         user_ids=_id_array(pd.Series(np.asarray(user_ids)[used_users])),

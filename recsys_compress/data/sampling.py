@@ -8,8 +8,10 @@ vectorised, and its cost does not grow for users who interacted with most items.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
+from recsys_compress.data.sorting import sorted_unique
 from recsys_compress.errors import DataError
 
 
@@ -20,16 +22,20 @@ class ExclusionSampler:
         self, users: torch.Tensor, items: torch.Tensor, num_users: int, num_items: int
     ) -> None:
         self.num_items = num_items
-        keys = torch.unique(users.long() * num_items + items.long())  # sorted, deduplicated
-        pair_users = torch.div(keys, num_items, rounding_mode="floor")
-        pair_items = keys - pair_users * num_items
-        counts = torch.bincount(pair_users, minlength=num_users)
-        self.indptr = torch.zeros(num_users + 1, dtype=torch.long)
-        self.indptr[1:] = torch.cumsum(counts, 0)
-        self.degree = counts
-        rank_in_user = torch.arange(len(keys)) - self.indptr[pair_users]
-        self._keys = pair_users * (num_items + 1) + (pair_items - rank_in_user)
-        full = torch.nonzero(counts >= num_items).flatten()
+        pairs = users.long().cpu().numpy() * num_items + items.long().cpu().numpy()
+        pair_keys = sorted_unique(pairs)
+        pair_users = pair_keys // num_items
+        counts = np.bincount(pair_users, minlength=num_users)
+        indptr = np.zeros(num_users + 1, dtype=np.int64)
+        np.cumsum(counts, out=indptr[1:])
+        # user * (num_items + 1) + item - rank_in_user, with rank_in_user = j - indptr[user]
+        keys = pair_keys + pair_users
+        keys += indptr[pair_users]
+        keys -= np.arange(len(keys))
+        self._keys = torch.from_numpy(keys)
+        self.indptr = torch.from_numpy(indptr)
+        self.degree = torch.from_numpy(counts)
+        full = np.flatnonzero(counts >= num_items)
         if len(full):
             raise DataError(
                 f"{len(full)} users interacted with every item, so no negative item exists for "
@@ -41,10 +47,10 @@ class ExclusionSampler:
     ) -> torch.Tensor:
         """``[len(users), k]`` items, each uniform over the user's non-excluded items."""
         users = users.long()
-        free = (self.num_items - self.degree[users]).to(torch.float64)
+        free = self.num_items - self.degree[users]
         uniform = torch.rand((len(users), k), generator=generator, dtype=torch.float64)
-        rank = (uniform * free[:, None]).long()
-        rank = torch.minimum(rank, (free[:, None] - 1).long())
-        base = users[:, None] * (self.num_items + 1)
-        below = torch.searchsorted(self._keys, base + rank, right=True) - self.indptr[users, None]
-        return rank + below
+        rank = uniform.mul_(free.to(torch.float64)[:, None]).long()
+        rank = torch.minimum(rank, (free - 1)[:, None], out=rank)
+        query = rank + (users * (self.num_items + 1))[:, None]
+        below = torch.searchsorted(self._keys, query, right=True)
+        return below.sub_(self.indptr[users][:, None]).add_(rank)

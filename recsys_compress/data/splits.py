@@ -13,6 +13,7 @@ import numpy as np
 
 from recsys_compress.config import SplitConfig
 from recsys_compress.data.interactions import Interactions
+from recsys_compress.data.sorting import group_fraction_order, stable_argsort, time_key
 from recsys_compress.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,13 @@ def _group_positions(users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     sizes = np.diff(np.r_[starts, len(users)])
     group_start = np.repeat(starts, sizes)
     return np.arange(len(users)) - group_start, np.repeat(sizes, sizes)
+
+
+def _sorted_rows(rows: np.ndarray, n: int) -> np.ndarray:
+    """``np.sort(rows)`` for distinct row indices below ``n``, in linear time."""
+    mask = np.zeros(n, dtype=bool)
+    mask[rows] = True
+    return np.flatnonzero(mask)
 
 
 def leave_one_out_split(interactions: Interactions) -> Split:
@@ -62,8 +70,10 @@ def ratio_split(interactions: Interactions, ratios: list[float], seed: int) -> S
     """
     users = interactions.users.numpy()
     rng = np.random.default_rng(seed)
-    order = np.lexsort((rng.random(len(users)), users))
-    position, size = _group_positions(users[order])
+    order = group_fraction_order(users, interactions.num_users, rng.random(len(users)))
+    grouped = users[order]
+    # Counts per user (not per row): how many of its interactions train and validate.
+    size = np.bincount(grouped, minlength=interactions.num_users)
     total = sum(ratios)
     counts = []
     train_count = size.copy()
@@ -73,12 +83,14 @@ def ratio_split(interactions: Interactions, ratios: list[float], seed: int) -> S
         count = count + bump
         train_count = train_count - count
         counts.append(count)
-    val_count = counts[0]
-    is_train = position < train_count
-    is_val = ~is_train & (position < train_count + val_count)
-    is_test = ~is_train & ~is_val
+    val_end = train_count + counts[0]
+    position = np.arange(len(users)) - (np.cumsum(size) - size)[grouped]
+    part = np.empty(len(users), dtype=np.int8)  # 0 train, 1 validation, 2 test; by row
+    part[order] = (position >= train_count[grouped]).view(np.int8) + (position >= val_end[grouped])
     return Split(
-        train=np.sort(order[is_train]), val=np.sort(order[is_val]), test=np.sort(order[is_test])
+        train=np.flatnonzero(part == 0),
+        val=np.flatnonzero(part == 1),
+        test=np.flatnonzero(part == 2),
     )
 
 
@@ -94,12 +106,13 @@ def temporal_split(interactions: Interactions, ratios: list[float]) -> Split:
             "split=temporal needs timestamps, but the data has none: set data.timestamp_col, "
             "or use split=ratio."
         )
-    order = np.argsort(timestamps, kind="stable")
+    keyed = time_key(timestamps)
+    order = stable_argsort(*keyed) if keyed else np.argsort(timestamps, kind="stable")
     total = sum(ratios)
     n = len(order)
     train_end = round(n * ratios[0] / total)
     val_end = round(n * (ratios[0] + ratios[1]) / total)
-    train = np.sort(order[:train_end])
+    train = _sorted_rows(order[:train_end], n)
     users = interactions.users.numpy()
     items = interactions.items.numpy()
     seen_users = np.zeros(interactions.num_users, dtype=bool)
@@ -111,7 +124,7 @@ def temporal_split(interactions: Interactions, ratios: list[float]) -> Split:
         known = seen_users[users[part]] & seen_items[items[part]]
         if (~known).any():
             log.info("temporal split: dropped %d rows of unseen users/items", (~known).sum())
-        parts.append(np.sort(part[known]))
+        parts.append(_sorted_rows(part[known], n))
     return Split(train=train, val=parts[0], test=parts[1])
 
 
