@@ -20,9 +20,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from recsys_compress.compression.codec import decode_tensor, encode_tensor, payload_digest
 from recsys_compress.compression.lowrank import match_state_dict
@@ -72,11 +73,17 @@ def describe_structure(model: nn.Module) -> dict[str, Any]:
 
 
 def load_compressed_state(
-    model: nn.Module, state: dict[str, torch.Tensor], structure: dict[str, Any]
+    model: nn.Module,
+    state: dict[str, torch.Tensor],
+    structure: dict[str, Any],
+    assign: bool = False,
 ) -> None:
     """Load ``state`` into a freshly built ``model``, first rebuilding the modules that were
     factorised or reduced in dimension (told by the saved shapes), then the integer modules of
-    ``structure["quantized"]`` (factors of a factorised module included)."""
+    ``structure["quantized"]`` (factors of a factorised module included).
+
+    ``assign``: the tensors of ``state`` become the model's parameters and buffers (no copy), so
+    ``model`` may be built on the ``meta`` device; a tensor left without storage raises."""
     from recsys_compress.compression.qat import QuantizedEmbedding, QuantizedLinear, QuantScheme
 
     match_state_dict(model, state)
@@ -96,7 +103,10 @@ def load_compressed_state(
                 activation_bits=spec["activation_bits"],
             )
         replace_module(model, name, new)
-    model.load_state_dict(state)
+    model.load_state_dict(state, assign=assign)
+    empty = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if empty:
+        raise KeyError(f"no saved values for {', '.join(empty)}")
 
 
 def _ids_entry(ids: np.ndarray) -> tuple[dict[str, Any], torch.Tensor | None]:
@@ -174,19 +184,48 @@ class CompressedRecommender:
     def __init__(self, model: Recommender, user_ids: np.ndarray, item_ids: np.ndarray) -> None:
         self.model = model.eval()
         self.user_ids, self.item_ids = user_ids, item_ids
-        self._user_index = {raw: i for i, raw in enumerate(user_ids.tolist())}
+        # Raw -> internal ids by binary search over the sorted raw ids (usually sorted already):
+        # vectorised, and no per-user Python objects for millions of users.
+        ordered = len(user_ids) < 2 or bool(np.all(user_ids[1:] > user_ids[:-1]))
+        self._order = None if ordered else np.argsort(user_ids, kind="stable")
+        self._sorted_ids = user_ids if self._order is None else user_ids[self._order]
+
+    def user_index(self, user_ids: list | np.ndarray) -> np.ndarray:
+        """Internal indices (int64) of raw user ids; unknown ids raise :class:`DataError`."""
+        query = np.asarray(user_ids).reshape(-1)
+        sorted_ids = self._sorted_ids
+        pos = np.searchsorted(sorted_ids, query).clip(max=max(len(sorted_ids) - 1, 0))
+        found = sorted_ids[pos] == query if len(sorted_ids) else np.zeros(len(query), bool)
+        if not found.all():
+            missing = query[~found][:5].tolist()
+            raise DataError(
+                f"unknown user ids {missing}: the artifact knows {len(self.user_ids)} users."
+            )
+        return (pos if self._order is None else self._order[pos]).astype(np.int64)
 
     @torch.no_grad()
     def recommend(self, user_ids: list | np.ndarray, k: int = 10) -> np.ndarray:
         """``[len(user_ids), k]`` raw item ids, best first, for raw user ids."""
-        missing = [u for u in user_ids if u not in self._user_index]
-        if missing:
-            raise DataError(
-                f"unknown user ids {missing[:5]}: the artifact knows {len(self.user_ids)} users."
-            )
-        users = torch.tensor([self._user_index[u] for u in user_ids], dtype=torch.long)
+        users = torch.from_numpy(self.user_index(user_ids))
         top = torch.topk(self.model.score_all(users), min(k, self.model.num_items), dim=1)
         return self.item_ids[top.indices.numpy()]
+
+
+_INIT_FUNCTIONS = frozenset(
+    getattr(nn.init, name) for name in dir(nn.init) if name.endswith("_") and name[0] != "_"
+)
+
+
+class _SkipInit(TorchFunctionMode):
+    """``torch.nn.init`` functions do nothing inside: a model that is about to receive saved
+    values is built without drawing random ones (on the meta device, each call costs ~2 ms)."""
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None
+    ) -> Any:
+        if func in _INIT_FUNCTIONS:
+            return args[0] if args else (kwargs or {})["tensor"]
+        return func(*args, **(kwargs or {}))
 
 
 def load_compressed(path: str | Path) -> CompressedRecommender:
@@ -197,13 +236,11 @@ def load_compressed(path: str | Path) -> CompressedRecommender:
     """
     path = Path(path)
     try:
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata()
-        text = metadata["recsys_compress"]
+            text = handle.metadata()["recsys_compress"]
+            names = handle.keys()  # a safe_open handle is not iterable itself
+            tensors = {name: handle.get_tensor(name) for name in names}
         meta = unpack_metadata(text)
-        tensors = load_file(str(path))
         if meta.get("format") != FORMAT:
             raise KeyError("format")
         digest = tensors.pop(DIGEST, None)
@@ -214,10 +251,13 @@ def load_compressed(path: str | Path) -> CompressedRecommender:
                 "`python -m recsys_compress.export <run dir>`."
             )
         state = {name: decode_tensor(name, tensors, info) for name, info in meta["tensors"].items()}
-        model = build_model(
-            _plain(ModelConfig(**meta["model"])), meta["num_users"], meta["num_items"]
-        )
-        load_compressed_state(model, state, meta["structure"])
+        # Built without storage or random init (the load assigns the decoded tensors).
+        with _SkipInit():
+            with torch.device("meta"):
+                model = build_model(
+                    _plain(ModelConfig(**meta["model"])), meta["num_users"], meta["num_items"]
+                )
+            load_compressed_state(model, state, meta["structure"], assign=True)
     except DataError:
         raise
     except (

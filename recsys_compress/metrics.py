@@ -54,12 +54,53 @@ def validate_metric_names(
     return tuple(values)
 
 
+def _relevant_pairs(
+    scores: Tensor, relevant: Tensor | tuple[Tensor, Tensor]
+) -> tuple[Tensor, Tensor]:
+    """(row, item) indices of the relevant entries, on the scores' device; checks the shapes."""
+    if isinstance(relevant, Tensor):
+        if scores.ndim != 2 or scores.shape != relevant.shape:
+            raise ValueError(
+                "scores and relevant must both be [n_users, n_items], got "
+                f"{tuple(scores.shape)} and {tuple(relevant.shape)}"
+            )
+        mask = relevant.to(device=scores.device, dtype=torch.bool)
+        return mask.nonzero(as_tuple=True)
+    rows, items = relevant
+    if scores.ndim != 2 or rows.ndim != 1 or rows.shape != items.shape:
+        raise ValueError(
+            "scores must be [n_users, n_items] and the relevant (row, item) indices two 1-D "
+            f"tensors of one length, got {tuple(scores.shape)}, {tuple(rows.shape)} and "
+            f"{tuple(items.shape)}"
+        )
+    return rows.to(scores.device), items.to(scores.device)
+
+
+def _nan_as_lowest(values: Tensor) -> Tensor:
+    return values.nan_to_num(nan=-math.inf, posinf=math.inf, neginf=-math.inf)
+
+
+def _place_among_ties(rows: Tensor, values: Tensor) -> Tensor:
+    """For each entry, how many entries of the same row and the same value come before it
+    (0, 1, ... within each group of ties; the order inside a group is arbitrary)."""
+    order = values.argsort(stable=True)
+    order = order[rows[order].argsort(stable=True)]
+    sorted_rows, sorted_values = rows[order], values[order]
+    position = torch.arange(len(order), device=rows.device)
+    starts = torch.ones_like(sorted_rows, dtype=torch.bool)
+    starts[1:] = (sorted_rows[1:] != sorted_rows[:-1]) | (sorted_values[1:] != sorted_values[:-1])
+    group_start = torch.where(starts, position, 0).cummax(0).values
+    place = torch.empty_like(position)
+    place[order] = position - group_start
+    return place
+
+
 class FullRankingMetrics(Metric):
     """Top-K metrics over the full item catalogue (binary relevance, pessimistic ties).
 
     ``compute()`` returns ``{"<metric>@<k>": mean over counted users}`` for every metric and k;
     users without relevant items are skipped, and every value is 0.0 when no user was counted.
-    Ties are broken exactly for float32/float16/bfloat16 scores (see ``update``).
+    Ties are broken exactly for scores of any float dtype (see ``update``).
     """
 
     is_differentiable = False
@@ -79,44 +120,50 @@ class FullRankingMetrics(Metric):
         self.add_state("totals", torch.zeros(shape, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
 
-    def update(
-        self,
-        scores: Tensor,
-        relevant: Tensor,
-        relevant_index: tuple[Tensor, Tensor] | None = None,
-    ) -> None:
+    def update(self, scores: Tensor, relevant: Tensor | tuple[Tensor, Tensor]) -> None:
         """Add a chunk of users.
 
         ``scores``: float [B, n_items]; excluded (training) items already set to -inf by the caller.
-        ``relevant``: bool [B, n_items], the held-out items. Rows without any are skipped.
-        ``relevant_index``: optionally the (row, item) indices of ``relevant``'s True entries,
-        each pair once, when the caller has them (saves a pass over the matrix).
+        ``relevant``: the held-out items, as a bool [B, n_items] matrix or as its (row, item)
+        indices, each pair once (what evaluation batches hold, so no dense matrix is built).
+        Rows without any are skipped.
 
-        Pessimistic ties, exactly and without sorting: in float64 every relevant score is moved
-        down by one float64 ulp. Distinct float32 values are many float64 ulps apart, so this only
-        puts a relevant item below the non-relevant items it was tied with. -inf (and NaN) become
-        the lowest finite float64 for non-relevant items and -inf for relevant ones.
+        Pessimistic ties, exactly, with one ``topk`` and no copy of the scores: a relevant item
+        ranks at #(items scoring >= it) minus its place among the relevant items tied with it
+        (tied relevant items take the last places of their tie). The top-K values give that
+        count for every item scoring above the K-th value; only rows where a relevant item ties
+        with the K-th value need a count over the whole row. NaN counts as -inf.
         """
-        if scores.ndim != 2 or scores.shape != relevant.shape:
-            raise ValueError(
-                "scores and relevant must both be [n_users, n_items], got "
-                f"{tuple(scores.shape)} and {tuple(relevant.shape)}"
-            )
-        n_items = scores.shape[1]
+        rows, items = _relevant_pairs(scores, relevant)
+        n_users, n_items = scores.shape
         if n_items == 0:
             return
-        relevant = relevant.to(device=scores.device, dtype=torch.bool)
-        lowest = torch.finfo(torch.float64).min
-        s = scores.detach().to(torch.float64, copy=True)
-        s.nan_to_num_(nan=lowest, posinf=math.inf, neginf=lowest)
-        # Only the few relevant entries move (indexing them beats a pass over the matrix);
-        # a relevant -inf / NaN goes from the lowest finite value to -inf.
-        rows, cols = relevant.nonzero(as_tuple=True) if relevant_index is None else relevant_index
-        s[rows, cols] = s[rows, cols].nextafter(s.new_tensor(-math.inf))
-
         k_max = min(max(self.ks), n_items)
-        hits = relevant.gather(1, s.topk(k_max, dim=1).indices).to(torch.float64)  # [B, k_max]
-        n_rel = torch.bincount(rows, minlength=relevant.shape[0])
+        s = scores.detach()
+        top = s.topk(k_max, dim=1).values  # [B, k_max], descending; NaN sorts first
+        if bool(top[:, 0].isnan().any()):
+            nan_rows = top[:, 0].isnan().nonzero().squeeze(1)
+            top[nan_rows] = _nan_as_lowest(s[nan_rows]).topk(k_max, dim=1).values
+        kth = top[:, -1]
+        rel_scores = _nan_as_lowest(s[rows, items])
+        # Only the relevant items scoring at least the K-th value can be in the top K.
+        near = (rel_scores >= kth[rows]).nonzero().squeeze(1)
+        near_rows, near_scores = rows[near], rel_scores[near]
+        at_least = (top[near_rows] >= near_scores[:, None]).sum(1)
+        boundary = near_scores == kth[near_rows]  # the tie may run past the top K: count it
+        if bool(boundary.any()):
+            tie_rows = near_rows[boundary].unique()
+            tie_kth = kth[tie_rows, None]
+            beyond = (_nan_as_lowest(s[tie_rows]) == tie_kth).sum(1)
+            beyond -= (top[tie_rows] == tie_kth).sum(1)
+            extra = torch.zeros(n_users, dtype=at_least.dtype, device=s.device)
+            extra[tie_rows] = beyond
+            at_least += torch.where(boundary, extra[near_rows], 0)
+        rank = at_least - _place_among_ties(near_rows, near_scores)  # 1-based
+        hit = rank <= k_max
+        hits = torch.zeros(n_users, k_max, dtype=torch.float64, device=s.device)
+        hits[near_rows[hit], rank[hit] - 1] = 1.0
+        n_rel = torch.bincount(rows, minlength=n_users)
         counted = n_rel > 0
 
         f64 = {"device": s.device, "dtype": torch.float64}

@@ -85,7 +85,7 @@ def payload_digest(entries: dict[str, torch.Tensor], meta: str) -> torch.Tensor:
     for name in sorted(entries):
         tensor = entries[name].detach().cpu().contiguous()
         digest.update(f"{name}:{tensor.dtype}:{list(tensor.shape)};".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())  # hashed in place
     return torch.frombuffer(bytearray(digest.digest()[:16]), dtype=torch.uint8)
 
 

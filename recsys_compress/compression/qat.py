@@ -577,9 +577,13 @@ class QuantizedEmbedding(_Quantized):
         self._init_storage(scheme, num_embeddings, embedding_dim, device)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        # index_select copies whole rows: on CPU several times faster than ``t[flat]``, and
+        # all_rows reads the whole table through here.
         flat = ids.reshape(-1)
-        zero_points = None if self.zero_points is None else self.zero_points[flat]
-        rows = dequantize(self.qweight[flat], self.scales[flat], zero_points)
+        zero_points = None if self.zero_points is None else self.zero_points.index_select(0, flat)
+        rows = dequantize(
+            self.qweight.index_select(0, flat), self.scales.index_select(0, flat), zero_points
+        )
         return rows.view(*ids.shape, self.embedding_dim)
 
     def extra_repr(self) -> str:

@@ -1,0 +1,132 @@
+"""Inference: ``recommend(user_ids, k=10)`` latency and load time of each compressed artifact.
+
+One short training run per method (MF-64 on an ML-1M-sized synthetic catalogue: 6,040 users x
+3,706 items) writes the real artifacts: int8 QAT, int4 QAT, pruned (80% zeros, stored as bitmask
++ values) and SVD (half the parameters). The dense reference is the dense run's ``model.pt``
+(what ``train.py`` saves) loaded as the package loads one (:func:`load_run_state`: build the
+model of the run's config, load the state dict; the config itself is parsed beforehand, as the
+artifact's is part of its load) and served through the same :class:`CompressedRecommender`
+wrapper, so a ratio measures the compressed representation, not the id mapping around it.
+
+Targets: each artifact recommends for 1,000 users within 1.5x the dense model's latency and
+loads no slower than the dense checkpoint (ratio <= 1.0). Timed on one thread, interleaved with
+the reference (see :mod:`benchmarks.evaluation` for why).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from hydra import compose, initialize_config_dir
+
+from benchmarks.common import Figure, interleaved_medians
+from recsys_compress.config import TrainConfig, to_train_config
+from recsys_compress.export import CompressedRecommender, load_compressed, load_run_state
+from recsys_compress.models import build_model
+
+SECTION = "inference"
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+METHODS = {
+    "int8 QAT": ["compression=qat", "compression.qat.bits=8"],
+    "int4 QAT": ["compression=qat", "compression.qat.bits=4"],
+    "pruned 80%": ["compression=prune"],
+    "SVD 0.5 params": ["compression=svd"],
+}
+NUM_USERS = 1000
+K = 10
+
+
+def run_config(overrides: list[str], epochs: int) -> TrainConfig:
+    base = [
+        "data=synthetic",
+        "data.synthetic.num_users=6040",
+        "data.synthetic.num_items=3706",
+        "data.synthetic.interactions_per_user=20",
+        "model=mf",
+        "compression.dense_epochs=0",
+        f"trainer.max_epochs={epochs}",
+        "trainer.progress_bar=false",
+        "logger=none",
+    ]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return to_train_config(compose("train", overrides=[*base, *overrides]))
+
+
+def load_dense(
+    run_dir: Path, cfg: TrainConfig, record: dict[str, Any], ids: tuple[np.ndarray, np.ndarray]
+) -> CompressedRecommender:
+    """The dense reference: a run's ``model.pt`` into the model its config builds."""
+    model = build_model(cfg.model, record["data"]["num_users"], record["data"]["num_items"])
+    load_run_state(model, run_dir / "model.pt", {})
+    return CompressedRecommender(model, *ids)
+
+
+def run(quick: bool) -> list[Figure]:
+    from recsys_compress.train import train
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    epochs, repeat = (1, 7) if quick else (2, 21)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            root = Path(tmp)
+            dense_cfg = run_config(["compression=none"], epochs)
+            dense_record = train(dense_cfg, root / "dense")
+            artifacts = {
+                name: Path(train(run_config(o, epochs), root / str(i))["compression"]["artifact"])
+                for i, (name, o) in enumerate(METHODS.items())
+            }
+            loaded = {name: load_compressed(path) for name, path in artifacts.items()}
+            some = next(iter(loaded.values()))
+            ids = (some.user_ids, some.item_ids)
+            models = {"dense": load_dense(root / "dense", dense_cfg, dense_record, ids), **loaded}
+            users = np.random.default_rng(0).choice(some.user_ids, NUM_USERS, replace=False)
+            many = interleaved_medians(
+                {name: (lambda m=m: m.recommend(users, K)) for name, m in models.items()}, repeat
+            )
+            one = interleaved_medians(
+                {name: (lambda m=m: m.recommend(users[:1], K)) for name, m in models.items()},
+                repeat * 5,
+            )
+            loads = {"dense": lambda: load_dense(root / "dense", dense_cfg, dense_record, ids)}
+            loads.update({name: (lambda p=p: load_compressed(p)) for name, p in artifacts.items()})
+            load_s = interleaved_medians(loads, repeat)
+            dense_bytes = (root / "dense" / "model.pt").stat().st_size
+            sizes = {name: path.stat().st_size for name, path in artifacts.items()}
+    finally:
+        torch.set_num_threads(threads)
+    figures = []
+    for name in artifacts:
+        latency = {
+            "ms": many[name] * 1e3,
+            "dense_ms": many["dense"] * 1e3,
+            "one_user_ms": one[name] * 1e3,
+            "one_user_dense_ms": one["dense"] * 1e3,
+        }
+        loading = {
+            "ms": load_s[name] * 1e3,
+            "dense_ms": load_s["dense"] * 1e3,
+            "artifact_bytes": sizes[name],
+            "dense_model_pt_bytes": dense_bytes,
+        }
+        figures += [
+            Figure(
+                SECTION,
+                f"recommend {NUM_USERS} users k={K}: {name} / dense",
+                many[name] / many["dense"],
+                1.5,
+                details=latency,
+            ),
+            Figure(
+                SECTION,
+                f"load: {name} artifact / dense model.pt",
+                load_s[name] / load_s["dense"],
+                1.0,
+                details=loading,
+            ),
+        ]
+    return figures

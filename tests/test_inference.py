@@ -1,0 +1,128 @@
+"""Serving an artifact: ``recommend`` of every compressed form equals the top-K of the exported
+model's own scores, in the dataset's raw ids."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from recsys_compress import load_compressed
+from recsys_compress.compression.lowrank import LowRankEmbedding
+from recsys_compress.compression.qat import QuantScheme, convert_module, to_fake_quant
+from recsys_compress.compression.targets import replace_module
+from recsys_compress.config import ModelConfig
+from recsys_compress.errors import DataError
+from recsys_compress.export import export_model
+from recsys_compress.models import Recommender, build_model
+
+N_USERS, N_ITEMS, DIM = 60, 90, 32
+TABLES = ("user_embedding", "item_embedding")
+MODEL_CFG = ModelConfig(name="mf", dim=DIM)
+
+
+def quantize(bits: int, group_size: int | None) -> Callable[[Recommender], None]:
+    def apply(model: Recommender) -> None:
+        scheme = QuantScheme(bits, group_size, True, "float16")
+        for name in TABLES:
+            fake = to_fake_quant(model.get_submodule(name), scheme)
+            replace_module(model, name, convert_module(fake))
+
+    return apply
+
+
+def prune(model: Recommender) -> None:
+    with torch.no_grad():
+        for name in TABLES:
+            weight = model.get_submodule(name).weight
+            weight[weight.abs() < weight.abs().quantile(0.8)] = 0.0
+
+
+def factorise(model: Recommender) -> None:
+    for name in TABLES:
+        low, _ = LowRankEmbedding.from_module(model.get_submodule(name), 8)
+        replace_module(model, name, low)
+
+
+def factorise_then_quantize(model: Recommender) -> None:
+    factorise(model)
+    scheme = QuantScheme(8, None, True, "float16")
+    for name in TABLES:
+        left = f"{name}.left"
+        replace_module(
+            model, left, convert_module(to_fake_quant(model.get_submodule(left), scheme))
+        )
+
+
+METHODS = {
+    "dense": lambda model: None,
+    "int8": quantize(8, None),
+    "int4_groups": quantize(4, 8),
+    "pruned": prune,
+    "svd": factorise,
+    "svd_int8": factorise_then_quantize,
+}
+
+RAW_ID_KINDS = {
+    # raw user ids unsorted (the binary search goes through an argsort), string item ids
+    "shuffled_ints": (
+        np.random.default_rng(0).permutation(np.arange(N_USERS) * 7 + 1000),
+        np.array([f"item-{i}" for i in range(N_ITEMS)]),
+    ),
+    "range": (np.arange(5, 5 + N_USERS), np.arange(N_ITEMS) * 2),
+    "strings": (np.array([f"u{i:03d}" for i in range(N_USERS)]), np.arange(N_ITEMS)),
+}
+
+
+def compressed_model(method: str) -> Recommender:
+    torch.manual_seed(0)
+    model = build_model(MODEL_CFG, N_USERS, N_ITEMS)
+    with torch.no_grad():
+        model.item_bias.weight.normal_(0, 0.01)
+    METHODS[method](model)
+    return model.eval()
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("ids", list(RAW_ID_KINDS))
+def test_recommend_is_the_top_k_of_the_exported_model(tmp_path: Path, method: str, ids: str):
+    model = compressed_model(method)
+    user_ids, item_ids = RAW_ID_KINDS[ids]
+    path = tmp_path / "model.safetensors"
+    export_model(model, MODEL_CFG, user_ids, item_ids, path)
+    loaded = load_compressed(path)
+    users = torch.arange(N_USERS)
+    with torch.no_grad():
+        expected_scores = model.score_all(users)
+        assert torch.equal(loaded.model.score_all(users), expected_scores)
+    assert not any(t.is_meta for t in (*loaded.model.parameters(), *loaded.model.buffers()))
+    internal = np.array([3, 0, 59, 3, 17])  # repeated and out of order
+    recs = loaded.recommend(user_ids[internal], k=10)
+    top = torch.topk(expected_scores[torch.from_numpy(internal)], 10, dim=1).indices.numpy()
+    assert recs.tolist() == item_ids[top].tolist()
+    assert loaded.recommend(list(user_ids[internal]), k=10).tolist() == recs.tolist()
+
+
+def test_compressed_tables_stay_compressed_in_memory(tmp_path: Path) -> None:
+    path = tmp_path / "model.safetensors"
+    export_model(compressed_model("int8"), MODEL_CFG, *RAW_ID_KINDS["range"], path)
+    table = load_compressed(path).model.item_embedding
+    assert table.qweight.dtype == torch.int8 and not isinstance(table, nn.Embedding)
+
+
+def test_unknown_users_and_edge_queries(tmp_path: Path) -> None:
+    path = tmp_path / "model.safetensors"
+    user_ids, item_ids = RAW_ID_KINDS["strings"]
+    export_model(compressed_model("dense"), MODEL_CFG, user_ids, item_ids, path)
+    loaded = load_compressed(path)
+    with pytest.raises(DataError, match=r"unknown user ids \['nobody', 'u999'\]"):
+        loaded.recommend(["u001", "nobody", "u999"])
+    with pytest.raises(DataError, match="unknown user ids"):
+        loaded.recommend([1])  # an int where the ids are strings
+    assert loaded.recommend([], k=4).shape == (0, 4)
+    assert loaded.recommend(["u010"], k=500).shape == (1, N_ITEMS)  # k capped at the catalogue
+    np.testing.assert_array_equal(loaded.user_index(["u002", "u000"]), [2, 0])
