@@ -104,6 +104,7 @@ OUT_OF_RANGE: dict[str, tuple[Any, dict[str, Any]]] = {
     "trainer.gradient_clip_val": (-1.0, {}),
     "trainer.fast_dev_run": (-1, {}),
     "trainer.checkpoint_every_n_steps": (0, {}),
+    "trainer.batches_per_call": (0, {}),
     "trainer.overfit_batches": (2.5, {}),
     "compression.prune.sparsity": (1.0, {}),
     "compression.prune.embedding_sparsity": (1.2, {}),
@@ -184,6 +185,22 @@ def test_non_finite_float_names_the_key(key: str, bad: float) -> None:
 def test_bad_trainer_setting_names_the_key(key: str, value: Any) -> None:
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         to_train_config(nested(key, value))
+
+
+@pytest.mark.parametrize(
+    ("optim", "key"),
+    [
+        ({"sparse": True}, "optim.embedding_weight_decay"),  # adam's default L2 on tables
+        ({"sparse": True, "name": "adamw", "embedding_weight_decay": 0.0}, "optim.name"),
+        (
+            {"sparse": True, "name": "sgd", "momentum": 0.9, "embedding_weight_decay": 0.0},
+            "optim.momentum",
+        ),
+    ],
+)
+def test_sparse_optimizer_without_support_names_the_key(optim: dict[str, Any], key: str) -> None:
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        to_train_config({"optim": optim})
 
 
 @pytest.mark.parametrize(

@@ -20,6 +20,7 @@ divided by their RMS before one threshold is chosen, and no layer is pruned to 1
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,8 +28,10 @@ import lightning as L
 import torch
 from torch import nn
 
+from recsys_compress.callbacks import estimated_optimizer_steps, optimizer_steps_per_epoch
 from recsys_compress.compression.targets import Target, TargetSpec, select_targets
 from recsys_compress.errors import ConfigError
+from recsys_compress.optim import coalesced_grad, touched_rows
 
 log = logging.getLogger(__name__)
 
@@ -132,27 +135,110 @@ def _expand(unit_mask: torch.Tensor, weight: torch.Tensor, structure: str) -> to
     return unit_mask[:, None].expand_as(weight).clone()
 
 
+# Elements per chunk of the passes over all scores (threshold selection, masks): bounds the
+# temporaries of a mask update at a few MB whatever the model's size.
+CHUNK = 1 << 20
+
+
+def _sortable_keys(values: torch.Tensor) -> torch.Tensor:
+    """int64 keys in ``[0, 2^32)`` ordered as the float32 ``values`` are (-0.0 counts as 0.0)."""
+    bits = (values.float() + 0.0).view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    return torch.where(bits >= 1 << 31, 0xFFFFFFFF - bits, bits + (1 << 31))
+
+
+def _from_key(key: int) -> float:
+    bits = key - (1 << 31) if key >= 1 << 31 else 0xFFFFFFFF - key
+    return float(torch.tensor([bits], dtype=torch.int64).to(torch.int32).view(torch.float32)[0])
+
+
+def kth_smallest(chunks: Callable[[], Iterator[torch.Tensor]], k: int) -> tuple[float, int]:
+    """The exact ``k``-th smallest (1-based) of all values ``chunks()`` yields, and how many
+    values are strictly smaller, by a two-pass
+    radix select on the values' 32-bit keys (a 65536-bin histogram of the high 16 bits, then of
+    the low 16 bits inside the chosen bin). Extra memory: one chunk and the histograms, where a
+    sort, ``topk`` or ``kthvalue`` copies all values (``kthvalue`` with int64 indices: 3x)."""
+    high = torch.zeros(1 << 16, dtype=torch.int64)
+    for chunk in chunks():
+        high += torch.bincount(_sortable_keys(chunk) >> 16, minlength=1 << 16).cpu()
+    below = torch.cumsum(high, 0)
+    prefix = int(torch.searchsorted(below, torch.tensor([k]))[0])
+    rank = k - (int(below[prefix - 1]) if prefix else 0)
+    low = torch.zeros(1 << 16, dtype=torch.int64)
+    for chunk in chunks():
+        keys = _sortable_keys(chunk)
+        keys = keys[(keys >> 16) == prefix]
+        low += torch.bincount(keys & 0xFFFF, minlength=1 << 16).cpu()
+    low_below = torch.cumsum(low, 0)
+    suffix = int(torch.searchsorted(low_below, torch.tensor([rank]))[0])
+    smaller = k - rank + (int(low_below[suffix - 1]) if suffix else 0)
+    return _from_key((prefix << 16) | suffix), smaller
+
+
+def _keep_top_pooled(
+    scores: list[torch.Tensor], scales: list[torch.Tensor | None], sparsity: float
+) -> list[torch.Tensor]:
+    """Masks keeping the largest ``round((1 - sparsity) * n)`` of the pooled values of
+    ``scores`` (each non-negative score divided by its tensor's scale, if any; negative scores,
+    the pruned-for-good marker, kept as they are). Exactly that many are kept; among equal values
+    at the threshold the lower position (tensor order, then flat index) is pruned first.
+
+    Memory: the bool masks and one chunk; the pooled values are never concatenated."""
+
+    def values(s: torch.Tensor, scale: torch.Tensor | None) -> Iterator[torch.Tensor]:
+        for chunk in s.detach().flatten().split(CHUNK):
+            yield chunk if scale is None else torch.where(chunk >= 0, chunk / scale, chunk)
+
+    total = sum(s.numel() for s in scores)
+    n_prune = min(round(sparsity * total), total)
+    masks = [torch.ones_like(s, dtype=torch.bool) for s in scores]
+    if n_prune == 0:
+        return masks
+    threshold, n_below = kth_smallest(
+        lambda: (c for s, sc in zip(scores, scales, strict=True) for c in values(s, sc)), n_prune
+    )
+    ties_to_prune = n_prune - n_below
+    for s, scale, mask in zip(scores, scales, masks, strict=True):
+        for c, m in zip(values(s, scale), mask.view(-1).split(CHUNK), strict=True):
+            m.copy_(c > threshold)
+            if ties_to_prune > 0:
+                ties = (c == threshold).nonzero().squeeze(1)
+                m[ties[ties_to_prune:]] = True
+                ties_to_prune -= min(ties_to_prune, len(ties))
+            else:
+                m |= c == threshold
+    return masks
+
+
 def _keep_top(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Mask keeping the largest ``round((1 - sparsity) * n)`` scores (ties: lower index first)."""
-    flat = scores.flatten()
-    n_prune = min(round(sparsity * flat.numel()), flat.numel())
-    mask = torch.ones_like(flat, dtype=torch.bool)
-    if n_prune > 0:
-        mask[torch.topk(flat, n_prune, largest=False, sorted=False).indices] = False
-    return mask.view_as(scores)
+    """Mask keeping the largest ``round((1 - sparsity) * n)`` scores exactly (ties: the lower
+    index is pruned first), without copying the scores (:func:`kth_smallest`)."""
+    return _keep_top_pooled([scores], [None], sparsity)[0]
 
 
 def _keep_top_per_row(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Mask keeping the largest ``round((1 - sparsity) * cols)`` scores of every row, so every
-    user / item (or output neuron) keeps the same number of weights."""
+    user / item (or output neuron) keeps the same number of weights. Rows are ranked a block at a
+    time, so the temporaries stay at a few MB for any table."""
     if scores.ndim < 2:
         return _keep_top(scores, sparsity)
     n_prune = min(round(sparsity * scores.shape[1]), scores.shape[1])
     mask = torch.ones_like(scores, dtype=torch.bool)
     if n_prune > 0:
-        drop = torch.topk(scores, n_prune, dim=1, largest=False, sorted=False).indices
-        mask.scatter_(1, drop, False)
+        rows = max(1, CHUNK // scores.shape[1])
+        for block, out in zip(scores.split(rows), mask.split(rows), strict=True):
+            drop = torch.topk(block, n_prune, dim=1, largest=False, sorted=False).indices
+            out.scatter_(1, drop, False)
     return mask
+
+
+def _alive_rms(scores: torch.Tensor) -> torch.Tensor:
+    """RMS of the non-negative scores (1 when there are none), summed a chunk at a time."""
+    total, count = 0.0, 0
+    for chunk in scores.detach().flatten().split(CHUNK):
+        alive = chunk.clamp_min(0.0)
+        total += float(alive.double().square().sum())
+        count += int((chunk >= 0).sum())
+    return scores.new_tensor((total / count) ** 0.5 if count else 1.0)
 
 
 def _next_linear(model: nn.Module, name: str) -> nn.Linear | None:
@@ -187,6 +273,7 @@ class MagnitudePruning(L.Callback):
         self._targets: list[Target] = []
         self._root: nn.Module | None = None
         self._taylor: dict[str, torch.Tensor] = {}
+        self._float_masks: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # -- Lightning hooks -------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -210,7 +297,7 @@ class MagnitudePruning(L.Callback):
         # Not in setup(): asking for the number of steps there builds the train loader before a
         # resumed run restores its position in the epoch (and this callback's end_step).
         if self.end_step is None:
-            total = int(trainer.estimated_stepping_batches)
+            total = estimated_optimizer_steps(trainer)
             self.end_step = max(self.cfg.start_step + 1, int(total * self.cfg.end_fraction))
         self.frequency = self.cfg.frequency or max(1, (self.end_step - self.cfg.start_step) // 20)
 
@@ -223,12 +310,14 @@ class MagnitudePruning(L.Callback):
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # The basis changes at the start of the epoch of the first mask, before QAT (next in the
         # pipeline) swaps in fake-quant modules whose rounding would blur the score check.
-        first_mask_now = self.cfg.start_step < trainer.global_step + trainer.num_training_batches
+        first_mask_now = self.cfg.start_step < trainer.global_step + optimizer_steps_per_epoch(
+            trainer
+        )
         if self.cfg.basis != "none" and self.last_update_step < 0 and first_mask_now:
             self._rotate(trainer)
 
-    def on_train_batch_start(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    def on_optimizer_step_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict[str, torch.Tensor]
     ) -> None:
         step = trainer.global_step
         if self.cfg.rewind_step is not None and step == self.cfg.rewind_step:
@@ -243,26 +332,12 @@ class MagnitudePruning(L.Callback):
     ) -> None:
         if self.cfg.score != "taylor" or not self._targets:
             return
-        for t in self._targets:
-            if t.weight.grad is None:
-                continue
-            contribution = (t.weight.detach() * t.weight.grad.detach()).abs()
-            if t.name in self._taylor:
-                # .to: sums restored from a (CPU) checkpoint join the weights' device
-                self._taylor[t.name] = self._taylor[t.name].to(contribution.device)
-                self._taylor[t.name] += contribution
-            else:
-                self._taylor[t.name] = contribution
+        self.accumulate_taylor()
 
-    def on_train_batch_end(
-        self,
-        trainer: L.Trainer,
-        pl_module: L.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
+    def on_optimizer_step_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict[str, torch.Tensor]
     ) -> None:
-        self.apply_masks()
+        self.apply_masks(only_touched=True)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         stats = self.sparsity_by_layer()
@@ -370,7 +445,7 @@ class MagnitudePruning(L.Callback):
         # Once pruned, stays pruned: a weight masked earlier never re-enters.
         for name, mask in self.masks.items():
             if name in scores and self.cfg.structure == "unstructured":
-                scores[name] = scores[name].masked_fill(~mask, -1.0)
+                scores[name].masked_fill_(~mask.to(scores[name].device), -1.0)
         unit_masks = self._unit_masks(scores, step)
         for t in self._targets:
             self.masks[t.name] = _expand(unit_masks[t.name], t.weight, self.cfg.structure)
@@ -382,7 +457,11 @@ class MagnitudePruning(L.Callback):
         self.current_sparsity = self.overall_sparsity()
         if self.rewind_state is not None and step >= (self.end_step or step):
             self._rewind()
-        self.apply_masks()
+        for t in self._targets:  # no float mask cached here: the sparse path never needs one
+            t.weight.masked_fill_(~self.masks[t.name].to(t.weight.device), 0.0)
+            bias_mask = self.bias_masks.get(t.name)
+            if bias_mask is not None:
+                t.module.bias.masked_fill_(~bias_mask.to(t.module.bias.device), 0.0)
 
     def _unit_masks(self, scores: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
         cfg = self.cfg
@@ -405,19 +484,9 @@ class MagnitudePruning(L.Callback):
         masks: dict[str, torch.Tensor] = {}
         for pool, names in pools.items():
             sparsity = self.target_sparsity(step, pool)
-            normalised = {}
-            for name in names:
-                s = scores[name]
-                alive = s[s >= 0]
-                rms = alive.square().mean().sqrt() if alive.numel() else s.new_tensor(1.0)
-                normalised[name] = torch.where(s >= 0, s / rms.clamp_min(1e-30), s)
-            flat = torch.cat([normalised[n].flatten() for n in names])
-            keep = _keep_top(flat, sparsity)
-            offset = 0
-            for name in names:
-                n = normalised[name].numel()
-                masks[name] = keep[offset : offset + n].view_as(normalised[name])
-                offset += n
+            scales = [_alive_rms(scores[name]).clamp_min(1e-30) for name in names]
+            keep = _keep_top_pooled([scores[n] for n in names], scales, sparsity)
+            masks.update(zip(names, keep, strict=True))
         return self._cap_layer_sparsity(masks, scores)
 
     def _cap_layer_sparsity(
@@ -443,15 +512,61 @@ class MagnitudePruning(L.Callback):
                 self.masks[t.name] = self.masks[t.name] & unit_mask[None, :]
 
     @torch.no_grad()
-    def apply_masks(self) -> None:
-        """Zero every pruned weight (and pruned neurons' biases)."""
+    def apply_masks(self, only_touched: bool = False) -> None:
+        """Zero every pruned weight (and pruned neurons' biases).
+
+        ``only_touched`` (after an optimizer step): a weight whose gradient is sparse
+        (``optim.sparse``) is masked only in the rows that gradient holds, the only rows the
+        optimizer changed, so the cost follows the batch. Otherwise the whole weight is
+        multiplied by a float copy of its mask, kept between steps (a float multiply is ~10x
+        faster than one by a bool mask, which converts every element).
+        """
         for t in self._targets:
             mask = self.masks.get(t.name)
             if mask is not None:
-                t.weight.mul_(mask.to(t.weight.device))
+                rows = touched_rows(t.weight) if only_touched else None
+                if rows is not None:
+                    kept = mask.index_select(0, rows.to(mask.device)).to(t.weight.device)
+                    t.weight.index_copy_(0, rows, t.weight.index_select(0, rows).mul_(kept))
+                else:
+                    t.weight.mul_(self._float_mask(t.name, t.weight))
             bias_mask = self.bias_masks.get(t.name)
             if bias_mask is not None:
                 t.module.bias.mul_(bias_mask.to(t.module.bias.device))
+
+    def _float_mask(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """``masks[name]`` as ``weight``'s dtype and device, cached until the masks change."""
+        cached = self._float_masks.get(name)
+        mask = self.masks[name]
+        if cached is None or cached[0] is not mask:
+            cached = (mask, mask.to(device=weight.device, dtype=weight.dtype))
+            self._float_masks[name] = cached
+        return cached[1]
+
+    @torch.no_grad()
+    def accumulate_taylor(self) -> None:
+        """Add ``|w * ∂L/∂w|`` of the current gradients to the Taylor sums (before the optimizer
+        step). A sparse gradient (``optim.sparse``) adds into its rows only (duplicates summed)."""
+        for t in self._targets:
+            if t.weight.grad is None:
+                continue
+            weight = t.weight.detach()
+            total = self._taylor.get(t.name)
+            if total is not None:
+                # .to: sums restored from a (CPU) checkpoint join the weights' device
+                total = self._taylor[t.name] = total.to(weight.device)
+            grad = t.weight.grad
+            if grad.is_sparse:
+                grad = coalesced_grad(t.weight)
+                rows = grad.indices()[0]
+                contribution = weight.index_select(0, rows).mul_(grad.values()).abs_()
+                if total is None:
+                    total = self._taylor[t.name] = torch.zeros_like(weight)
+                total.index_add_(0, rows, contribution)
+            elif total is None:
+                self._taylor[t.name] = (weight * grad.detach()).abs_()
+            else:
+                total.add_((weight * grad.detach()).abs_())
 
     def _rewind(self) -> None:
         """Lottery ticket: reset surviving weights to their values at ``rewind_step``."""

@@ -12,13 +12,13 @@ After: optionally a hard threshold zeroes the remaining ``|w| < final_threshold`
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import lightning as L
 import torch
 
 from recsys_compress.compression.targets import Target, TargetSpec, select_targets
 from recsys_compress.errors import ConfigError
+from recsys_compress.optim import touched_rows
 
 KEY = "compression.l1"
 
@@ -73,9 +73,17 @@ class L1Proximal(L.Callback):
             return 1.0
         return min(1.0, (step - self.cfg.start_step + 1) / self.cfg.warmup_steps)
 
-    def _step_sizes(self, trainer: L.Trainer) -> dict[int, torch.Tensor | float]:
+    def _step_sizes(
+        self, trainer: L.Trainer, rows: dict[int, torch.Tensor] | None = None
+    ) -> dict[int, torch.Tensor | float]:
         """Each target's step size: ``lr`` for SGD; for Adam-type optimizers the per-coordinate
-        ``lr / (sqrt(v̂) + eps)`` it actually applied (the preconditioned proximal step)."""
+        ``lr / (sqrt(v̂) + eps)`` it actually applied (the preconditioned proximal step).
+
+        ``rows`` (``id(weight)`` -> row indices): for those weights, the sizes of these rows
+        only (``[len(rows), cols]``), so the cost follows the batch on the sparse path. Each
+        size is one fresh tensor built in place (no full-table temporaries beyond it).
+        """
+        rows = rows or {}
         sizes: dict[int, torch.Tensor | float] = {}
         wanted = {id(t.weight) for t in self._targets}
         for optimizer in trainer.optimizers:
@@ -87,27 +95,36 @@ class L1Proximal(L.Callback):
                     size: torch.Tensor | float = float(group["lr"])
                     if "exp_avg_sq" in state and "betas" in group:
                         step = float(state["step"])
-                        v_hat = state["exp_avg_sq"] / (1.0 - group["betas"][1] ** step)
-                        size = group["lr"] / (v_hat.sqrt() + group["eps"])
+                        v = state["exp_avg_sq"]
+                        if id(param) in rows:
+                            v = v.index_select(0, rows[id(param)])
+                        denom = v.div(1.0 - group["betas"][1] ** step).sqrt_().add_(group["eps"])
+                        size = torch.div(denom.new_tensor(group["lr"]), denom, out=denom)
                     sizes[id(param)] = size
         return sizes
 
-    def on_train_batch_end(
-        self,
-        trainer: L.Trainer,
-        pl_module: L.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-    ) -> None:
-        # global_step has already advanced past the step that just ran.
-        scale = self.scale(trainer.global_step - 1)
+    @torch.no_grad()
+    def proximal_step(self, trainer: L.Trainer, scale: float) -> None:
+        """Soft-threshold every target by ``scale * λ * step size`` (after an optimizer step).
+
+        A weight with a sparse gradient (``optim.sparse``) is shrunk in the rows that gradient
+        holds only: the optimizer moved no other row, so their step size was 0.
+        """
         if scale == 0.0:
             return
-        sizes = self._step_sizes(trainer)
+        rows = {id(t.weight): r for t in self._targets if (r := touched_rows(t.weight)) is not None}
+        sizes = self._step_sizes(trainer, rows)
         for t in self._targets:
             strength = self.cfg.group_strength(t.group) * scale
-            soft_threshold_(t.weight, sizes.get(id(t.weight), 0.0) * strength)
+            size = sizes.get(id(t.weight), 0.0)
+            threshold = size.mul_(strength) if isinstance(size, torch.Tensor) else size * strength
+            soft_threshold_(t.weight, threshold, rows.get(id(t.weight)))
+
+    def on_optimizer_step_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict[str, torch.Tensor]
+    ) -> None:
+        # global_step has already advanced past the step that just ran.
+        self.proximal_step(trainer, self.scale(trainer.global_step - 1))
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         penalty = sum(
@@ -126,9 +143,19 @@ class L1Proximal(L.Callback):
 
 
 @torch.no_grad()
-def soft_threshold_(weight: torch.Tensor, threshold: torch.Tensor | float) -> None:
-    """In place: ``w <- sign(w) * max(|w| - threshold, 0)`` (threshold scalar or per element)."""
+def soft_threshold_(
+    weight: torch.Tensor, threshold: torch.Tensor | float, rows: torch.Tensor | None = None
+) -> None:
+    """In place: ``w <- sign(w) * max(|w| - threshold, 0)`` (threshold scalar or per element).
+
+    ``rows``: only these rows of ``weight`` (a tensor ``threshold`` then holds their values).
+    One temporary of the rows' size, four passes (the former ``sign(w) * shrunk`` took six).
+    """
     if isinstance(threshold, float) and threshold <= 0:
         return
-    shrunk = (weight.abs() - threshold).clamp_min_(0.0)
-    weight.copy_(torch.sign(weight) * shrunk)
+    values = weight if rows is None else weight.index_select(0, rows)
+    shrunk = values.abs().sub_(threshold).clamp_min_(0.0)
+    if rows is None:
+        torch.copysign(shrunk, weight, out=weight)
+    else:
+        weight.index_copy_(0, rows, torch.copysign(shrunk, values, out=shrunk))

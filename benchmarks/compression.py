@@ -1,0 +1,227 @@
+"""Compression overhead: the training time of a run with a compression callback over the same run
+without one (pruning <= 1.1x, L1 proximal <= 1.2x, QAT <= 1.5x).
+
+ML-100K (MF dim 64, batch 4096, BCE with 4 negatives): one full epoch through the real data module
+and Trainer, with the default settings of each method (the gradual pruning schedule updates its
+masks ~20 times within the epoch). 1M users x 100k items (MF dim 64, ~70M parameters): a fixed
+number of optimizer steps on uniformly random batches of the same shape, the median step after
+the first (a mask update, ~20 per run, is timed apart in the details); on the sparse optimizer
+path (``optim.sparse=true``) and, in the full run, on the dense Adam path. Runs with and without
+the callback alternate in one process (:func:`benchmarks.common.interleaved_medians` style).
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import torch
+
+from benchmarks.common import Figure
+from recsys_compress.compression.pruning import MagnitudePruning, PruneConfig
+from recsys_compress.compression.qat import QATConfig, QuantizationAwareTraining
+from recsys_compress.compression.sparsity import L1Config, L1Proximal
+from recsys_compress.config import EvalConfig, LossConfig, OptimConfig, to_train_config
+from recsys_compress.data.datamodule import RecDataModule
+from recsys_compress.models import MF, build_model
+from recsys_compress.module import RecommenderModule
+
+SECTION = "compression"
+TARGETS = {"prune": 1.1, "l1": 1.2, "qat": 1.5}
+BIG_USERS, BIG_ITEMS, DIM, BATCH = 1_000_000, 100_000, 64, 4096
+EPOCH_STEPS = 10_000_000 * 5 // BATCH  # 10M interactions, 1 positive : 4 negatives
+
+
+def make_callback(method: str, epoch_steps: int | None = None) -> L.Callback | None:
+    """The method's callback with its default settings; ``epoch_steps``: the schedule of pruning
+    spans that many steps (a run of a few steps then updates its masks as often as a real one)."""
+    if method == "prune":
+        end = None if epoch_steps is None else int(0.75 * epoch_steps)
+        return MagnitudePruning(PruneConfig(end_step=end))
+    if method == "l1":
+        return L1Proximal(L1Config())
+    if method == "qat":
+        return QuantizationAwareTraining(QATConfig(convert_at_end=False))
+    return None
+
+
+class StepTimer(L.Callback):
+    """Wall time of the training epochs and of each Lightning training batch."""
+
+    def __init__(self) -> None:
+        self.epoch_seconds = 0.0
+        self.batch_seconds: list[float] = []
+        self._epoch_start = self._last = 0.0
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._epoch_start = self._last = time.perf_counter()
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        now = time.perf_counter()
+        self.batch_seconds.append(now - self._last)
+        self._last = now
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.epoch_seconds += time.perf_counter() - self._epoch_start
+
+
+def fit(
+    module: RecommenderModule,
+    data: Any,
+    method: str,
+    epoch_steps: int | None = None,
+    **trainer_kw: Any,
+) -> tuple[StepTimer, L.Callback | None]:
+    timer, callback = StepTimer(), make_callback(method, epoch_steps)
+    trainer = L.Trainer(
+        callbacks=[timer] + ([callback] if callback else []),
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        accelerator="cpu",
+        **trainer_kw,
+    )
+    if isinstance(data, L.LightningDataModule):
+        trainer.fit(module, datamodule=data)
+    else:
+        loader = torch.utils.data.DataLoader(data, batch_size=None)
+        trainer.fit(module, train_dataloaders=loader)
+    return timer, callback
+
+
+def alternate(
+    runs: dict[str, Callable[[], float]], repeat: int
+) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Median of each run's measured seconds, the runs taken in alternation (a warm-up first)."""
+    for run in runs.values():
+        run()
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeat):
+        for name, run in runs.items():
+            gc.collect()
+            times[name].append(run())
+    return {name: statistics.median(t) for name, t in times.items()}, times
+
+
+def ml100k_figures(quick: bool) -> list[Figure]:
+    cfg = to_train_config(
+        {
+            "data": {"name": "ml100k", "source": "ml100k"},
+            "model": {"name": "mf", "dim": DIM},
+            "loss": {"name": "bce", "num_negatives": 4},
+            "trainer": {"batch_size": BATCH, "progress_bar": False},
+            "logger": {"name": "none"},
+        }
+    )
+    dm = RecDataModule(
+        cfg.data,
+        cfg.split,
+        cfg.loss,
+        cfg.eval,
+        cfg.trainer.batch_size,
+        cfg.seed,
+        cfg.trainer.batches_per_call,
+    )
+    dm.setup()
+
+    def run(method: str) -> Callable[[], float]:
+        def one() -> float:
+            torch.manual_seed(0)
+            net = build_model(cfg.model, dm.num_users, dm.num_items)
+            module = RecommenderModule(net, cfg.loss, cfg.optim, cfg.eval)
+            timer, _ = fit(module, dm, method, max_epochs=1)
+            return timer.epoch_seconds
+
+        return one
+
+    figures = []
+    for method, target in TARGETS.items():
+        medians, _ = alternate({"none": run("none"), method: run(method)}, 2 if quick else 7)
+        figures.append(
+            Figure(
+                SECTION,
+                f"{method} epoch / plain epoch, ML-100K MF-64",
+                medians[method] / medians["none"],
+                target,
+                details={"plain_epoch_s": medians["none"], f"{method}_epoch_s": medians[method]},
+            )
+        )
+    return figures
+
+
+def random_batches(steps: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """BCE batches of the ML-100K shape (1 positive : 4 negatives) over the 1M x 100k ids."""
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        {
+            "users": torch.randint(BIG_USERS, (BATCH,), generator=gen),
+            "items": torch.randint(BIG_ITEMS, (BATCH,), generator=gen),
+            "labels": (torch.rand(BATCH, generator=gen) < 0.2).float(),
+        }
+        for _ in range(steps)
+    ]
+
+
+def big_module(sparse: bool) -> RecommenderModule:
+    torch.manual_seed(0)
+    model = MF(BIG_USERS, BIG_ITEMS, DIM)
+    optim = OptimConfig(name="adam", sparse=sparse, embedding_weight_decay=0.0)
+    return RecommenderModule(model, LossConfig(name="bce"), optim, EvalConfig())
+
+
+def big_run(
+    method: str, sparse: bool, batches: list[dict[str, torch.Tensor]], details: dict[str, Any]
+) -> Callable[[], float]:
+    """A fresh 1M x 100k model trained on ``batches``; returns the median step after the first
+    (which holds the one-time work: the spectral basis, the first masks)."""
+
+    def one() -> float:
+        module = big_module(sparse)
+        timer, callback = fit(
+            module, batches, method, EPOCH_STEPS, max_steps=len(batches), max_epochs=1
+        )
+        if isinstance(callback, MagnitudePruning):
+            start = time.perf_counter()
+            callback.update_masks(callback.last_update_step + 1)
+            details["prune_mask_update_s"] = time.perf_counter() - start
+        del module
+        return statistics.median(timer.batch_seconds[1:])
+
+    return one
+
+
+def big_figures(quick: bool) -> list[Figure]:
+    paths = {"sparse": (20 if quick else 120, 1 if quick else 3)}
+    if not quick:
+        paths["dense"] = (5, 2)
+    figures = []
+    for path, (steps, repeat) in paths.items():
+        batches = random_batches(steps)
+        for method, target in TARGETS.items():
+            details: dict[str, Any] = {"steps": steps}
+            sparse = path == "sparse"
+            runs = {m: big_run(m, sparse, batches, details) for m in ("none", method)}
+            medians, _ = alternate(runs, repeat)
+            details |= {"plain_step_ms": 1e3 * medians["none"], "step_ms": 1e3 * medians[method]}
+            figures.append(
+                Figure(
+                    SECTION,
+                    f"{method} step / plain step, 1M x 100k MF-64 {path} Adam",
+                    medians[method] / medians["none"],
+                    target,
+                    details=details,
+                )
+            )
+            gc.collect()
+    return figures
+
+
+def run(quick: bool) -> list[Figure]:
+    return ml100k_figures(quick) + big_figures(quick)

@@ -1,0 +1,194 @@
+"""Scale: one epoch of MF on synthetic 1M users x 100k items x 10M interactions (dim 64, BCE with
+4 negatives, batch 4096, the sparse optimizer path), then each compression method and the export
+on that model. Each step runs in its own subprocess, so its peak RSS is its own; the target is
+24 GB for every step. Quick: 50k users x 5k items x 250k interactions.
+
+Steps (a fresh process each; the trained model is passed on as a state dict file):
+``train``  the epoch (data generation, split and negative sampling included);
+``prune``  global magnitude masks at 80% over both tables (the exact radix threshold);
+``l1``     200 optimizer steps (quick: 30) with the L1 proximal step (sparse path);
+``svd``    per-layer truncated SVD at half the parameters (``torch.svd_lowrank`` at this size);
+``qat``    as many fake-quantised steps, then the conversion to int8;
+``export`` the compressed artifact of the (int8) model.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.common import Figure, peak_rss_mb
+
+SECTION = "scale"
+ROOT = Path(__file__).resolve().parents[1]
+LIMIT_MB = 24 * 1024
+FULL = {"num_users": 1_000_000, "num_items": 100_000, "interactions_per_user": 10}
+QUICK = {"num_users": 50_000, "num_items": 5_000, "interactions_per_user": 5}
+
+
+def _config(size: dict[str, int]) -> Any:
+    from recsys_compress.config import to_train_config
+
+    return to_train_config(
+        {
+            "data": {"name": "synthetic", "source": "synthetic", "synthetic": size},
+            "model": {"name": "mf", "dim": 64},
+            "loss": {"name": "bce", "num_negatives": 4},
+            "optim": {"name": "adam", "sparse": True, "embedding_weight_decay": 0.0},
+            "trainer": {"batch_size": 4096, "progress_bar": False, "max_epochs": 1},
+            "logger": {"name": "none"},
+        }
+    )
+
+
+def _trainer(**kw: Any) -> Any:
+    import lightning as L
+
+    return L.Trainer(
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        accelerator="cpu",
+        **kw,
+    )
+
+
+def _model(cfg: Any, state: Path) -> Any:
+    from recsys_compress.models import build_model
+
+    s = cfg.data.synthetic
+    model = build_model(cfg.model, s.num_users, s.num_items)
+    if state.exists():
+        model.load_state_dict(torch.load(state))
+    return model
+
+
+def _random_loader(cfg: Any, steps: int) -> Any:
+    s, gen = cfg.data.synthetic, torch.Generator().manual_seed(0)
+    batches = [
+        {
+            "users": torch.randint(s.num_users, (4096,), generator=gen),
+            "items": torch.randint(s.num_items, (4096,), generator=gen),
+            "labels": (torch.rand(4096, generator=gen) < 0.2).float(),
+        }
+        for _ in range(steps)
+    ]
+    return torch.utils.data.DataLoader(batches, batch_size=None)
+
+
+def step(name: str, size: dict[str, int], workdir: Path) -> dict[str, Any]:
+    """Run one step in this process; returns its seconds and details."""
+    from recsys_compress.module import RecommenderModule
+
+    cfg = _config(size)
+    steps = 200 if size["num_users"] >= FULL["num_users"] else 30
+    state = workdir / "model.pt"
+    start = time.perf_counter()
+    details: dict[str, Any] = {}
+    if name == "train":
+        from recsys_compress.data.datamodule import RecDataModule
+
+        dm = RecDataModule(cfg.data, cfg.split, cfg.loss, cfg.eval, 4096, cfg.seed)
+        dm.setup()
+        details["data_s"] = time.perf_counter() - start
+        model = _model(cfg, workdir / "none")
+        module = RecommenderModule(model, cfg.loss, cfg.optim, cfg.eval)
+        trainer = _trainer(max_epochs=1)
+        fit_start = time.perf_counter()
+        trainer.fit(module, datamodule=dm)
+        details["epoch_s"] = time.perf_counter() - fit_start
+        details["steps"] = trainer.global_step
+        details["train_loss"] = float(trainer.callback_metrics.get("train/loss", float("nan")))
+        torch.save(model.state_dict(), state)
+    elif name == "prune":
+        from recsys_compress.compression.pruning import MagnitudePruning, PruneConfig
+        from recsys_compress.compression.targets import select_targets
+
+        model = _model(cfg, state)
+        cb = MagnitudePruning(
+            PruneConfig(sparsity=0.8, scope="global", score="magnitude", schedule="one_shot")
+        )
+        cb._targets = select_targets(model, cb.cfg.targets, "compression.prune.targets")
+        cb._root = model
+        start = time.perf_counter()
+        cb.update_masks(0)
+        details["sparsity"] = cb.overall_sparsity()
+    elif name in ("l1", "qat"):
+        from recsys_compress.compression.qat import QATConfig, QuantizationAwareTraining
+        from recsys_compress.compression.sparsity import L1Config, L1Proximal
+
+        model = _model(cfg, state)
+        module = RecommenderModule(model, cfg.loss, cfg.optim, cfg.eval)
+        cb = L1Proximal(L1Config()) if name == "l1" else QuantizationAwareTraining(QATConfig())
+        start = time.perf_counter()
+        _trainer(max_steps=steps, max_epochs=1, callbacks=[cb]).fit(
+            module, train_dataloaders=_random_loader(cfg, steps)
+        )
+        details["steps"] = steps
+        if name == "qat":
+            torch.save(model.state_dict(), workdir / "qat.pt")
+    elif name == "svd":
+        from recsys_compress.compression.lowrank import SVDConfig, apply_svd
+
+        model = _model(cfg, state)
+        start = time.perf_counter()
+        report = apply_svd(model, SVDConfig(param_ratio=0.5))
+        details["relative_error"] = max(r["relative_error"] for r in report)
+    elif name == "export":
+        import numpy as np
+
+        from recsys_compress.compression.qat import QATConfig, post_training_quantize
+        from recsys_compress.export import export_model
+
+        model = _model(cfg, state)
+        post_training_quantize(model, QATConfig())
+        s = cfg.data.synthetic
+        start = time.perf_counter()
+        details["bytes"] = export_model(
+            model,
+            cfg.model,
+            np.arange(s.num_users),
+            np.arange(s.num_items),
+            workdir / "model.rcz",
+        )
+    details["seconds"] = time.perf_counter() - start
+    details["peak_rss_mb"] = peak_rss_mb()
+    return details
+
+
+def run(quick: bool) -> list[Figure]:
+    size = QUICK if quick else FULL
+    label = "x".join(f"{v:,}" for v in size.values())
+    figures = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in ("train", "prune", "l1", "svd", "qat", "export"):
+            args = [sys.executable, "-m", "benchmarks.scale", name, json.dumps(size), tmp]
+            done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise RuntimeError(f"scale step {name} failed:\n{done.stderr[-3000:]}")
+            result = json.loads(done.stdout.strip().splitlines()[-1])
+            figures.append(
+                Figure(
+                    SECTION,
+                    f"{name}: peak RSS, MF-64 {label}",
+                    result["peak_rss_mb"],
+                    LIMIT_MB,
+                    unit="MB",
+                    details=result,
+                )
+            )
+    return figures
+
+
+if __name__ == "__main__":
+    print(json.dumps(step(sys.argv[1], json.loads(sys.argv[2]), Path(sys.argv[3]))))

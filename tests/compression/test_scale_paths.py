@@ -1,0 +1,249 @@
+"""The paths that keep compression affordable at 1M users: exact thresholds without a sort of all
+scores, sparse embedding gradients with a row-wise optimizer, and the callbacks on that path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from recsys_compress.compression import pruning
+from recsys_compress.compression.lowrank import truncated_svd
+from recsys_compress.compression.pruning import MagnitudePruning, PruneConfig
+from recsys_compress.compression.qat import FakeQuantEmbedding, QuantScheme
+from recsys_compress.compression.sparsity import L1Config, L1Proximal, soft_threshold_
+from recsys_compress.compression.targets import TargetSpec, select_targets
+from recsys_compress.config import OptimConfig
+from recsys_compress.errors import ConfigError
+from recsys_compress.models.mf import MF
+from recsys_compress.optim import RowSparseAdam, touched_rows
+from tests.compression.helpers import tiny_setup, tiny_trainer
+
+
+def sort_reference(values: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Keep-mask from a stable sort: the n_prune smallest pruned, lower index first on ties."""
+    flat = values.flatten()
+    n_prune = min(round(sparsity * flat.numel()), flat.numel())
+    keep = torch.ones_like(flat, dtype=torch.bool)
+    keep[torch.sort(flat, stable=True).indices[:n_prune]] = False
+    return keep.view_as(values)
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.8, 0.999])
+@pytest.mark.parametrize("ties", [False, True])
+def test_radix_threshold_equals_the_sort_based_one(
+    sparsity: float, ties: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pruning, "CHUNK", 1000)  # several chunks, ties across chunk borders
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.rand(97, 64, generator=gen)
+    if ties:  # exact duplicates, zeros and the pruned-for-good marker
+        scores = (scores * 8).floor() / 8
+        scores[:5] = -1.0
+    mask = pruning._keep_top(scores, sparsity)
+    assert torch.equal(mask, sort_reference(scores, sparsity))
+    assert int(mask.sum()) == scores.numel() - round(sparsity * scores.numel())
+
+
+def test_kth_smallest_is_exact_on_signed_values() -> None:
+    values = torch.randn(10_001, generator=torch.Generator().manual_seed(1)) * 1e3
+    ordered = torch.sort(values).values
+    for k in (1, 17, 5000, 10_001):
+        value, smaller = pruning.kth_smallest(lambda: iter(values.split(777)), k)
+        assert value == float(ordered[k - 1])
+        assert smaller == int((values < value).sum())
+
+
+def test_pooled_threshold_equals_concatenated_normalised_scores() -> None:
+    gen = torch.Generator().manual_seed(2)
+    a, b = torch.rand(50, 8, generator=gen) * 100, torch.rand(30, 16, generator=gen)
+    a[0, :3] = -1.0
+    scales = [pruning._alive_rms(a), pruning._alive_rms(b)]
+    masks = pruning._keep_top_pooled([a, b], scales, 0.6)
+    flat = torch.cat(
+        [torch.where(s >= 0, s / sc, s).flatten() for s, sc in zip((a, b), scales, strict=True)]
+    )
+    reference = sort_reference(flat, 0.6)
+    assert torch.equal(torch.cat([m.flatten() for m in masks]), reference)
+
+
+def test_row_scope_in_blocks_equals_one_topk(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pruning, "CHUNK", 64 * 7)
+    scores = torch.rand(100, 64, generator=torch.Generator().manual_seed(3))
+    mask = pruning._keep_top_per_row(scores, 0.75)
+    drop = torch.topk(scores, 48, dim=1, largest=False).indices
+    reference = torch.ones_like(mask).scatter_(1, drop, False)
+    assert torch.equal(mask, reference)
+
+
+def test_randomized_svd_error_is_close_to_exact_at_the_default_oversampling() -> None:
+    gen = torch.Generator().manual_seed(4)
+    w = torch.randn(3000, 16, generator=gen) @ torch.randn(16, 200, generator=gen)
+    w += 0.05 * torch.randn(3000, 200, generator=gen)
+    errors = {}
+    for randomized in (False, True):
+        u, s, vh = truncated_svd(w, 12, randomized=randomized, oversample=10, niter=2)
+        errors[randomized] = float(torch.linalg.matrix_norm(w - (u * s) @ vh))
+    assert errors[True] <= errors[False] * 1.01
+
+
+# -- the sparse optimizer path ------------------------------------------------------------------
+
+
+def train_mf(sparse: bool, optimizer: str, steps: int = 6) -> MF:
+    torch.manual_seed(0)
+    model = MF(50, 40, 8, use_bias=True, init_std=0.1)
+    for m in model.modules():
+        if isinstance(m, nn.Embedding):
+            m.sparse = sparse
+    if optimizer == "sgd":
+        opt: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    elif optimizer == "torch_adam":
+        opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    else:
+        opt = RowSparseAdam(model.parameters(), lr=0.01)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        # every row appears in every batch, so lazy and dense Adam agree
+        users = torch.cat([torch.arange(50), torch.randint(50, (30,), generator=gen)])
+        items = torch.cat([torch.arange(40), torch.randint(40, (40,), generator=gen)])
+        labels = torch.randint(2, (80,), generator=gen).float()
+        loss = nn.functional.binary_cross_entropy_with_logits(model(users, items), labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model
+
+
+def test_sgd_with_sparse_gradients_gives_identical_weights() -> None:
+    dense, sparse = train_mf(False, "sgd"), train_mf(True, "sgd")
+    for (name, a), b in zip(dense.state_dict().items(), sparse.state_dict().values(), strict=True):
+        assert torch.allclose(a, b, rtol=0, atol=1e-7), name
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_row_sparse_adam_equals_adam_when_every_row_is_in_the_batch(sparse: bool) -> None:
+    reference, ours = train_mf(False, "torch_adam"), train_mf(sparse, "row_sparse_adam")
+    expected = reference.state_dict()
+    for name, value in ours.state_dict().items():
+        assert torch.allclose(expected[name], value, rtol=1e-5, atol=1e-7), name
+
+
+def test_row_sparse_adam_leaves_untouched_rows_and_their_moments() -> None:
+    table = nn.Embedding(10, 4, sparse=True)
+    opt = RowSparseAdam(table.parameters(), lr=0.1)
+    before = table.weight.detach().clone()
+    table(torch.tensor([2, 5, 5])).sum().backward()
+    opt.step()
+    moved = (table.weight != before).any(dim=1)
+    assert moved.nonzero().flatten().tolist() == [2, 5]
+    assert touched_rows(table.weight).tolist() == [2, 5]
+    assert opt.state[table.weight]["exp_avg_sq"][[0, 1, 3]].abs().sum() == 0
+
+
+def test_sparse_path_trains_through_the_module(tmp_path: Path) -> None:
+    dm, module = tiny_setup(optim={"name": "adam", "sparse": True, "embedding_weight_decay": 0.0})
+    trainer = tiny_trainer(tmp_path, [], max_epochs=4)
+    trainer.fit(module, datamodule=dm)
+    assert isinstance(trainer.optimizers[0], RowSparseAdam)
+    assert module.model.user_embedding.weight.grad.is_sparse
+    assert float(trainer.callback_metrics["train/loss"]) < 0.6  # BCE at initialisation: 0.693
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "key"),
+    [
+        ({"name": "adamw", "embedding_weight_decay": 0.0}, "optim.name=adamw"),
+        ({"embedding_weight_decay": 1e-5}, "optim.embedding_weight_decay"),
+        ({"name": "sgd", "momentum": 0.9, "embedding_weight_decay": 0.0}, "optim.momentum"),
+    ],
+)
+def test_sparse_optimizer_refuses_what_it_cannot_do(kwargs: dict, key: str) -> None:
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        OptimConfig(sparse=True, **kwargs)
+
+
+# -- the callbacks on the sparse path -----------------------------------------------------------
+
+
+def sparse_step(model: MF, opt: torch.optim.Optimizer, users: list[int], items: list[int]) -> None:
+    u, i = torch.tensor(users), torch.tensor(items)
+    opt.zero_grad()
+    model(u, i).square().mean().backward()
+    opt.step()
+
+
+def sparse_mf() -> tuple[MF, RowSparseAdam]:
+    torch.manual_seed(0)
+    model = MF(30, 20, 8, init_std=0.1)
+    for m in model.modules():
+        if isinstance(m, nn.Embedding):
+            m.sparse = True
+    return model, RowSparseAdam(model.parameters(), lr=0.05)
+
+
+def test_masks_on_touched_rows_keep_every_pruned_weight_zero() -> None:
+    model, opt = sparse_mf()
+    cb = MagnitudePruning(
+        PruneConfig(sparsity=0.5, scope="layer", score="magnitude", schedule="one_shot")
+    )
+    cb._targets = select_targets(model, TargetSpec(groups=["embedding"]), "t")
+    cb._root = model
+    cb.update_masks(0)
+    for step in range(5):
+        sparse_step(model, opt, [step, 7, 7], [3, step, 11])
+        cb.apply_masks(only_touched=True)
+        for t in cb._targets:
+            assert not t.weight[~cb.masks[t.name]].any()
+    assert not cb._float_masks  # the sparse path never builds full-table float masks
+
+
+def test_taylor_sums_from_sparse_and_dense_gradients_agree() -> None:
+    sums = []
+    for sparse in (False, True):
+        model, _ = sparse_mf()
+        model.user_embedding.sparse = model.item_embedding.sparse = sparse
+        cb = MagnitudePruning(PruneConfig(sparsity=0.5))
+        cb._targets = select_targets(model, TargetSpec(groups=["embedding"]), "t")
+        for _ in range(2):
+            model.zero_grad()
+            model(torch.tensor([1, 1, 4]), torch.tensor([2, 3, 2])).sum().backward()
+            cb.accumulate_taylor()
+        sums.append(cb._taylor)
+    for name in sums[0]:
+        assert torch.allclose(sums[0][name], sums[1][name], atol=1e-9)
+
+
+def test_l1_proximal_step_shrinks_touched_rows_as_the_dense_step_does() -> None:
+    model, opt = sparse_mf()
+    cb = L1Proximal(L1Config(strength=0.5, targets=TargetSpec(groups=["embedding"])))
+    cb._targets = select_targets(model, cb.cfg.targets, "t")
+    trainer = SimpleNamespace(optimizers=[opt])
+    sparse_step(model, opt, [1, 2, 2], [4, 5, 6])
+    table = model.user_embedding.weight
+    expected = table.detach().clone()
+    v_hat = opt.state[table]["exp_avg_sq"] / (1 - 0.999)
+    soft_threshold_(expected, 0.05 / (v_hat.sqrt() + 1e-8) * 0.5)
+    untouched = table.detach().clone()
+    cb.proximal_step(trainer, 1.0)
+    rows = torch.tensor([1, 2])
+    assert torch.allclose(table[rows], expected[rows], atol=1e-7)
+    others = torch.ones(30, dtype=torch.bool)
+    others[rows] = False
+    assert torch.equal(table[others], untouched[others])
+    assert (table[rows] == 0).any()
+
+
+def test_fake_quant_embedding_gives_sparse_gradients_equal_to_dense_ones() -> None:
+    scheme = QuantScheme(bits=4, group_size=8)
+    grads = []
+    for sparse in (False, True):
+        torch.manual_seed(0)
+        table = FakeQuantEmbedding(nn.Embedding(12, 16, sparse=sparse), scheme)
+        table(torch.tensor([3, 3, 7])).square().sum().backward()
+        grads.append(table.weight.grad)
+    assert grads[1].is_sparse
+    assert torch.allclose(grads[0], grads[1].to_dense())
