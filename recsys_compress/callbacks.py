@@ -49,6 +49,28 @@ class EpochTimer(L.Callback):
         self.test_seconds.append(time.perf_counter() - self._eval_start)
 
 
+def _train_batches(trainer: L.Trainer) -> Any:
+    return getattr(trainer.train_dataloader, "dataset", None)
+
+
+def optimizer_steps_per_epoch(trainer: L.Trainer) -> int:
+    """Optimizer steps in one training epoch. The data module's training items are lists of
+    ``batches_per_call`` batches, one optimizer step each, so Lightning's
+    ``num_training_batches`` (and ``estimated_stepping_batches``) count lists, not steps."""
+    dataset = _train_batches(trainer)
+    steps = int(trainer.num_training_batches) * getattr(dataset, "batches_per_call", 1)
+    if hasattr(dataset, "num_batches"):
+        steps = min(steps, dataset.num_batches())
+    return steps
+
+
+def estimated_optimizer_steps(trainer: L.Trainer) -> int:
+    """Optimizer steps of the whole fit (``estimated_stepping_batches`` in optimizer steps)."""
+    per_call = getattr(_train_batches(trainer), "batches_per_call", 1)
+    calls = int(trainer.estimated_stepping_batches)
+    return min(calls * per_call, optimizer_steps_per_epoch(trainer) * max(1, trainer.max_epochs))
+
+
 def _compression_done(trainer: L.Trainer) -> bool:
     """True once every compression callback has reached its final state (or there is none)."""
     return all(
@@ -83,7 +105,12 @@ class CompressedModelCheckpoint(ModelCheckpoint):
     ) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         every = self.every_n_steps
-        if not every or trainer.global_step % every or self._should_skip_saving_checkpoint(trainer):
+        # A training step may run several optimizer steps: save when it crossed a multiple.
+        step = trainer.global_step
+        ran = len(batch) if isinstance(batch, list) else 1
+        if not every or step // every == (step - ran) // every:
+            return
+        if self._should_skip_saving_checkpoint(trainer):
             return
         saved_step = self._last_global_step_saved
         self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))

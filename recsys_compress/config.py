@@ -229,7 +229,12 @@ class EvalConfig:
 
 @dataclass
 class OptimConfig:
-    """Optimizer and LR schedule. ``embedding_weight_decay`` applies to embedding tables only."""
+    """Optimizer and LR schedule. ``embedding_weight_decay`` applies to embedding tables only.
+
+    ``sparse``: embedding tables get sparse gradients (only the rows a batch reads) and the
+    optimizer updates only those rows, so a step's cost follows the batch, not the table (Adam:
+    :class:`~recsys_compress.optim.RowSparseAdam`; SGD and Adagrad take sparse gradients as is).
+    """
 
     name: str = "adam"
     lr: float = 0.002
@@ -239,6 +244,7 @@ class OptimConfig:
     scheduler: str = "none"
     step_size: int = 10
     gamma: float = 0.5
+    sparse: bool = False
 
     def __post_init__(self) -> None:
         _one_of("optim.name", self.name, OPTIMIZERS)
@@ -250,6 +256,28 @@ class OptimConfig:
         _at_least("optim.momentum", self.momentum, 0.0)
         _at_least("optim.step_size", self.step_size, 1)
         _in_range("optim.gamma", self.gamma, 0.0, 1.0)
+        if self.sparse:
+            self._check_sparse()
+
+    def _check_sparse(self) -> None:
+        if self.name == "adamw":
+            raise ConfigError(
+                "optim.sparse=true does not support optim.name=adamw (its decoupled weight decay "
+                "changes every row every step): use optim.name=adam, sgd or adagrad."
+            )
+        if self.embedding_weight_decay > 0:
+            raise ConfigError(
+                f"optim.sparse=true with optim.embedding_weight_decay="
+                f"{self.embedding_weight_decay}: weight decay is not supported with sparse "
+                "gradients (like torch.optim.SparseAdam, the sparse step touches only the batch's "
+                "rows); set optim.embedding_weight_decay=0 (and compression.embedding_weight_decay "
+                "null or 0), or optim.sparse=false."
+            )
+        if self.name == "sgd" and self.momentum > 0:
+            raise ConfigError(
+                f"optim.sparse=true with optim.momentum={self.momentum}: momentum moves every row "
+                "every step; set optim.momentum=0 or optim.sparse=false."
+            )
 
 
 # Lightning's precision values (``lightning.fabric.connector._PRECISION_INPUT``).
@@ -304,9 +332,19 @@ class TrainerConfig:
     # Crash safety: checkpoints/last.ckpt is also written every this many optimizer steps (a
     # killed run loses at most these; null: only at epoch ends). resume=<run dir> continues there.
     checkpoint_every_n_steps: int | None = 200
+    # Optimizer steps (batches of batch_size) per Lightning training step: Lightning's per-step
+    # work (~0.5 ms on CPU) is paid once per this many batches. 1 under fast_dev_run and
+    # overfit_batches, which count Lightning steps.
+    batches_per_call: int = 16
 
     def __post_init__(self) -> None:
         _at_least("trainer.max_epochs", self.max_epochs, 1)
+        _at_least(
+            "trainer.batches_per_call",
+            self.batches_per_call,
+            1,
+            "optimizer steps per Lightning training step",
+        )
         if self.checkpoint_every_n_steps is not None:
             _at_least(
                 "trainer.checkpoint_every_n_steps",

@@ -137,7 +137,7 @@ def build_trainer(cfg: TrainConfig, run_dir: Path, callbacks: list[L.Callback]) 
         precision=t.precision,
         check_val_every_n_epoch=t.check_val_every_n_epoch,
         limit_train_batches=t.limit_train_batches,
-        gradient_clip_val=t.gradient_clip_val,
+        # Gradient clipping: the module clips (manual optimization; see RecommenderModule).
         deterministic=t.deterministic,
         callbacks=callbacks,
         logger=loggers or False,
@@ -157,6 +157,16 @@ def build_trainer(cfg: TrainConfig, run_dir: Path, callbacks: list[L.Callback]) 
         # the evaluation chunks with repeats, counting some users twice).
         use_distributed_sampler=False,
     )
+
+
+def batches_per_call(trainer: TrainerConfig) -> int:
+    """``trainer.batches_per_call``, or 1 where Lightning's step counts are the user's unit
+    (``fast_dev_run`` / ``overfit_batches`` name a number of batches). At most
+    ``checkpoint_every_n_steps``: rolling checkpoints are written between Lightning steps, so
+    a killed run still loses fewer than that many optimizer steps."""
+    if trainer.fast_dev_run or trainer.overfit_batches:
+        return 1
+    return min(trainer.batches_per_call, trainer.checkpoint_every_n_steps or sys.maxsize)
 
 
 def is_rank_zero() -> bool:
@@ -331,7 +341,13 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False) -> dict[str, An
     wandb_run = start_wandb_run(cfg, run_dir)  # None unless logger=wandb
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = RecDataModule(
-        cfg.data, cfg.split, cfg.loss, cfg.eval, cfg.trainer.batch_size, cfg.seed
+        cfg.data,
+        cfg.split,
+        cfg.loss,
+        cfg.eval,
+        cfg.trainer.batch_size,
+        cfg.seed,
+        batches_per_call(cfg.trainer),
     )
     datamodule.setup()
     inter = datamodule.interactions
@@ -339,7 +355,14 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False) -> dict[str, An
     model = build_model(cfg.model, datamodule.num_users, datamodule.num_items)
     dense_bytes = size_summary(model)["dense_bytes"]
     explicit = cfg.data.feedback == "explicit"
-    module = RecommenderModule(model, cfg.loss, cfg.optim, cfg.eval, explicit=explicit)
+    module = RecommenderModule(
+        model,
+        cfg.loss,
+        cfg.optim,
+        cfg.eval,
+        explicit=explicit,
+        gradient_clip_val=cfg.trainer.gradient_clip_val,
+    )
     methods = cfg.compression.methods()
     writer = is_rank_zero()  # DDP: only rank 0 writes the run's files
     limit = budget_limit(cfg, dense_bytes)

@@ -216,19 +216,38 @@ def test_mse_epoch_is_the_shuffled_ratings():
 
 @pytest.mark.parametrize("loss", ["bce", "bpr", "mse"])
 @pytest.mark.parametrize("batch_size", [1, 7, 64, 10_000])
-def test_batches_cover_the_epoch_once(loss, batch_size):
+@pytest.mark.parametrize("per_call", [1, 3])
+def test_batches_cover_the_epoch_once(loss, batch_size, per_call):
     epoch = [5]
     data = train_batches(loss, batch_size=batch_size, epoch=epoch)
-    batches = list(data)
+    data.batches_per_call = per_call
+    groups = list(data)
     total = data.num_samples()
-    assert len(batches) == len(data) == -(-total // batch_size)
+    assert data.num_batches() == -(-total // batch_size)
+    # items are lists of batches_per_call batches (one optimizer step each); the last may be short
+    assert len(groups) == len(data) == -(-data.num_batches() // per_call)
+    assert all(len(g) == per_call for g in groups[:-1]) and 1 <= len(groups[-1]) <= per_call
+    batches = [b for g in groups for b in g]
+    assert len(batches) == data.num_batches()
     assert all(len(b["users"]) == batch_size for b in batches[:-1])
     assert 1 <= len(batches[-1]["users"]) <= batch_size
     expected = data.epoch_tensors(5)  # __iter__ uses epoch_fn()
     for key, value in expected.items():
         assert torch.equal(torch.cat([b[key] for b in batches]), value)
     epoch[0] = 6
-    assert not torch.equal(torch.cat([b["users"] for b in data]), expected["users"])
+    assert not torch.equal(torch.cat([b["users"] for g in data for b in g]), expected["users"])
+
+
+def test_resume_position_counts_batches_not_lists():
+    data = train_batches("bce", batch_size=7)
+    data.batches_per_call = 3
+    data.progress_fn = lambda: 2  # two lists of 3 batches trained
+    state = data.state_dict()
+    assert state == {"epoch": 0, "batches_done": 6}
+    data.load_state_dict(state)
+    rest = [b for g in data for b in g]
+    assert len(rest) == data.num_batches() - 6
+    assert torch.equal(rest[0]["users"], data.epoch_tensors(0)["users"][42:49])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -332,7 +351,7 @@ def test_sampled_candidates_depend_only_on_the_seed(tmp_path):
 
 def test_train_dataloader_yields_one_epoch(tmp_path):
     dm = datamodule(tmp_path)
-    batches = list(dm.train_dataloader())
+    batches = [b for group in dm.train_dataloader() for b in group]
     positives = len(dm.split.train)
     assert positives == 30 * 7
     assert sum(len(b["users"]) for b in batches) == positives * 3

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from recsys_compress.config import DataConfig, EvalConfig, LossConfig, SplitConfig
 from recsys_compress.data.interactions import Interactions, load_interactions
 from recsys_compress.data.sampling import ExclusionSampler
+from recsys_compress.data.sorting import stable_argsort
 from recsys_compress.data.splits import Split, make_split
 
 log = logging.getLogger(__name__)
@@ -54,8 +55,10 @@ class TrainBatches(IterableDataset):
         seed: int,
         epoch_fn: Callable[[], int],
         progress_fn: Callable[[], int] | None = None,
+        batches_per_call: int = 1,
     ) -> None:
         self.users, self.items, self.ratings = users, items, ratings
+        self.batches_per_call = batches_per_call
         self.sampler = sampler
         self.loss = loss
         self.num_negatives = num_negatives
@@ -74,32 +77,45 @@ class TrainBatches(IterableDataset):
             return positives * self.num_negatives
         return positives
 
-    def __len__(self) -> int:
+    def num_batches(self) -> int:
+        """Batches of ``batch_size`` (optimizer steps) in one epoch."""
         return -(-self.num_samples() // self.batch_size)
+
+    def __len__(self) -> int:
+        """Items per epoch: lists of up to ``batches_per_call`` batches."""
+        return -(-self.num_batches() // self.batches_per_call)
 
     def epoch_tensors(self, epoch: int) -> Batch:
         """The whole epoch, shuffled, as tensors of equal length."""
         generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        k = self.num_negatives
+        k, n = self.num_negatives, len(self.users)
+        # Shuffled rows: positives, then each positive's k negatives. The per-row user / item is
+        # gathered from the n positives (not from k-fold copies): the same tensors, less memory.
         if self.loss == "bce":
             negatives = self.sampler.sample(self.users, k, generator).reshape(-1)
-            data = {
-                "users": torch.cat([self.users, self.users.repeat_interleave(k)]),
-                "items": torch.cat([self.items, negatives]),
-                "labels": torch.cat([torch.ones(len(self.users)), torch.zeros(len(negatives))]),
+            order = torch.randperm(n * (1 + k), generator=generator)
+            positive = order < n
+            source = torch.where(positive, order, (order - n).div_(k, rounding_mode="floor"))
+            return {
+                "users": self.users.index_select(0, source),
+                "items": torch.cat([self.items, negatives]).index_select(0, order),
+                "labels": positive.float(),
             }
-        elif self.loss == "bpr":
-            data = {
-                "users": self.users.repeat_interleave(k),
-                "pos_items": self.items.repeat_interleave(k),
-                "neg_items": self.sampler.sample(self.users, k, generator).reshape(-1),
+        if self.loss == "bpr":
+            negatives = self.sampler.sample(self.users, k, generator).reshape(-1)
+            order = torch.randperm(n * k, generator=generator)
+            source = torch.div(order, k, rounding_mode="floor")
+            return {
+                "users": self.users.index_select(0, source),
+                "pos_items": self.items.index_select(0, source),
+                "neg_items": negatives.index_select(0, order),
             }
-        else:
-            data = {"users": self.users, "items": self.items, "ratings": self.ratings}
-        order = torch.randperm(len(data["users"]), generator=generator)
-        return {key: value[order] for key, value in data.items()}
+        order = torch.randperm(n, generator=generator)
+        data = {"users": self.users, "items": self.items, "ratings": self.ratings}
+        return {key: value.index_select(0, order) for key, value in data.items()}
 
-    def __iter__(self) -> Iterator[Batch]:
+    def __iter__(self) -> Iterator[list[Batch]]:
+        """Lists of ``batches_per_call`` consecutive batches (the last list may be shorter)."""
         epoch = self.epoch_fn()
         skip = 0
         if self._resume_at is not None and self._resume_at[0] == epoch:
@@ -108,6 +124,7 @@ class TrainBatches(IterableDataset):
         data = self.epoch_tensors(epoch)
         total = len(data["users"])
         rank, world = self.shard
+        group: list[Batch] = []
         for start in range(skip * self.batch_size, total, self.batch_size):
             batch = {key: value[start : start + self.batch_size] for key, value in data.items()}
             if world > 1:
@@ -115,14 +132,19 @@ class TrainBatches(IterableDataset):
                 # its share of each batch, so ranks step in lockstep and the averaged gradient
                 # is the whole batch's. A last batch smaller than the world is dropped.
                 if len(batch["users"]) < world:
-                    return
+                    break
                 batch = {key: value.tensor_split(world)[rank] for key, value in batch.items()}
-            yield batch
+            group.append(batch)
+            if len(group) == self.batches_per_call:
+                yield group
+                group = []
+        if group:
+            yield group
 
     def state_dict(self) -> dict[str, int]:
         """The position to resume from: the epoch and how many of its batches were trained."""
         done = self.progress_fn() if self.progress_fn is not None else 0
-        return {"epoch": self.epoch_fn(), "batches_done": done}
+        return {"epoch": self.epoch_fn(), "batches_done": done * self.batches_per_call}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         """The next iteration over ``state["epoch"]`` skips its first ``batches_done`` batches."""
@@ -152,11 +174,11 @@ class TrainLoader(DataLoader):
 
 
 def _csr(users: np.ndarray, items: np.ndarray, num_users: int) -> tuple[np.ndarray, np.ndarray]:
-    """(indptr, items sorted by user) of a set of pairs."""
-    order = np.lexsort((items, users))
+    """(indptr, items sorted by user, then item) of a set of pairs."""
+    num_items = int(items.max()) + 1 if len(items) else 1
     indptr = np.zeros(num_users + 1, dtype=np.int64)
     indptr[1:] = np.cumsum(np.bincount(users, minlength=num_users))
-    return indptr, items[order]
+    return indptr, np.sort(users.astype(np.int64) * num_items + items) % num_items
 
 
 def _rows_of_users(
@@ -188,13 +210,14 @@ def full_ranking_batches(
     """User chunks with (row, item) pairs to exclude (-inf) and the held-out (row, item) targets."""
     users = interactions.users.numpy()
     items = interactions.items.numpy()
-    n = interactions.num_users
+    n, n_items = interactions.num_users, interactions.num_items
     ex_ptr, ex_items = _csr(users[exclude_rows], items[exclude_rows], n)
     target_users, target_items = users[target_rows], items[target_rows]
-    order = np.lexsort((target_items, target_users))
-    target_rows = target_rows[order]
+    if with_ratings:
+        order = stable_argsort(target_users * n_items + target_items, n * n_items)
+        target_rows = target_rows[order]
     tg_ptr, tg_items = _csr(target_users, target_items, n)
-    eval_users = np.unique(target_users)
+    eval_users = np.flatnonzero(tg_ptr[1:] > tg_ptr[:-1])
     batches = []
     for start in range(0, len(eval_users), batch_users):
         chunk = eval_users[start : start + batch_users]
@@ -254,10 +277,12 @@ class RecDataModule(L.LightningDataModule):
         evaluation: EvalConfig,
         batch_size: int,
         seed: int,
+        batches_per_call: int = 1,
     ) -> None:
         super().__init__()
         self.data_cfg, self.split_cfg, self.loss_cfg, self.eval_cfg = data, split, loss, evaluation
         self.batch_size = batch_size
+        self.batches_per_call = batches_per_call
         self.seed = seed
         self.interactions: Interactions | None = None
         self.split: Split | None = None
@@ -293,6 +318,7 @@ class RecDataModule(L.LightningDataModule):
             self.seed,
             self._current_epoch,
             self._batches_done,
+            self.batches_per_call,
         )
         eval_seed = self.eval_cfg.seed if self.eval_cfg.seed is not None else self.seed
         explicit = self.data_cfg.feedback == "explicit"
@@ -336,7 +362,8 @@ class RecDataModule(L.LightningDataModule):
         return self.trainer.current_epoch if self.trainer is not None else self._epoch
 
     def _batches_done(self) -> int:
-        """Training batches of the current epoch finished so far (0 outside ``fit``)."""
+        """Training steps (lists of batches) of the current epoch finished so far (0 outside
+        ``fit``)."""
         if self.trainer is None:
             return 0
         return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed

@@ -1,0 +1,148 @@
+"""Training throughput: our Lightning epoch against a minimal PyTorch loop doing the same work.
+
+Same model, data, batches (the data module's epoch tensors: fresh negatives, one shuffle), batch
+size 4096, optimizer and loss. Ours runs through ``train.build_trainer`` with the default
+callbacks: the rich progress bar, the CSV logger and the rolling checkpoint every
+``trainer.checkpoint_every_n_steps``. Target: ratio <= 1.15 for MF and NeuMF on ML-100K. The two
+loops alternate epoch by epoch so that load on the shared machine hits both alike.
+
+RecBole 1.2.1 on this 2-core machine (the issue's figures, same model, loss and batch size):
+BPR-MF at batch 2048, 0.204 s per epoch of 80.8k pairs; NeuMF with 1 negative, 1.07 s per epoch.
+Targets: >= 2x faster for BPR-MF, >= 1.3x for NeuMF (we run the same-sized epochs on ML-100K).
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from benchmarks.common import Figure
+from recsys_compress.callbacks import EpochTimer
+from recsys_compress.config import TrainConfig, to_train_config
+from recsys_compress.data.datamodule import RecDataModule
+from recsys_compress.models import build_model
+from recsys_compress.module import RecommenderModule, recommendation_loss
+from recsys_compress.train import batches_per_call, build_trainer
+
+RECBOLE_SECONDS = {"bpr_mf": 0.204, "neumf": 1.07}  # per epoch, RecBole 1.2.1, this machine
+
+
+def make_config(model: str, loss: str, negatives: int, batch: int, epochs: int) -> TrainConfig:
+    model_cfg: dict[str, Any] = {"name": model, "dim": 64}
+    if model == "neumf":
+        model_cfg = {"name": "neumf", "dim": 32}
+    return to_train_config(
+        {
+            "data": {"name": "ml100k", "source": "ml100k"},
+            "split": {"name": "ratio"},
+            "model": model_cfg,
+            "loss": {"name": loss, "num_negatives": negatives},
+            "trainer": {"max_epochs": epochs, "batch_size": batch, "early_stopping_patience": None},
+            "save_model": False,
+        }
+    )
+
+
+def _datamodule(cfg: TrainConfig) -> RecDataModule:
+    dm = RecDataModule(
+        cfg.data,
+        cfg.split,
+        cfg.loss,
+        cfg.eval,
+        cfg.trainer.batch_size,
+        cfg.seed,
+        batches_per_call(cfg.trainer),
+    )
+    dm.setup()
+    return dm
+
+
+def _plain_epoch(dm: RecDataModule, model: torch.nn.Module, opt: Any, loss: str, epoch: int):
+    """The minimal loop: slice the epoch's tensors, forward, backward, step."""
+    batches = dm.train_batches
+    data = batches.epoch_tensors(epoch)
+    size = batches.batch_size
+    for start in range(0, len(data["users"]), size):
+        batch = {key: value[start : start + size] for key, value in data.items()}
+        opt.zero_grad(set_to_none=True)
+        recommendation_loss(model, batch, loss).backward()
+        opt.step()
+
+
+class _Interleave(L.Callback):
+    """Runs one plain epoch before each of our epochs (same process, same load)."""
+
+    def __init__(self, plain: Any) -> None:
+        self.plain = plain
+        self.seconds: list[float] = []
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        start = time.perf_counter()
+        self.plain(trainer.current_epoch)
+        self.seconds.append(time.perf_counter() - start)
+
+
+def compare(cfg: TrainConfig) -> tuple[float, float, int]:
+    """(our median epoch seconds, plain median epoch seconds, samples per epoch); the first
+    epoch of each is a warm-up and is dropped."""
+    dm = _datamodule(cfg)
+    torch.manual_seed(0)
+    plain_model = build_model(cfg.model, dm.num_users, dm.num_items)
+    plain_opt = torch.optim.Adam(plain_model.parameters(), lr=cfg.optim.lr)
+    plain = _Interleave(lambda e: _plain_epoch(dm, plain_model, plain_opt, cfg.loss.name, e))
+    model = build_model(cfg.model, dm.num_users, dm.num_items)
+    module = RecommenderModule(model, cfg.loss, cfg.optim, cfg.eval)
+    timer = EpochTimer()
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = build_trainer(cfg, Path(tmp), [plain, timer])
+        trainer.limit_val_batches = 0
+        trainer.fit(module, datamodule=dm)
+    ours = statistics.median(timer.train_seconds[1:])
+    ref = statistics.median(plain.seconds[1:])
+    return ours, ref, dm.train_batches.num_samples()
+
+
+def run(quick: bool) -> list[Figure]:
+    epochs = 4 if quick else 8
+    figures = []
+    for label, model in (("MF", "mf"), ("NeuMF", "neumf")):
+        cfg = make_config(model, "bce", 4, 4096, epochs)
+        ours, ref, samples = compare(cfg)
+        figures.append(
+            Figure(
+                "train",
+                f"{label} epoch / plain loop (bce, 4 neg, b=4096)",
+                ours / ref,
+                1.15,
+                details={
+                    "ours_s": ours,
+                    "plain_s": ref,
+                    "ours_samples_per_s": samples / ours,
+                    "plain_samples_per_s": samples / ref,
+                },
+            )
+        )
+    # Against RecBole's published-here epoch times: the same model, loss and batch size.
+    for key, label, model, loss, negatives, batch, target in (
+        ("bpr_mf", "BPR-MF", "mf", "bpr", 1, 2048, 2.0),
+        ("neumf", "NeuMF", "neumf", "bce", 1, 2048, 1.3),
+    ):
+        cfg = make_config(model, loss, negatives, batch, epochs)
+        ours, _, samples = compare(cfg)
+        figures.append(
+            Figure(
+                "train",
+                f"{label} speed-up over RecBole 1.2.1 (b={batch}, 1 neg)",
+                RECBOLE_SECONDS[key] / ours,
+                target,
+                op=">=",
+                details={"ours_s": ours, "recbole_s": RECBOLE_SECONDS[key], "samples": samples},
+            )
+        )
+    return figures
