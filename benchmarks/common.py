@@ -16,6 +16,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import lightning as L
+
 
 @dataclass
 class Figure:
@@ -75,3 +77,18 @@ def peak_rss_mb() -> float:
     """This process's peak resident memory so far, in MB (ru_maxrss is KB on Linux)."""
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / (1 << 20) if sys.platform == "darwin" else rss / 1024
+
+
+def bare_trainer(**kwargs: Any) -> L.Trainer:
+    """A CPU Trainer without logger, progress bar, checkpoints or validation: the cost of the
+    training loop and the callbacks under test only."""
+    return L.Trainer(
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        accelerator="cpu",
+        **kwargs,
+    )

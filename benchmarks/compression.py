@@ -21,14 +21,14 @@ from typing import Any
 import lightning as L
 import torch
 
-from benchmarks.common import Figure
+from benchmarks.common import Figure, bare_trainer
 from recsys_compress.compression.pruning import MagnitudePruning, PruneConfig
 from recsys_compress.compression.qat import QATConfig, QuantizationAwareTraining
 from recsys_compress.compression.sparsity import L1Config, L1Proximal
 from recsys_compress.config import EvalConfig, LossConfig, OptimConfig, to_train_config
-from recsys_compress.data.datamodule import RecDataModule
 from recsys_compress.models import MF, build_model
 from recsys_compress.module import RecommenderModule
+from recsys_compress.train import build_datamodule
 
 SECTION = "compression"
 TARGETS = {"prune": 1.1, "l1": 1.2, "qat": 1.5}
@@ -77,17 +77,7 @@ def fit(
     **trainer_kw: Any,
 ) -> tuple[StepTimer, L.Callback | None]:
     timer, callback = StepTimer(), make_callback(method, epoch_steps)
-    trainer = L.Trainer(
-        callbacks=[timer] + ([callback] if callback else []),
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        accelerator="cpu",
-        **trainer_kw,
-    )
+    trainer = bare_trainer(callbacks=[timer] + ([callback] if callback else []), **trainer_kw)
     if isinstance(data, L.LightningDataModule):
         trainer.fit(module, datamodule=data)
     else:
@@ -120,16 +110,7 @@ def ml100k_figures(quick: bool) -> list[Figure]:
             "logger": {"name": "none"},
         }
     )
-    dm = RecDataModule(
-        cfg.data,
-        cfg.split,
-        cfg.loss,
-        cfg.eval,
-        cfg.trainer.batch_size,
-        cfg.seed,
-        cfg.trainer.batches_per_call,
-    )
-    dm.setup()
+    dm = build_datamodule(cfg)
 
     def run(method: str) -> Callable[[], float]:
         def one() -> float:

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import Figure, peak_rss_mb
+from benchmarks.common import Figure, bare_trainer, peak_rss_mb
 
 SECTION = "scale"
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,21 +45,6 @@ def _config(size: dict[str, int]) -> Any:
             "trainer": {"batch_size": 4096, "progress_bar": False, "max_epochs": 1},
             "logger": {"name": "none"},
         }
-    )
-
-
-def _trainer(**kw: Any) -> Any:
-    import lightning as L
-
-    return L.Trainer(
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        accelerator="cpu",
-        **kw,
     )
 
 
@@ -103,7 +88,7 @@ def step(name: str, size: dict[str, int], workdir: Path) -> dict[str, Any]:
         details["data_s"] = time.perf_counter() - start
         model = _model(cfg, workdir / "none")
         module = RecommenderModule(model, cfg.loss, cfg.optim, cfg.eval)
-        trainer = _trainer(max_epochs=1)
+        trainer = bare_trainer(max_epochs=1)
         fit_start = time.perf_counter()
         trainer.fit(module, datamodule=dm)
         details["epoch_s"] = time.perf_counter() - fit_start
@@ -131,7 +116,7 @@ def step(name: str, size: dict[str, int], workdir: Path) -> dict[str, Any]:
         module = RecommenderModule(model, cfg.loss, cfg.optim, cfg.eval)
         cb = L1Proximal(L1Config()) if name == "l1" else QuantizationAwareTraining(QATConfig())
         start = time.perf_counter()
-        _trainer(max_steps=steps, max_epochs=1, callbacks=[cb]).fit(
+        bare_trainer(max_steps=steps, max_epochs=1, callbacks=[cb]).fit(
             module, train_dataloaders=_random_loader(cfg, steps)
         )
         details["steps"] = steps

@@ -28,7 +28,7 @@ from recsys_compress.config import TrainConfig, to_train_config
 from recsys_compress.data.datamodule import RecDataModule
 from recsys_compress.models import build_model
 from recsys_compress.module import RecommenderModule, recommendation_loss
-from recsys_compress.train import batches_per_call, build_trainer
+from recsys_compress.train import build_datamodule, build_trainer
 
 RECBOLE_SECONDS = {"bpr_mf": 0.204, "neumf": 1.07}  # per epoch, RecBole 1.2.1, this machine
 
@@ -47,20 +47,6 @@ def make_config(model: str, loss: str, negatives: int, batch: int, epochs: int) 
             "save_model": False,
         }
     )
-
-
-def _datamodule(cfg: TrainConfig) -> RecDataModule:
-    dm = RecDataModule(
-        cfg.data,
-        cfg.split,
-        cfg.loss,
-        cfg.eval,
-        cfg.trainer.batch_size,
-        cfg.seed,
-        batches_per_call(cfg.trainer),
-    )
-    dm.setup()
-    return dm
 
 
 def _plain_epoch(dm: RecDataModule, model: torch.nn.Module, opt: Any, loss: str, epoch: int):
@@ -91,7 +77,7 @@ class _Interleave(L.Callback):
 def compare(cfg: TrainConfig) -> tuple[float, float, int]:
     """(our median epoch seconds, plain median epoch seconds, samples per epoch); the first
     epoch of each is a warm-up and is dropped."""
-    dm = _datamodule(cfg)
+    dm = build_datamodule(cfg)
     torch.manual_seed(0)
     plain_model = build_model(cfg.model, dm.num_users, dm.num_items)
     plain_opt = torch.optim.Adam(plain_model.parameters(), lr=cfg.optim.lr)

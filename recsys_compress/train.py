@@ -169,6 +169,21 @@ def batches_per_call(trainer: TrainerConfig) -> int:
     return min(trainer.batches_per_call, trainer.checkpoint_every_n_steps or sys.maxsize)
 
 
+def build_datamodule(cfg: TrainConfig) -> RecDataModule:
+    """The run's data module, set up (data loaded, split, batch sources built)."""
+    datamodule = RecDataModule(
+        cfg.data,
+        cfg.split,
+        cfg.loss,
+        cfg.eval,
+        cfg.trainer.batch_size,
+        cfg.seed,
+        batches_per_call(cfg.trainer),
+    )
+    datamodule.setup()
+    return datamodule
+
+
 def is_rank_zero() -> bool:
     """True in the process that writes the run's files (rank 0 of DDP, or no DDP). Under a
     spawning strategy the Hydra process is the main one; its workers write nothing but the
@@ -340,16 +355,7 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False) -> dict[str, An
     started = time.time()
     wandb_run = start_wandb_run(cfg, run_dir)  # None unless logger=wandb
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    datamodule = RecDataModule(
-        cfg.data,
-        cfg.split,
-        cfg.loss,
-        cfg.eval,
-        cfg.trainer.batch_size,
-        cfg.seed,
-        batches_per_call(cfg.trainer),
-    )
-    datamodule.setup()
+    datamodule = build_datamodule(cfg)
     inter = datamodule.interactions
     assert inter is not None and datamodule.split is not None
     model = build_model(cfg.model, datamodule.num_users, datamodule.num_items)
