@@ -152,7 +152,15 @@ def test_launchers_run_a_2x2_grid_in_parallel_in_distinct_dirs(tmp_path: Path) -
     env = {"RECSYS_COMPRESS_CACHE": str(tmp_path / "cache")}
     sweep = str(tmp_path / "same_${rcz_uid:}")
     base = [*TINY, "compression=none", "trainer.max_epochs=3"]
-    joblib = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "seed=0,1", "model.dim=4,8"]
+    # 12 epochs: jobs long enough (~3 s) that the two workers' ~1 s start-up skew cannot make
+    # parallel jobs look sequential
+    joblib = [
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        "seed=0,1",
+        "model.dim=4,8",
+        "trainer.max_epochs=12",
+    ]
     submitit = ["hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5", "seed=3"]
     for process in [multirun(base + joblib, sweep, env), multirun(base + submitit, sweep, env)]:
         finish(process)
