@@ -21,10 +21,12 @@ from recsys_compress.compression.qat import (
     QuantizedEmbedding,
     QuantizedLinear,
     QuantScheme,
+    _fake_quantize_with,
     convert_module,
     plan,
     post_training_quantize,
     round_up_to_float16,
+    symmetric_scales,
     to_fake_quant,
     torchao_qat,
 )
@@ -477,6 +479,72 @@ def test_resume_rebuilds_fake_quant_modules_with_frozen_scales(tmp_path: Path) -
     )
     assert (table.qweight.float() - expected).abs().max() <= 1  # torchao multiplies by 1/scale
     assert not torch.equal(table.qweight, trained_q)  # epoch 3 had moved the weights
+
+
+@pytest.mark.parametrize("scheme", [s for s in SCHEMES if s.symmetric], ids=scheme_id)
+@pytest.mark.parametrize("frozen", [False, True], ids=["fresh", "frozen"])
+def test_fused_fake_quant_is_bit_identical_to_torchao(scheme: QuantScheme, frozen: bool) -> None:
+    """The fused symmetric op gives torchao's values and straight-through gradients bit for bit:
+    signed zeros, clipped weights (frozen scales below a grown weight) and NaN included."""
+    torch.manual_seed(5)
+    rows = torch.randn(64, 16) * 0.1
+    rows[0, :4] = torch.tensor([-1e-9, 1e-9, -0.0, 0.0])  # round to -0.0 / +0.0
+    scale = symmetric_scales(rows, QuantScheme(scheme.bits, scheme.group_size))
+    if frozen:
+        rows[1:9] *= 3.0  # beyond the frozen range: clipped, no gradient
+        rows[9, 5] = float("nan")
+    probe = torch.randn(64, 16)
+    grads, outs = [], []
+    for fused in (True, False):
+        x = rows.clone().requires_grad_()
+        if fused:
+            out = _fake_quantize_with(x, scale, None, scheme)
+        else:
+            zero = torch.zeros_like(scale, dtype=torch.int32)
+            group = scheme.columns_per_scale(16)
+            fn = torchao_qat().fake_quantize_per_channel_group
+            out = fn(x, scale, zero, scheme.qmin, scheme.qmax, group, scheme.zero_point_domain)
+        (out * probe).nansum().backward()
+        outs.append(out.detach())
+        grads.append(x.grad)
+    for fused, reference in (outs, grads):
+        assert torch.equal(fused.nan_to_num(7.0), reference.nan_to_num(7.0))
+        assert torch.equal(fused.signbit(), reference.signbit())
+    assert (grads[0] == 0).sum() > (40 if frozen else 0)  # the clipped weights got none
+    assert outs[0][0, 2].signbit().item() is False  # torchao's "+ 0" turns -0.0 into +0.0
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=scheme_id)
+@pytest.mark.parametrize("frozen", [False, True], ids=["fresh", "frozen"])
+def test_table_first_path_equals_the_gathered_rows_path(scheme: QuantScheme, frozen: bool) -> None:
+    """More ids than table rows: the table is fake-quantised once and then gathered. Same values
+    as fake-quantising the gathered rows; gradients equal up to summation order."""
+    torch.manual_seed(6)
+    table = nn.Embedding(12, 16)
+    with torch.no_grad():
+        table.weight[2] += 0.3  # an off-centre row
+    fake = FakeQuantEmbedding(table, scheme)
+    if frozen:
+        fake.freeze()
+        with torch.no_grad():
+            table.weight[5] *= 4.0  # grows past its frozen range: clipped
+    many = torch.randint(12, (3, 10))  # 30 ids >= 12 rows: table first
+    assert fake._quantise_table_first(many.reshape(-1))
+    probe = torch.randn(3, 10, 16)
+    out = fake(many)
+    (out * probe).sum().backward()
+    table_grad = table.weight.grad.clone()
+    table.weight.grad = None
+    # the gathered-rows path on the same ids, one chunk of < 12 ids at a time
+    chunks = [fake(chunk) for chunk in many.reshape(-1).split(5)]
+    assert not fake._quantise_table_first(many.reshape(-1)[:5])
+    gathered = torch.cat(chunks).view(3, 10, 16)
+    (gathered * probe).sum().backward()
+    assert torch.equal(out, gathered)
+    torch.testing.assert_close(table_grad, table.weight.grad, rtol=1e-6, atol=1e-7)
+    assert table_grad.abs().sum() > 0
+    if frozen and scheme.symmetric:
+        assert (table_grad[5] == 0).sum() > 0  # clipped weights get no gradient either way
 
 
 def test_torchao_whole_table_reference_is_the_slow_path() -> None:
