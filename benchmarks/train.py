@@ -1,10 +1,11 @@
 """Training throughput: our Lightning epoch against a minimal PyTorch loop doing the same work.
 
 Same model, data, batches (the data module's epoch tensors: fresh negatives, one shuffle), batch
-size 4096, optimizer and loss. Ours runs through ``train.build_trainer`` with the default
-callbacks: the rich progress bar, the CSV logger and the rolling checkpoint every
-``trainer.checkpoint_every_n_steps``. Target: ratio <= 1.15 for MF and NeuMF on ML-100K. The two
-loops alternate epoch by epoch so that load on the shared machine hits both alike.
+size 4096, optimizer (``module.build_optimizer``: parameter groups, fused kernels) and loss. Ours
+runs through ``train.build_trainer`` with the default callbacks: the rich progress bar, the CSV
+logger and the rolling checkpoint every ``trainer.checkpoint_every_n_steps``. Target: ratio <=
+1.15 for MF and NeuMF on ML-100K. The two loops alternate epoch by epoch so that load on the
+shared machine hits both alike.
 
 RecBole 1.2.1 on this 2-core machine (the issue's figures, same model, loss and batch size):
 BPR-MF at batch 2048, 0.204 s per epoch of 80.8k pairs; NeuMF with 1 negative, 1.07 s per epoch.
@@ -27,16 +28,18 @@ from recsys_compress.callbacks import EpochTimer
 from recsys_compress.config import TrainConfig, to_train_config
 from recsys_compress.data.datamodule import RecDataModule
 from recsys_compress.models import build_model
-from recsys_compress.module import RecommenderModule, recommendation_loss
+from recsys_compress.module import RecommenderModule, build_optimizer, recommendation_loss
 from recsys_compress.train import build_datamodule, build_trainer
 
 RECBOLE_SECONDS = {"bpr_mf": 0.204, "neumf": 1.07}  # per epoch, RecBole 1.2.1, this machine
 
 
-def make_config(model: str, loss: str, negatives: int, batch: int, epochs: int) -> TrainConfig:
-    model_cfg: dict[str, Any] = {"name": model, "dim": 64}
+def make_config(
+    model: str, loss: str, negatives: int, batch: int, epochs: int, **model_kw: Any
+) -> TrainConfig:
+    model_cfg: dict[str, Any] = {"name": model, "dim": 64, **model_kw}
     if model == "neumf":
-        model_cfg = {"name": "neumf", "dim": 32}
+        model_cfg = {"name": "neumf", "dim": 32, **model_kw}
     return to_train_config(
         {
             "data": {"name": "ml100k", "source": "ml100k"},
@@ -80,7 +83,7 @@ def compare(cfg: TrainConfig) -> tuple[float, float, int]:
     dm = build_datamodule(cfg)
     torch.manual_seed(0)
     plain_model = build_model(cfg.model, dm.num_users, dm.num_items)
-    plain_opt = torch.optim.Adam(plain_model.parameters(), lr=cfg.optim.lr)
+    plain_opt = build_optimizer(plain_model, cfg.optim)  # the same optimizer as ours
     plain = _Interleave(lambda e: _plain_epoch(dm, plain_model, plain_opt, cfg.loss.name, e))
     model = build_model(cfg.model, dm.num_users, dm.num_items)
     module = RecommenderModule(model, cfg.loss, cfg.optim, cfg.eval)
@@ -115,11 +118,12 @@ def run(quick: bool) -> list[Figure]:
             )
         )
     # Against RecBole's published-here epoch times: the same model, loss and batch size.
-    for key, label, model, loss, negatives, batch, target in (
-        ("bpr_mf", "BPR-MF", "mf", "bpr", 1, 2048, 2.0),
-        ("neumf", "NeuMF", "neumf", "bce", 1, 2048, 1.3),
+    # RecBole's BPR-MF has no bias terms: neither has ours here.
+    for key, label, model, loss, negatives, batch, target, model_kw in (
+        ("bpr_mf", "BPR-MF", "mf", "bpr", 1, 2048, 2.0, {"use_bias": False}),
+        ("neumf", "NeuMF", "neumf", "bce", 1, 2048, 1.3, {}),
     ):
-        cfg = make_config(model, loss, negatives, batch, epochs)
+        cfg = make_config(model, loss, negatives, batch, epochs, **model_kw)
         ours, _, samples = compare(cfg)
         figures.append(
             Figure(

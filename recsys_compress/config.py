@@ -234,6 +234,8 @@ class OptimConfig:
     ``sparse``: embedding tables get sparse gradients (only the rows a batch reads) and the
     optimizer updates only those rows, so a step's cost follows the batch, not the table (Adam:
     :class:`~recsys_compress.optim.RowSparseAdam`; SGD and Adagrad take sparse gradients as is).
+    ``fused``: torch's fused optimizer kernels (one pass per parameter; results differ from the
+    for-loop implementation by float rounding only); false reproduces runs of versions before it.
     """
 
     name: str = "adam"
@@ -245,6 +247,7 @@ class OptimConfig:
     step_size: int = 10
     gamma: float = 0.5
     sparse: bool = False
+    fused: bool = True
 
     def __post_init__(self) -> None:
         _one_of("optim.name", self.name, OPTIMIZERS)

@@ -309,3 +309,27 @@ def test_build_model_with_mismatched_pretrained_names_the_key(tmp_path):
     )
     with pytest.raises(ConfigError, match=r"model\.pretrained_mlp"):
         build_model(cfg, N_USERS, N_ITEMS)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bpr_loss_in_one_pass_equals_two_passes(name):
+    """BPR scores the positive and negative pairs in one forward pass: the loss and gradients of
+    separate passes, up to float summation order."""
+    from recsys_compress.module import recommendation_loss
+
+    gen = torch.Generator().manual_seed(3)
+    batch = {
+        "users": torch.randint(0, N_USERS, (40,), generator=gen),
+        "pos_items": torch.randint(0, N_ITEMS, (40,), generator=gen),
+        "neg_items": torch.randint(0, N_ITEMS, (40,), generator=gen),
+    }
+    one, two = randomise(make(name)), randomise(make(name))
+    loss = recommendation_loss(one, batch, "bpr")
+    loss.backward()
+    pos, neg = two(batch["users"], batch["pos_items"]), two(batch["users"], batch["neg_items"])
+    reference = -F.logsigmoid(pos - neg).mean()
+    reference.backward()
+    torch.testing.assert_close(loss, reference, rtol=1e-6, atol=0)
+    assert loss > 0
+    for (key, p), q in zip(one.named_parameters(), two.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=key)

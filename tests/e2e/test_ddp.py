@@ -150,13 +150,16 @@ def test_ddp_ranks_identical_rank0_writes_metrics_match(tmp_path: Path) -> None:
         assert records[0]["val"][key] == pytest.approx(val[key], abs=1e-6)
         assert records[0]["test"][key] == pytest.approx(test[key], abs=1e-6)
 
-    # A single-process run of the same config trains to the same quality.
+    # A single-process run of the same config trains to the same quality: close, not equal (two
+    # ranks of batch 512 take half the optimizer steps, on twice the rows each); 0.025 is ~8 of
+    # the 300 users, against a gap of ~0.25 between these runs and random ranking (HR@10 0.05).
     from recsys_compress.train import train
 
     single = train(cfg, tmp_path / "single")
     for part in ("val", "test"):
         for key in ("ndcg@10", "hr@10"):
-            assert records[0][part][key] == pytest.approx(single[part][key], abs=0.01)
+            assert records[0][part][key] == pytest.approx(single[part][key], abs=0.025)
+        assert records[0][part]["hr@10"] > 0.2
 
 
 def test_multirun_job_uses_ddp_spawn(tmp_path: Path) -> None:

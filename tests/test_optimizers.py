@@ -1,0 +1,67 @@
+"""build_optimizer: parameter groups, fused kernels by default, the sparse path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from recsys_compress.config import OptimConfig
+from recsys_compress.models import MF, NeuMF
+from recsys_compress.module import build_optimizer
+from recsys_compress.optim import RowSparseAdam
+
+
+def train(cfg: OptimConfig, steps: int = 30) -> MF:
+    torch.manual_seed(0)
+    model = MF(20, 30, 8)
+    optimizer = build_optimizer(model, cfg)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        users, items = (
+            torch.randint(20, (64,), generator=gen),
+            torch.randint(30, (64,), generator=gen),
+        )
+        labels = (torch.rand(64, generator=gen) < 0.3).float()
+        optimizer.zero_grad()
+        F.binary_cross_entropy_with_logits(model(users, items), labels).backward()
+        optimizer.step()
+    return model
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw", "adagrad", "sgd"])
+def test_fused_kernels_by_default_and_equal_to_the_loop_up_to_rounding(name: str) -> None:
+    extra = {"momentum": 0.9} if name == "sgd" else {}
+    fused_cfg = OptimConfig(name=name, lr=0.05, embedding_weight_decay=1e-3, **extra)
+    loop_cfg = OptimConfig(name=name, lr=0.05, embedding_weight_decay=1e-3, fused=False, **extra)
+    assert build_optimizer(MF(5, 5, 4), fused_cfg).defaults["fused"] is True
+    assert not build_optimizer(MF(5, 5, 4), loop_cfg).defaults.get("fused")
+    fused, loop = train(fused_cfg), train(loop_cfg)
+    torch.manual_seed(0)
+    start = MF(20, 30, 8)  # the weights both runs started from
+    moved = 0.0
+    for (key, a), b, c in zip(
+        fused.named_parameters(), loop.parameters(), start.parameters(), strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=key)
+        moved = max(moved, float((a - c).abs().max()))
+    assert moved > 1e-2  # the runs trained
+
+
+def test_groups_give_embedding_tables_their_own_weight_decay() -> None:
+    model = NeuMF(6, 7, 4, 4, [8, 4])
+    optimizer = build_optimizer(model, OptimConfig(embedding_weight_decay=1e-4, weight_decay=0.1))
+    tables, others = optimizer.param_groups
+    assert tables["weight_decay"] == 1e-4 and others["weight_decay"] == 0.1
+    embedding_weights = {id(m.weight) for m in model.modules() if hasattr(m, "num_embeddings")}
+    assert {id(p) for p in tables["params"]} == embedding_weights
+    assert len(tables["params"]) + len(others["params"]) == len(list(model.parameters()))
+
+
+def test_sparse_path_uses_row_sparse_adam_and_unfused_sgd() -> None:
+    model = MF(6, 7, 4)
+    sparse = OptimConfig(sparse=True, embedding_weight_decay=0.0)
+    assert isinstance(build_optimizer(model, sparse), RowSparseAdam)
+    assert model.user_embedding.sparse and model.item_embedding.sparse
+    sgd = build_optimizer(model, OptimConfig(name="sgd", sparse=True, embedding_weight_decay=0.0))
+    assert not sgd.defaults.get("fused")  # torch's fused kernels take dense gradients only
