@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import lightning as L
@@ -16,6 +17,8 @@ from recsys_compress.errors import RecsysCompressError
 from recsys_compress.metrics import FullRankingMetrics, RatingMetrics, SampledRankingMetrics
 from recsys_compress.models.base import Recommender
 from recsys_compress.optim import RowSparseAdam
+
+log = logging.getLogger(__name__)
 
 
 def recommendation_loss(
@@ -79,6 +82,16 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
     if cfg.name == "adagrad":
         return torch.optim.Adagrad(groups, lr=cfg.lr, **fused)
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, **fused)
+
+
+def epoch_summary(trainer: L.Trainer, loss_sum: torch.Tensor, count: int) -> str:
+    """One line per epoch for the console and train.log (the progress bar does not keep one):
+    ``epoch 3/20: train/loss 0.2134, val/hr@10 0.6543, val/ndcg@10 0.3150`` (this process's
+    loss; validation metrics of the epoch if it validated)."""
+    parts = [f"train/loss {float(loss_sum) / count:.4f}"] if count else []
+    val = {k: v for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    parts += [f"{k} {float(v):.4f}" for k, v in sorted(val.items())]
+    return f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}: " + ", ".join(parts)
 
 
 class TrainingDivergedError(RecsysCompressError):
@@ -245,6 +258,8 @@ class RecommenderModule(L.LightningModule):
             scheduler.step()
         if self._loss_count:
             self.log("train/loss", self._loss_sum / self._loss_count, sync_dist=True)
+        if self.trainer.is_global_zero:
+            log.info(epoch_summary(self.trainer, self._loss_sum, self._loss_count))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Never write NaN / inf weights over the last good checkpoint.

@@ -228,6 +228,18 @@ def test_cli_run_prints_table_and_run_dir(tmp_path: Path) -> None:
     assert "ndcg@10" in result.stdout
     assert f"Run dir: {tmp_path}/run" in result.stdout.replace("\n", "")
     assert json.loads((tmp_path / "run" / "results.json").read_text())["status"] == "completed"
+    # one summary line per epoch in train.log (the progress bar keeps none), metrics.csv's values
+    lines = [
+        line.split(" - ", 1)[1]
+        for line in (tmp_path / "run" / "train.log").read_text().splitlines()
+        if " - epoch " in line
+    ]
+    metrics = pd.read_csv(tmp_path / "run" / "metrics.csv")
+    assert [line.split(":")[0] for line in lines] == ["epoch 1/2", "epoch 2/2"]
+    for epoch, line in enumerate(lines):
+        rows = metrics[metrics["epoch"] == epoch]
+        for key in ("train/loss", "val/ndcg@10", "val/hr@10"):
+            assert f"{key} {rows[key].dropna().iloc[0]:.4f}" in line, (key, line)
     # the same run dir again: refused, the completed run stays as it was ...
     before = (tmp_path / "run" / "results.json").read_bytes()
     again = run_cli(FAST, tmp_path)
