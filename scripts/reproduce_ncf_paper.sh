@@ -4,7 +4,8 @@
 # of the same factor). Writes docs/ncf_paper_ml100k.{md,tex,csv}.
 #   bash scripts/reproduce_ncf_paper.sh [output root, default outputs/ncf_paper_ml100k]
 # DATA=ml1m runs the paper's own dataset (downloads from GroupLens; then compare with the paper
-# via the --reference line printed at the end). DIMS="8 16" runs a subset.
+# via the --reference line printed at the end). DIMS="8 16" runs a subset. EXTRA="key=value ..."
+# adds overrides to every run (e.g. EXTRA="optim.fused=false" reproduces docs/ bit for bit).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=${1:-outputs/ncf_paper_ml100k}
@@ -13,7 +14,7 @@ PY=${PYTHON:-python}
 # skip_completed: a rerun keeps the runs that finished (delete the root to start over).
 run() {
   "$PY" -m recsys_compress.train experiment=ncf_paper data=$DATA trainer.progress_bar=false \
-    skip_completed=true "$@"
+    skip_completed=true ${EXTRA:-} "$@"
 }
 for dim in ${DIMS:-8 16 32 64}; do
   run model=gmf model.dim=$dim hydra.run.dir=$ROOT/gmf/$dim
