@@ -333,3 +333,31 @@ def test_bpr_loss_in_one_pass_equals_two_passes(name):
     assert loss > 0
     for (key, p), q in zip(one.named_parameters(), two.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_rows_fast_gather_is_bit_identical_to_embedding() -> None:
+    """models.base.rows: values and gradients of F.embedding bit for bit (repeated ids, 2-D ids),
+    and modules it cannot speed up (padding row, max norm, sparse, other types) are called."""
+    gen = torch.Generator().manual_seed(4)
+    table = nn.Embedding(30, 8)
+    ids = torch.randint(0, 30, (7, 40), generator=gen)  # many repeats
+    probe = torch.randn(7, 40, 8, generator=gen)
+    fast = models_base.rows(table, ids)
+    (fast * probe).sum().backward()
+    fast_grad = table.weight.grad.clone()
+    table.weight.grad = None
+    slow = table(ids)
+    (slow * probe).sum().backward()
+    assert torch.equal(fast, slow) and torch.equal(fast_grad, table.weight.grad)
+    assert "RowGather" in type(models_base.rows(table, ids[0]).grad_fn).__name__  # the fast path
+
+    calls: list[str] = []
+    for module in (
+        nn.Embedding(30, 8, padding_idx=0),
+        nn.Embedding(30, 8, max_norm=1.0),
+        nn.Embedding(30, 8, sparse=True),
+        nn.Sequential(nn.Embedding(30, 8)),
+    ):
+        module.register_forward_hook(lambda m, i, o: calls.append(type(m).__name__))
+        assert torch.equal(models_base.rows(module, ids), module(ids))
+    assert len(calls) == 8  # each went through its module (twice: rows and the reference)

@@ -44,6 +44,7 @@ from torch import nn
 from recsys_compress.compression.lowrank import factorised_layer, select_layer_targets
 from recsys_compress.compression.targets import TargetSpec, module_group, replace_module
 from recsys_compress.errors import ConfigError
+from recsys_compress.ops import gather_rows
 
 
 @functools.cache
@@ -473,7 +474,10 @@ class FakeQuantEmbedding(_QParams, nn.Embedding):
             # qparams are row-local); a repeated row's gradient is summed before the
             # straight-through mask instead of after (equal up to float summation order).
             table = self._fake_quantize_rows(self.weight, None)
-            rows = F.embedding(flat, table, self.padding_idx)
+            if self.padding_idx is None:
+                rows = gather_rows(table, flat)
+            else:
+                rows = F.embedding(flat, table, self.padding_idx)
             return rows.view(*ids.shape, self.embedding_dim)
         rows = F.embedding(
             flat,

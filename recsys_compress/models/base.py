@@ -1,8 +1,9 @@
 """The interface every recommender implements, and helpers that keep models compression-agnostic.
 
 Compression replaces ``nn.Embedding`` / ``nn.Linear`` modules by pruned, factorised or quantised
-ones. Models therefore read tables by calling their modules (:func:`all_rows`), and take shortcuts
-that read ``.weight`` directly only when a module is exactly ``nn.Linear`` / ``nn.Embedding``.
+ones. Models therefore read tables through their modules (:func:`rows`, :func:`all_rows`), and
+take shortcuts that read ``.weight`` directly only when a module is exactly ``nn.Linear`` /
+``nn.Embedding``.
 """
 
 from __future__ import annotations
@@ -10,8 +11,30 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from recsys_compress.ops import gather_rows
+
 # Cap on the elements of one intermediate tensor when scoring all items (about 64 MB of float32).
 MAX_CHUNK_ELEMENTS = 1 << 24
+
+
+def rows(embedding: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """``embedding(ids)`` for any embedding-like module. A plain dense ``nn.Embedding`` on CPU
+    (no padding row, max norm or per-id gradient scaling) is read with
+    :func:`~recsys_compress.ops.gather_rows` instead of ``F.embedding``: the same values and
+    gradients, with a faster backward (module hooks on such a table are not called)."""
+    if (
+        type(embedding) is nn.Embedding
+        and ids.device.type == "cpu"
+        and not embedding.sparse
+        and embedding.padding_idx is None
+        and embedding.max_norm is None
+        and not embedding.scale_grad_by_freq
+    ):
+        if ids.dim() == 1:
+            return gather_rows(embedding.weight, ids)
+        out = gather_rows(embedding.weight, ids.reshape(-1))
+        return out.view(*ids.shape, embedding.embedding_dim)
+    return embedding(ids)
 
 
 def all_rows(embedding: nn.Module, num_rows: int) -> torch.Tensor:

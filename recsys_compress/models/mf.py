@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from recsys_compress.models.base import Recommender, all_rows, init_embedding
+from recsys_compress.models.base import Recommender, all_rows, init_embedding, rows
 
 
 class MF(Recommender):
@@ -33,9 +33,10 @@ class MF(Recommender):
             self.global_bias = nn.Parameter(torch.zeros(1))
 
     def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        scores = (self.user_embedding(users) * self.item_embedding(items)).sum(-1)
+        scores = (rows(self.user_embedding, users) * rows(self.item_embedding, items)).sum(-1)
         if self.use_bias:
-            scores = scores + self.user_bias(users).squeeze(-1) + self.item_bias(items).squeeze(-1)
+            user_bias = rows(self.user_bias, users).squeeze(-1)
+            scores = scores + user_bias + rows(self.item_bias, items).squeeze(-1)
             scores = scores + self.global_bias
         return scores
 

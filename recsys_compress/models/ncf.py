@@ -12,6 +12,7 @@ from recsys_compress.models.base import (
     Recommender,
     all_rows,
     init_embedding,
+    rows,
 )
 
 
@@ -58,7 +59,7 @@ class _MLPBranch(nn.Module):
         self.out_dim = layers[-1]
 
     def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        pair = torch.cat([self.user_embedding(users), self.item_embedding(items)], dim=-1)
+        pair = torch.cat([rows(self.user_embedding, users), rows(self.item_embedding, items)], -1)
         return self.tower(pair)
 
     def all_items(self, users: torch.Tensor) -> torch.Tensor:
@@ -106,7 +107,8 @@ class GMF(Recommender):
         self.predict = _predict_layer(dim)
 
     def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        return self.predict(self.user_embedding(users) * self.item_embedding(items)).squeeze(-1)
+        pair = rows(self.user_embedding, users) * rows(self.item_embedding, items)
+        return self.predict(pair).squeeze(-1)
 
     def score_all(self, users: torch.Tensor) -> torch.Tensor:
         if type(self.predict) is not nn.Linear:
@@ -167,7 +169,7 @@ class NeuMF(Recommender):
         self.predict = _predict_layer(dim + self.mlp.out_dim)
 
     def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        gmf = self.gmf_user_embedding(users) * self.gmf_item_embedding(items)
+        gmf = rows(self.gmf_user_embedding, users) * rows(self.gmf_item_embedding, items)
         return self.predict(torch.cat([gmf, self.mlp(users, items)], dim=-1)).squeeze(-1)
 
     def _score_chunk(self, users: torch.Tensor) -> torch.Tensor:

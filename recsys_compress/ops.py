@@ -1,0 +1,32 @@
+"""Small autograd ops shared by the models and the compression modules."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+class _RowGather(torch.autograd.Function):
+    """``weight[ids]`` whose backward is ``zeros.index_add_(0, ids, grad)``: the same sums in the
+    same order as ``embedding_dense_backward`` on CPU (bit-identical), about 3x faster there."""
+
+    @staticmethod
+    def forward(ctx: Any, weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(ids)
+        ctx.num_rows = weight.shape[0]
+        return weight.index_select(0, ids)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (ids,) = ctx.saved_tensors
+        table = grad.new_zeros(ctx.num_rows, grad.shape[-1])
+        return table.index_add_(0, ids, grad.contiguous()), None
+
+
+def gather_rows(weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """``weight[ids]`` for 1-D ``ids``, differentiable in ``weight`` (a table or a tensor computed
+    from one), with :class:`_RowGather`'s faster backward on CPU."""
+    if ids.device.type == "cpu":
+        return _RowGather.apply(weight, ids)
+    return torch.nn.functional.embedding(ids, weight)
