@@ -288,7 +288,7 @@ class _SymmetricFakeQuant(torch.autograd.Function):
         r, g = scale.shape
         scale = scale.unsqueeze(-1)
         inverse = 1.0 / scale
-        levels = (rows.view(r, g, -1) * inverse).round_().add_(0)
+        levels = (rows.reshape(r, g, -1) * inverse).round_().add_(0)
         out = levels.clamp(qmin, qmax)
         # |clamped - level| is 0 inside the range, >= 1 where clipped, NaN for a NaN level: keep
         # the bits where it is +-0 (abs bits 0 -> (0 - 1) >> 31 = -1), clear them elsewhere.
