@@ -44,15 +44,20 @@ ML1M_SIZE = {"num_users": 6040, "num_items": 3706, "interactions_per_user": 166}
 
 def _datamodule(data: dict[str, Any], model: dict[str, Any]) -> tuple[Any, Any]:
     from recsys_compress.config import to_train_config
-    from recsys_compress.data.datamodule import RecDataModule
     from recsys_compress.models import build_model
     from recsys_compress.module import RecommenderModule
+    from recsys_compress.train import build_datamodule
 
     cfg = to_train_config(
-        {"data": data, "split": {"name": "ratio"}, "model": model, "logger": {"name": "none"}}
+        {
+            "data": data,
+            "split": {"name": "ratio"},
+            "model": model,
+            "trainer": {"batch_size": 4096},
+            "logger": {"name": "none"},
+        }
     )
-    dm = RecDataModule(cfg.data, cfg.split, cfg.loss, cfg.eval, 4096, cfg.seed)
-    dm.setup()
+    dm = build_datamodule(cfg)
     torch.manual_seed(0)
     net = build_model(cfg.model, dm.num_users, dm.num_items).eval()
     return dm, RecommenderModule(net, cfg.loss, cfg.optim, cfg.eval).eval()

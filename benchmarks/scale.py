@@ -81,10 +81,9 @@ def step(name: str, size: dict[str, int], workdir: Path) -> dict[str, Any]:
     start = time.perf_counter()
     details: dict[str, Any] = {}
     if name == "train":
-        from recsys_compress.data.datamodule import RecDataModule
+        from recsys_compress.train import build_datamodule
 
-        dm = RecDataModule(cfg.data, cfg.split, cfg.loss, cfg.eval, 4096, cfg.seed)
-        dm.setup()
+        dm = build_datamodule(cfg)
         details["data_s"] = time.perf_counter() - start
         model = _model(cfg, workdir / "none")
         module = RecommenderModule(model, cfg.loss, cfg.optim, cfg.eval)

@@ -32,13 +32,14 @@ from recsys_compress.compression.pruning import _keep_top
 from recsys_compress.compression.qat import QATConfig, post_training_quantize
 from recsys_compress.compression.targets import TargetSpec, replace_module, select_targets
 from recsys_compress.config import TrainConfig, to_train_config
-from recsys_compress.data.datamodule import Batch, RecDataModule
+from recsys_compress.data.datamodule import Batch
 from recsys_compress.errors import ConfigError, DataError
 from recsys_compress.export import ARTIFACT_NAME, load_compressed
 from recsys_compress.models import Recommender, build_model
 from recsys_compress.module import RecommenderModule
 from recsys_compress.reporting.figures import save_figure
 from recsys_compress.results import RESULTS_FILE
+from recsys_compress.train import build_datamodule
 
 METHODS = ("prune", "svd", "qat")
 DEFAULT_STRENGTHS: dict[str, tuple[float, ...]] = {
@@ -261,10 +262,7 @@ def analyze_run(
     if not k.isdigit():
         raise ConfigError(f"{KEY}: --metric {metric!r} must look like ndcg@10.")
     evaluation = replace(cfg.eval, protocol="full", ks=[int(k)], metrics=[name], monitor="auto")
-    datamodule = RecDataModule(
-        cfg.data, cfg.split, cfg.loss, evaluation, cfg.trainer.batch_size, cfg.seed
-    )
-    datamodule.setup()
+    datamodule = build_datamodule(replace(cfg, eval=evaluation))
     model = load_dense_model(run_dir, datamodule.num_users, datamodule.num_items, cfg)
     module = RecommenderModule(model, cfg.loss, cfg.optim, evaluation, explicit=False)
     return layer_sensitivity(
