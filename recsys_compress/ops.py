@@ -30,3 +30,17 @@ def gather_rows(weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     if ids.device.type == "cpu":
         return _RowGather.apply(weight, ids)
     return torch.nn.functional.embedding(ids, weight)
+
+
+# Elements per chunk of element-wise passes over large tables (a few MB of temporaries).
+CHUNK = 1 << 20
+
+
+def flat_chunks(tensor: torch.Tensor, size: int = CHUNK) -> tuple[torch.Tensor, ...]:
+    """``tensor`` (contiguous) as flat views of at most ``size`` elements (itself when it is no
+    larger). Element-wise work on a large table then makes small temporaries that the allocator
+    reuses, where a table-sized temporary is a fresh allocation, with its page faults (~50 ms
+    for 256 MB), on every call."""
+    if tensor.numel() <= size:
+        return (tensor,)
+    return tensor.view(-1).split(size)

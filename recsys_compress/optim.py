@@ -7,15 +7,42 @@ gradient, only the rows it holds ("lazy" Adam, as ``torch.optim.SparseAdam``); d
 (MLP layers, the global bias) get the ordinary Adam update. One optimizer serves both, so the
 training loop calls one ``step()`` and the compression callbacks find the usual Adam state
 (``step``, ``exp_avg``, ``exp_avg_sq``; ``betas`` and ``eps`` in each group).
+
+Each random-row access of a large table costs ~0.1-0.2 ms per 4096 rows on CPU (memory latency,
+not arithmetic), so the row update reads every row once and writes it once: a gather, the
+arithmetic on the gathered rows, one ``index_copy_`` (``index_add_`` loops over the rows one
+slice at a time: 0.8 ms for 4096 rows of 64). Compression callbacks that act on the same rows
+after every step (pruning masks, Taylor sums, the L1 proximal step) register a *row hook*
+(:meth:`RowSparseAdam.register_row_hook`) and work on the gathered rows before they are written
+back, instead of gathering and scattering them again.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.utils.hooks import RemovableHandle
+
+
+@dataclass
+class RowStep:
+    """One sparse-gradient update of a table's rows, as :class:`RowSparseAdam` hands it to the
+    table's row hooks before it writes ``new`` back."""
+
+    rows: torch.Tensor  # the rows the gradient holds: sorted, unique
+    grad: torch.Tensor  # their gradient (duplicates summed)
+    old: torch.Tensor  # their values before the step
+    new: torch.Tensor  # their values after the step; a hook may change it in place
+    denom: torch.Tensor  # Adam's sqrt(v / (1 - beta2^t)) + eps for them: step size lr / denom
+    lr: float
+
+
+RowHook = Callable[[RowStep], None]
 
 
 class RowSparseAdam(torch.optim.Optimizer):
@@ -38,6 +65,21 @@ class RowSparseAdam(torch.optim.Optimizer):
     ) -> None:
         defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
         super().__init__(params, defaults)
+        self._row_hooks: dict[int, OrderedDict[int, RowHook]] = {}
+
+    def register_row_hook(self, param: torch.Tensor, hook: RowHook) -> RemovableHandle:
+        """Call ``hook(row_step)`` on every sparse-gradient update of ``param``, after the Adam
+        arithmetic and before the rows are written back (hooks run in registration order and
+        may change ``row_step.new`` in place). Dense-gradient updates of ``param`` do not call
+        it. Returns a handle whose ``remove()`` unregisters the hook."""
+        hooks = self._row_hooks.setdefault(id(param), OrderedDict())
+        handle = RemovableHandle(hooks)
+        hooks[handle.id] = hook
+        return handle
+
+    def has_row_hooks(self, param: torch.Tensor) -> bool:
+        """Whether ``param``'s sparse-gradient updates call row hooks."""
+        return bool(self._row_hooks.get(id(param)))
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:  # type: ignore[override]
@@ -69,7 +111,14 @@ class RowSparseAdam(torch.optim.Optimizer):
                             "(set optim.embedding_weight_decay=0 with optim.sparse=true)."
                         )
                     grad = coalesced_grad(param)
-                    _sparse_update(param, grad, state, beta1, beta2, lr, eps, bias1, bias2)
+                    hooks = self._row_hooks.get(id(param), {})
+                    row_step = _sparse_update(
+                        param, grad, state, beta1, beta2, lr, eps, bias1, bias2
+                    )
+                    if row_step is not None:
+                        for hook in list(hooks.values()):
+                            hook(row_step)
+                        param.index_copy_(0, row_step.rows, row_step.new)
                     continue
                 if decay:
                     grad = grad.add(param, alpha=decay)
@@ -91,18 +140,31 @@ def _sparse_update(
     eps: float,
     bias1: float,
     bias2: float,
-) -> None:
-    """The Adam update of the rows of the coalesced sparse ``grad``, in place."""
+) -> RowStep | None:
+    """The Adam update of the rows of the coalesced sparse ``grad``: the moments in place, the
+    new rows returned (not yet written back; None when the gradient holds no row)."""
     rows, values = grad.indices()[0], grad.values()
     if rows.numel() == 0:
-        return
+        return None
     exp_avg = state["exp_avg"].index_select(0, rows).lerp_(values, 1.0 - beta1)
     exp_avg_sq = state["exp_avg_sq"].index_select(0, rows)
     exp_avg_sq.mul_(beta2).addcmul_(values, values, value=1.0 - beta2)
     state["exp_avg"].index_copy_(0, rows, exp_avg)
     state["exp_avg_sq"].index_copy_(0, rows, exp_avg_sq)
     denom = (exp_avg_sq.sqrt() / math.sqrt(bias2)).add_(eps)
-    param.index_add_(0, rows, exp_avg.div_(denom), alpha=-lr / bias1)
+    old = param.index_select(0, rows)
+    new = old.add(exp_avg.div_(denom), alpha=-lr / bias1)
+    return RowStep(rows, values, old, new, denom, lr)
+
+
+def add_rows_(
+    table: torch.Tensor, rows: torch.Tensor, values: torch.Tensor, alpha: float = 1.0
+) -> torch.Tensor:
+    """``table[rows] += alpha * values`` in place for *unique* ``rows`` (e.g. a coalesced
+    gradient's): one gather and one ``index_copy_``, ~2.5x faster than ``index_add_`` on CPU,
+    with the same sums."""
+    table.index_copy_(0, rows, table.index_select(0, rows).add_(values, alpha=alpha))
+    return table
 
 
 def coalesced_grad(param: torch.Tensor) -> torch.Tensor:

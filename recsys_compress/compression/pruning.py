@@ -31,7 +31,8 @@ from torch import nn
 from recsys_compress.callbacks import estimated_optimizer_steps, optimizer_steps_per_epoch
 from recsys_compress.compression.targets import Target, TargetSpec, select_targets
 from recsys_compress.errors import ConfigError
-from recsys_compress.optim import coalesced_grad, touched_rows
+from recsys_compress.ops import CHUNK, flat_chunks
+from recsys_compress.optim import RowSparseAdam, RowStep, add_rows_, coalesced_grad, touched_rows
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +128,33 @@ def _structured_scores(weight: torch.Tensor, structure: str) -> torch.Tensor:
     return weight.norm(dim=1)
 
 
+def _as_factor(mask: torch.Tensor) -> torch.Tensor:
+    """A bool mask as 0/1 bytes, to multiply a float tensor by: the same product as the bool
+    mask at a quarter of its cost on CPU (float x bool converts every element; float x uint8
+    takes the vectorised path), and no float copy of the mask."""
+    return mask.view(torch.uint8)
+
+
+def _flat_chunks(tensor: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return flat_chunks(tensor, CHUNK)
+
+
+def _in_groups(chunks: list[tuple[torch.Tensor, ...]]) -> Iterator[list[tuple[torch.Tensor, ...]]]:
+    """``chunks`` (tuples of equally sized tensors, each at most :data:`CHUNK` elements) in
+    consecutive groups of at most :data:`CHUNK` elements each, for ``torch._foreach_*`` ops:
+    small tables share one call, a large table's chunks go one at a time."""
+    group: list[tuple[torch.Tensor, ...]] = []
+    size = 0
+    for item in chunks:
+        if group and size + item[0].numel() > CHUNK:
+            yield group
+            group, size = [], 0
+        group.append(item)
+        size += item[0].numel()
+    if group:
+        yield group
+
+
 def _expand(unit_mask: torch.Tensor, weight: torch.Tensor, structure: str) -> torch.Tensor:
     if structure == "unstructured":
         return unit_mask
@@ -135,9 +163,8 @@ def _expand(unit_mask: torch.Tensor, weight: torch.Tensor, structure: str) -> to
     return unit_mask[:, None].expand_as(weight).clone()
 
 
-# Elements per chunk of the passes over all scores (threshold selection, masks): bounds the
-# temporaries of a mask update at a few MB whatever the model's size.
-CHUNK = 1 << 20
+# CHUNK (from ops): elements per chunk of the passes over all scores (threshold selection,
+# masks), which bounds the temporaries of a mask update at a few MB whatever the model's size.
 
 
 def _sortable_keys(values: torch.Tensor) -> torch.Tensor:
@@ -273,6 +300,10 @@ class MagnitudePruning(L.Callback):
         self._targets: list[Target] = []
         self._root: nn.Module | None = None
         self._taylor: dict[str, torch.Tensor] = {}
+        # Weights whose sparse-gradient updates run this callback's row hook (optim.sparse with
+        # RowSparseAdam): Taylor sums and masks are done there, on the rows the optimizer holds.
+        self._fused: set[int] = set()
+        self._hook_handles: list[Any] = []
         self._float_masks: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # -- Lightning hooks -------------------------------------------------------------------
@@ -300,6 +331,52 @@ class MagnitudePruning(L.Callback):
             total = estimated_optimizer_steps(trainer)
             self.end_step = max(self.cfg.start_step + 1, int(total * self.cfg.end_fraction))
         self.frequency = self.cfg.frequency or max(1, (self.end_step - self.cfg.start_step) // 20)
+        self.register_row_hooks(trainer.optimizers)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.remove_row_hooks()
+
+    def register_row_hooks(self, optimizers: list[Any]) -> None:
+        """On the sparse path (:class:`RowSparseAdam`), do the per-step work on the rows the
+        optimizer has gathered: add ``|w·g|`` of the old rows to the Taylor sums and multiply the
+        new rows by their masks before they are written back. The same values as the
+        ``on_before_optimizer_step`` / ``on_optimizer_step_end`` path, which gathers and
+        scatters each row twice more."""
+        self.remove_row_hooks()
+        for optimizer in optimizers:
+            raw = getattr(optimizer, "optimizer", optimizer)  # LightningOptimizer or torch's
+            if not isinstance(raw, RowSparseAdam):
+                continue
+            for t in self._targets:
+                self._hook_handles.append(raw.register_row_hook(t.weight, self._row_hook(t)))
+                self._fused.add(id(t.weight))
+
+    def remove_row_hooks(self) -> None:
+        for handle in self._hook_handles:
+            handle.remove()
+        self._hook_handles.clear()
+        self._fused.clear()
+
+    def _row_hook(self, target: Target) -> Callable[[RowStep], None]:
+        def hook(step: RowStep) -> None:
+            if self.cfg.score == "taylor":
+                self._add_taylor_rows(target, step.rows, step.old, step.grad)
+            mask = self._mask(target.name, step.new.device)
+            if mask is not None:
+                step.new.mul_(_as_factor(mask).index_select(0, step.rows))
+
+        return hook
+
+    def _fused_step(self, weight: torch.Tensor) -> bool:
+        """Whether the optimizer's row hook handles ``weight`` this step (sparse gradient)."""
+        return id(weight) in self._fused and weight.grad is not None and weight.grad.is_sparse
+
+    def _mask(self, name: str, device: torch.device) -> torch.Tensor | None:
+        """``masks[name]`` on ``device`` (masks restored from a checkpoint arrive on the CPU)."""
+        mask = self.masks.get(name)
+        if mask is not None and mask.device != device:
+            mask = self.masks[name] = mask.to(device)
+        return mask
 
     def compression_done(self, trainer: L.Trainer) -> bool:
         """Whether the final sparsity has been applied (checkpoint ranking starts then)."""
@@ -424,44 +501,77 @@ class MagnitudePruning(L.Callback):
             self.frequency,
         )
 
-    def _scores(self, target: Target) -> torch.Tensor:
-        weight = target.weight.detach()
-        taylor = self._taylor.get(target.name) if self.cfg.score == "taylor" else None
+    def _scores(self, target: Target, block: slice = slice(None)) -> torch.Tensor:
+        """The scores of ``target``'s units (of its rows ``block`` only, if given)."""
+        weight = target.weight.detach()[block]
+        taylor = self._taylor_sums(target) if self.cfg.score == "taylor" else None
+        if taylor is not None:
+            taylor = taylor[block]
         if self.cfg.structure != "unstructured":
             if taylor is None:
                 return _structured_scores(weight, self.cfg.structure)
             return taylor.sum(dim=0 if self.cfg.structure == "columns" else 1)
+        # |w| breaks ties among weights the batches never touched (zero gradient). Built in
+        # place: the same sums as taylor + 1e-12 * |w| with one temporary.
+        scores = weight.abs()
         if taylor is not None:
-            # |w| breaks ties among weights the batches never touched (zero gradient).
-            return taylor + 1e-12 * weight.abs()
-        return weight.abs()
+            scores.mul_(1e-12).add_(taylor)
+        mask = self._mask(target.name, scores.device)
+        if mask is not None:
+            # Once pruned, stays pruned: a weight masked earlier scores -1 (all scores are
+            # >= 0), as s * m + (m - 1): float arithmetic instead of a bool fill.
+            keep = _as_factor(mask[block]).to(scores.dtype)
+            scores.mul_(keep)
+            scores.add_(keep.sub_(1.0))
+        return scores
+
+    def _prune_rows_in_blocks(self, target: Target, sparsity: float) -> torch.Tensor:
+        """``scope=row``, unstructured: the new mask and the masked weights, a block of rows
+        at a time. Scores, ranking and masking of a block stay in cache, and no table-sized
+        temporary is made (at 1M x 64, each fresh table-sized tensor costs ~50 ms of page
+        faults alone)."""
+        weight = target.weight.detach()
+        mask = torch.empty_like(weight, dtype=torch.bool)
+        rows = max(1, CHUNK // weight.shape[1])
+        for start in range(0, weight.shape[0], rows):
+            block = slice(start, start + rows)
+            keep = _keep_top_per_row(self._scores(target, block), sparsity)
+            mask[block] = keep
+            weight[block].mul_(_as_factor(keep))
+        return mask
 
     @torch.no_grad()
     def update_masks(self, step: int) -> None:
         """Recompute every mask for the sparsity scheduled at ``step`` and apply it."""
         if not self._targets:
             raise RuntimeError("MagnitudePruning.update_masks called before setup()")
-        scores = {t.name: self._scores(t) for t in self._targets}
-        # Once pruned, stays pruned: a weight masked earlier never re-enters.
-        for name, mask in self.masks.items():
-            if name in scores and self.cfg.structure == "unstructured":
-                scores[name].masked_fill_(~mask.to(scores[name].device), -1.0)
-        unit_masks = self._unit_masks(scores, step)
-        for t in self._targets:
-            self.masks[t.name] = _expand(unit_masks[t.name], t.weight, self.cfg.structure)
-        if self.cfg.structure == "neurons":
+        by_rows = (
+            self.cfg.scope == "row"
+            and self.cfg.structure == "unstructured"
+            and self.cfg.threshold is None
+            and all(t.weight.ndim == 2 for t in self._targets)
+        )
+        if by_rows:  # the default: every user / item / neuron keeps the same share
             for t in self._targets:
-                self._mask_neuron_neighbours(t, unit_masks[t.name])
+                sparsity = self.target_sparsity(step, t.group)
+                self.masks[t.name] = self._prune_rows_in_blocks(t, sparsity)
+        else:
+            scores = {t.name: self._scores(t) for t in self._targets}
+            unit_masks = self._unit_masks(scores, step)
+            del scores
+            for t in self._targets:
+                self.masks[t.name] = _expand(unit_masks[t.name], t.weight, self.cfg.structure)
+            if self.cfg.structure == "neurons":
+                for t in self._targets:
+                    self._mask_neuron_neighbours(t, unit_masks[t.name])
         self._taylor.clear()
         self.last_update_step = step
         self.current_sparsity = self.overall_sparsity()
         if self.rewind_state is not None and step >= (self.end_step or step):
             self._rewind()
-        for t in self._targets:  # no float mask cached here: the sparse path never needs one
-            t.weight.masked_fill_(~self.masks[t.name].to(t.weight.device), 0.0)
-            bias_mask = self.bias_masks.get(t.name)
-            if bias_mask is not None:
-                t.module.bias.masked_fill_(~bias_mask.to(t.module.bias.device), 0.0)
+            self.apply_masks()
+        elif not by_rows:
+            self.apply_masks()
 
     def _unit_masks(self, scores: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
         cfg = self.cfg
@@ -496,7 +606,7 @@ class MagnitudePruning(L.Callback):
         would prune more."""
         cap = self.cfg.max_layer_sparsity
         for name, mask in masks.items():
-            if 1.0 - mask.float().mean().item() > cap:
+            if 1.0 - int(torch.count_nonzero(mask)) / mask.numel() > cap:
                 masks[name] = _keep_top(scores[name], cap) | mask
         return masks
 
@@ -513,60 +623,88 @@ class MagnitudePruning(L.Callback):
 
     @torch.no_grad()
     def apply_masks(self, only_touched: bool = False) -> None:
-        """Zero every pruned weight (and pruned neurons' biases).
+        """Zero every pruned weight (and pruned neurons' biases), multiplying by the mask's
+        0/1 bytes (:func:`_as_factor`).
 
         ``only_touched`` (after an optimizer step): a weight whose gradient is sparse
         (``optim.sparse``) is masked only in the rows that gradient holds, the only rows the
-        optimizer changed, so the cost follows the batch. Otherwise the whole weight is
-        multiplied by a float copy of its mask, kept between steps (a float multiply is ~10x
-        faster than one by a bool mask, which converts every element).
+        optimizer changed, so the cost follows the batch; with :class:`RowSparseAdam` the row
+        hook has done that already (:meth:`register_row_hooks`).
         """
+        dense: list[tuple[torch.Tensor, torch.Tensor]] = []
         for t in self._targets:
-            mask = self.masks.get(t.name)
+            mask = self._mask(t.name, t.weight.device)
             if mask is not None:
                 rows = touched_rows(t.weight) if only_touched else None
                 if rows is not None:
-                    kept = mask.index_select(0, rows.to(mask.device)).to(t.weight.device)
-                    t.weight.index_copy_(0, rows, t.weight.index_select(0, rows).mul_(kept))
+                    if not self._fused_step(t.weight):
+                        kept = _as_factor(mask).index_select(0, rows)
+                        t.weight.index_copy_(0, rows, t.weight.index_select(0, rows).mul_(kept))
                 else:
-                    t.weight.mul_(self._float_mask(t.name, t.weight))
+                    factors = self._factor_chunks(t.name)
+                    dense += zip(_flat_chunks(t.weight.detach()), factors, strict=True)
             bias_mask = self.bias_masks.get(t.name)
             if bias_mask is not None:
-                t.module.bias.mul_(bias_mask.to(t.module.bias.device))
+                t.module.bias.mul_(_as_factor(bias_mask.to(t.module.bias.device)))
+        for group in _in_groups(dense):
+            weights, factors = zip(*group, strict=True)
+            torch._foreach_mul_(list(weights), list(factors))
 
-    def _float_mask(self, name: str, weight: torch.Tensor) -> torch.Tensor:
-        """``masks[name]`` as ``weight``'s dtype and device, cached until the masks change."""
-        cached = self._float_masks.get(name)
+    def _factor_chunks(self, name: str) -> tuple[torch.Tensor, ...]:
+        """``masks[name]`` to multiply the weight by, in :func:`_flat_chunks`: a float copy for
+        a table of at most :data:`CHUNK` weights (cached until the mask changes; float x float
+        is the fastest product), the mask's bytes for a larger one (no table-sized copy)."""
         mask = self.masks[name]
+        if mask.numel() > CHUNK:
+            return tuple(_as_factor(m) for m in _flat_chunks(mask))
+        cached = self._float_masks.get(name)
         if cached is None or cached[0] is not mask:
-            cached = (mask, mask.to(device=weight.device, dtype=weight.dtype))
-            self._float_masks[name] = cached
-        return cached[1]
+            cached = self._float_masks[name] = (mask, mask.float())
+        return (cached[1],)
 
     @torch.no_grad()
     def accumulate_taylor(self) -> None:
         """Add ``|w * ∂L/∂w|`` of the current gradients to the Taylor sums (before the optimizer
         step). A sparse gradient (``optim.sparse``) adds into its rows only (duplicates summed)."""
+        dense: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         for t in self._targets:
-            if t.weight.grad is None:
+            if t.weight.grad is None or self._fused_step(t.weight):
                 continue
             weight = t.weight.detach()
-            total = self._taylor.get(t.name)
-            if total is not None:
-                # .to: sums restored from a (CPU) checkpoint join the weights' device
-                total = self._taylor[t.name] = total.to(weight.device)
             grad = t.weight.grad
             if grad.is_sparse:
                 grad = coalesced_grad(t.weight)
                 rows = grad.indices()[0]
-                contribution = weight.index_select(0, rows).mul_(grad.values()).abs_()
-                if total is None:
-                    total = self._taylor[t.name] = torch.zeros_like(weight)
-                total.index_add_(0, rows, contribution)
-            elif total is None:
-                self._taylor[t.name] = (weight * grad.detach()).abs_()
-            else:
-                total.add_((weight * grad.detach()).abs_())
+                self._add_taylor_rows(t, rows, weight.index_select(0, rows), grad.values())
+                continue
+            total = self._taylor_sums(t, create=True)
+            assert total is not None
+            parts = (_flat_chunks(total), _flat_chunks(weight), _flat_chunks(grad.detach()))
+            dense += zip(*parts, strict=True)
+        # All small tables in one multi-tensor op each (the per-op overhead dominates there).
+        for group in _in_groups(dense):
+            totals, weights, grads = (list(part) for part in zip(*group, strict=True))
+            products = torch._foreach_mul(weights, grads)
+            torch._foreach_abs_(products)
+            torch._foreach_add_(totals, products)
+
+    def _taylor_sums(self, target: Target, create: bool = False) -> torch.Tensor | None:
+        total = self._taylor.get(target.name)
+        weight = target.weight
+        if total is not None and total.device != weight.device:
+            # sums restored from a (CPU) checkpoint join the weights' device
+            total = self._taylor[target.name] = total.to(weight.device)
+        if total is None and create:
+            total = self._taylor[target.name] = torch.zeros_like(weight, requires_grad=False)
+        return total
+
+    def _add_taylor_rows(
+        self, target: Target, rows: torch.Tensor, old: torch.Tensor, grad: torch.Tensor
+    ) -> None:
+        """Add ``|w·g|`` of the (unique, sorted) ``rows``, given their weights and gradient."""
+        total = self._taylor_sums(target, create=True)
+        assert total is not None
+        add_rows_(total, rows, old.mul(grad).abs_())
 
     def _rewind(self) -> None:
         """Lottery ticket: reset surviving weights to their values at ``rewind_step``."""
@@ -577,7 +715,8 @@ class MagnitudePruning(L.Callback):
 
     def overall_sparsity(self) -> float:
         total = sum(m.numel() for m in self.masks.values())
-        return 1.0 - sum(int(m.sum()) for m in self.masks.values()) / total if total else 0.0
+        kept = sum(int(torch.count_nonzero(m)) for m in self.masks.values())
+        return 1.0 - kept / total if total else 0.0
 
     def sparsity_by_layer(self) -> dict[str, float]:
         return {

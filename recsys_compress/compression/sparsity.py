@@ -11,14 +11,18 @@ After: optionally a hard threshold zeroes the remaining ``|w| < final_threshold`
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import lightning as L
 import torch
 
 from recsys_compress.compression.targets import Target, TargetSpec, select_targets
 from recsys_compress.errors import ConfigError
-from recsys_compress.optim import touched_rows
+from recsys_compress.ops import flat_chunks
+from recsys_compress.optim import RowSparseAdam, RowStep, touched_rows
 
 KEY = "compression.l1"
 
@@ -55,11 +59,50 @@ class L1Proximal(L.Callback):
     def __init__(self, cfg: L1Config) -> None:
         self.cfg = cfg
         self._targets: list[Target] = []
+        # Weights whose sparse-gradient updates run this callback's row hook (RowSparseAdam).
+        self._fused: set[int] = set()
+        self._hook_handles: list[Any] = []
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
         self._targets = select_targets(pl_module, self.cfg.targets, f"{KEY}.targets")
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.register_row_hooks(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.remove_row_hooks()
+
+    def register_row_hooks(self, trainer: L.Trainer) -> None:
+        """On the sparse path (:class:`RowSparseAdam`), soft-threshold the rows the optimizer
+        has just computed, with the step size it used, before they are written back: the same
+        values as :meth:`proximal_step` without gathering and scattering the rows again."""
+        self.remove_row_hooks()
+        for optimizer in trainer.optimizers:
+            raw = getattr(optimizer, "optimizer", optimizer)
+            if not isinstance(raw, RowSparseAdam):
+                continue
+            for t in self._targets:
+                hook = self._row_hook(trainer, t)
+                self._hook_handles.append(raw.register_row_hook(t.weight, hook))
+                self._fused.add(id(t.weight))
+
+    def remove_row_hooks(self) -> None:
+        for handle in self._hook_handles:
+            handle.remove()
+        self._hook_handles.clear()
+        self._fused.clear()
+
+    def _row_hook(self, trainer: L.Trainer, target: Target) -> Callable[[RowStep], None]:
+        def hook(step: RowStep) -> None:
+            # Inside optimizer.step(): global_step still counts the step being taken.
+            strength = self.cfg.group_strength(target.group) * self.scale(trainer.global_step)
+            if strength == 0.0:
+                return
+            soft_threshold_(step.new, _adam_threshold(step.denom, step.lr * strength, False))
+
+        return hook
 
     def compression_done(self, trainer: L.Trainer) -> bool:
         """λ has reached its full value (checkpoint ranking starts then)."""
@@ -73,52 +116,61 @@ class L1Proximal(L.Callback):
             return 1.0
         return min(1.0, (step - self.cfg.start_step + 1) / self.cfg.warmup_steps)
 
-    def _step_sizes(
-        self, trainer: L.Trainer, rows: dict[int, torch.Tensor] | None = None
-    ) -> dict[int, torch.Tensor | float]:
-        """Each target's step size: ``lr`` for SGD; for Adam-type optimizers the per-coordinate
-        ``lr / (sqrt(v̂) + eps)`` it actually applied (the preconditioned proximal step).
-
-        ``rows`` (``id(weight)`` -> row indices): for those weights, the sizes of these rows
-        only (``[len(rows), cols]``), so the cost follows the batch on the sparse path. Each
-        size is one fresh tensor built in place (no full-table temporaries beyond it).
-        """
-        rows = rows or {}
-        sizes: dict[int, torch.Tensor | float] = {}
+    def _adam_terms(self, trainer: L.Trainer) -> dict[int, tuple[float, Any]]:
+        """``id(param) -> (lr, adam)`` for every target, where ``adam`` is ``(exp_avg_sq,
+        sqrt(1 - beta2^t), eps)`` for Adam-type optimizers (their step size per coordinate is
+        ``lr / (sqrt(v) / sqrt(1 - beta2^t) + eps)``, the preconditioned proximal step) and None
+        for others (step size ``lr``)."""
         wanted = {id(t.weight) for t in self._targets}
+        terms: dict[int, tuple[float, Any]] = {}
         for optimizer in trainer.optimizers:
             for group in optimizer.param_groups:
                 for param in group["params"]:
                     if id(param) not in wanted:
                         continue
                     state = optimizer.state.get(param, {})
-                    size: torch.Tensor | float = float(group["lr"])
+                    adam = None
                     if "exp_avg_sq" in state and "betas" in group:
-                        step = float(state["step"])
-                        v = state["exp_avg_sq"]
-                        if id(param) in rows:
-                            v = v.index_select(0, rows[id(param)])
-                        denom = v.div(1.0 - group["betas"][1] ** step).sqrt_().add_(group["eps"])
-                        size = torch.div(denom.new_tensor(group["lr"]), denom, out=denom)
-                    sizes[id(param)] = size
-        return sizes
+                        bias2 = math.sqrt(1.0 - group["betas"][1] ** float(state["step"]))
+                        adam = (state["exp_avg_sq"], bias2, group["eps"])
+                    terms[id(param)] = (float(group["lr"]), adam)
+        return terms
 
     @torch.no_grad()
     def proximal_step(self, trainer: L.Trainer, scale: float) -> None:
         """Soft-threshold every target by ``scale * λ * step size`` (after an optimizer step).
 
         A weight with a sparse gradient (``optim.sparse``) is shrunk in the rows that gradient
-        holds only: the optimizer moved no other row, so their step size was 0.
+        holds only: the optimizer moved no other row, so their step size was 0 (with
+        :class:`RowSparseAdam` its row hook has done it). A dense table is shrunk a chunk at a
+        time, so its temporaries stay small whatever its size.
         """
         if scale == 0.0:
             return
-        rows = {id(t.weight): r for t in self._targets if (r := touched_rows(t.weight)) is not None}
-        sizes = self._step_sizes(trainer, rows)
+        terms = self._adam_terms(trainer)
         for t in self._targets:
+            rows = touched_rows(t.weight)
+            if rows is not None and id(t.weight) in self._fused:
+                continue
+            lr, adam = terms.get(id(t.weight), (0.0, None))
             strength = self.cfg.group_strength(t.group) * scale
-            size = sizes.get(id(t.weight), 0.0)
-            threshold = size.mul_(strength) if isinstance(size, torch.Tensor) else size * strength
-            soft_threshold_(t.weight, threshold, rows.get(id(t.weight)))
+            weight = t.weight.detach()
+            if adam is None:
+                soft_threshold_(weight, lr * strength, rows)
+                continue
+            v, bias2, eps = adam
+            if rows is not None:
+                values = weight.index_select(0, rows)
+                v_rows = v.index_select(0, rows)
+                soft_threshold_(
+                    values,
+                    _adam_threshold(v_rows.sqrt_().div_(bias2).add_(eps), lr * strength, True),
+                )
+                weight.index_copy_(0, rows, values)
+                continue
+            for w_chunk, v_chunk in zip(flat_chunks(weight), flat_chunks(v), strict=True):
+                denom = v_chunk.sqrt().div_(bias2).add_(eps)
+                soft_threshold_(w_chunk, _adam_threshold(denom, lr * strength, True))
 
     def on_optimizer_step_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict[str, torch.Tensor]
@@ -142,20 +194,28 @@ class L1Proximal(L.Callback):
                     t.weight.masked_fill_(t.weight.abs() < self.cfg.final_threshold, 0.0)
 
 
+def _adam_threshold(denom: torch.Tensor, lr_strength: float, in_place: bool) -> torch.Tensor:
+    """``lr * λ / denom`` (``denom``: Adam's ``sqrt(v̂) + eps``), into ``denom`` if ``in_place``."""
+    return torch.div(denom.new_tensor(lr_strength), denom, out=denom if in_place else None)
+
+
 @torch.no_grad()
 def soft_threshold_(
     weight: torch.Tensor, threshold: torch.Tensor | float, rows: torch.Tensor | None = None
 ) -> None:
-    """In place: ``w <- sign(w) * max(|w| - threshold, 0)`` (threshold scalar or per element).
+    """In place: ``w <- sign(w) * max(|w| - threshold, 0)`` (threshold scalar or per element),
+    computed as ``w - clamp(w, -threshold, threshold)``: the same values (IEEE rounding is
+    symmetric, so ``w + t`` for ``w < -t`` is ``-(|w| - t)`` exactly) in three passes, and
+    exact zeros wherever ``|w| <= threshold``.
 
     ``rows``: only these rows of ``weight`` (a tensor ``threshold`` then holds their values).
-    One temporary of the rows' size, four passes (the former ``sign(w) * shrunk`` took six).
     """
     if isinstance(threshold, float) and threshold <= 0:
         return
     values = weight if rows is None else weight.index_select(0, rows)
-    shrunk = values.abs().sub_(threshold).clamp_min_(0.0)
-    if rows is None:
-        torch.copysign(shrunk, weight, out=weight)
+    if isinstance(threshold, torch.Tensor):
+        values.sub_(torch.clamp(values, min=threshold.neg(), max=threshold))
     else:
-        weight.index_copy_(0, rows, torch.copysign(shrunk, values, out=shrunk))
+        values.sub_(values.clamp(-threshold, threshold))
+    if rows is not None:
+        weight.index_copy_(0, rows, values)

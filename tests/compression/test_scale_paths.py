@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from types import SimpleNamespace
 
+import lightning as L
 import pytest
 import torch
 from torch import nn
@@ -19,7 +20,8 @@ from recsys_compress.compression.targets import TargetSpec, select_targets
 from recsys_compress.config import OptimConfig
 from recsys_compress.errors import ConfigError
 from recsys_compress.models.mf import MF
-from recsys_compress.optim import RowSparseAdam, touched_rows
+from recsys_compress.module import RecommenderModule
+from recsys_compress.optim import RowSparseAdam, RowStep, add_rows_, touched_rows
 from tests.compression.helpers import tiny_setup, tiny_trainer
 
 
@@ -198,7 +200,6 @@ def test_masks_on_touched_rows_keep_every_pruned_weight_zero() -> None:
         cb.apply_masks(only_touched=True)
         for t in cb._targets:
             assert not t.weight[~cb.masks[t.name]].any()
-    assert not cb._float_masks  # the sparse path never builds full-table float masks
 
 
 def test_taylor_sums_from_sparse_and_dense_gradients_agree() -> None:
@@ -247,3 +248,126 @@ def test_fake_quant_embedding_gives_sparse_gradients_equal_to_dense_ones() -> No
         grads.append(table.weight.grad)
     assert grads[1].is_sparse
     assert torch.allclose(grads[0], grads[1].to_dense())
+
+
+# -- row hooks: the callbacks' per-step work fused into RowSparseAdam's row update --------------
+
+
+def test_add_rows_equals_index_add_for_unique_rows() -> None:
+    gen = torch.Generator().manual_seed(5)
+    table = torch.randn(50, 8, generator=gen)
+    rows = torch.tensor([1, 4, 9, 49])
+    values = torch.randn(4, 8, generator=gen)
+    expected = table.clone().index_add_(0, rows, values, alpha=-0.3)
+    assert torch.equal(add_rows_(table, rows, values, alpha=-0.3), expected)
+
+
+def test_row_hooks_see_the_step_run_in_order_and_can_be_removed() -> None:
+    table = nn.Embedding(10, 4, sparse=True)
+    opt = RowSparseAdam(table.parameters(), lr=0.1)
+    before = table.weight.detach().clone()
+    seen: list[tuple[str, list[int]]] = []
+
+    def first(step: RowStep) -> None:
+        seen.append(("first", step.rows.tolist()))
+        assert torch.equal(step.old, before[step.rows])
+        # Adam's first step moves every coordinate with a gradient by lr (up to eps).
+        assert torch.allclose((step.new - step.old).abs(), torch.full_like(step.new, 0.1))
+        step.new.zero_()
+
+    def second(step: RowStep) -> None:
+        seen.append(("second", step.rows.tolist()))
+        assert not step.new.any()  # sees the first hook's change
+        step.new.add_(1.0)
+
+    handles = [
+        opt.register_row_hook(table.weight, first),
+        opt.register_row_hook(table.weight, second),
+    ]
+    assert opt.has_row_hooks(table.weight)
+    table(torch.tensor([5, 2, 5])).sum().backward()
+    opt.step()
+    assert seen == [("first", [2, 5]), ("second", [2, 5])]
+    assert torch.equal(table.weight[[2, 5]], torch.ones(2, 4))
+    assert torch.equal(table.weight[[0, 1, 3]], before[[0, 1, 3]])
+    for handle in handles:
+        handle.remove()
+    assert not opt.has_row_hooks(table.weight)
+    opt.zero_grad()
+    table(torch.tensor([2])).sum().backward()
+    opt.step()
+    assert len(seen) == 2
+
+
+def fit_sparse(
+    tmp_path: Path, callback: L.Callback, fused: bool
+) -> tuple[RecommenderModule, L.Callback]:
+    """A few epochs of MF on the sparse path with ``callback``; ``fused=False`` keeps the
+    callback off RowSparseAdam's row hooks (its ``on_optimizer_step_end`` path instead)."""
+    dm, module = tiny_setup(optim={"name": "adam", "sparse": True, "embedding_weight_decay": 0.0})
+    if not fused:
+        callback.register_row_hooks = lambda *args: None  # type: ignore[method-assign]
+    trainer = tiny_trainer(tmp_path, [callback], max_epochs=3)
+    trainer.fit(module, datamodule=dm)
+    return module, callback
+
+
+@pytest.mark.parametrize("score", ["taylor", "magnitude"])
+def test_pruning_in_the_row_hook_equals_pruning_after_the_step(tmp_path: Path, score: str) -> None:
+    runs = {
+        fused: fit_sparse(
+            tmp_path / str(fused),
+            MagnitudePruning(PruneConfig(sparsity=0.6, score=score, frequency=2)),
+            fused,
+        )
+        for fused in (True, False)
+    }
+    (fused_module, fused_cb), (plain_module, plain_cb) = runs[True], runs[False]
+    assert fused_cb.last_update_step > 10  # several mask updates happened
+    assert not fused_cb._hook_handles and not fused_cb._fused  # removed at the end of fit
+    for name, value in plain_module.state_dict().items():
+        assert torch.equal(fused_module.state_dict()[name], value), name
+    for name, mask in plain_cb.masks.items():
+        assert torch.equal(fused_cb.masks[name], mask), name
+        weight = fused_module.get_submodule(name).weight
+        assert not weight[~mask].any()
+    for name, sums in plain_cb._taylor.items():
+        assert torch.equal(fused_cb._taylor[name], sums), name
+
+
+def test_l1_in_the_row_hook_equals_the_proximal_step_after_it(tmp_path: Path) -> None:
+    cfg = L1Config(strength=0.02, warmup_steps=5, targets=TargetSpec(groups=["embedding"]))
+    fused, _ = fit_sparse(tmp_path / "fused", L1Proximal(cfg), True)
+    plain, _ = fit_sparse(tmp_path / "plain", L1Proximal(cfg), False)
+    for name, value in plain.state_dict().items():
+        assert torch.equal(fused.state_dict()[name], value), name
+    zeros = int((fused.model.user_embedding.weight == 0).sum())
+    assert zeros > 0  # the proximal step made exact zeros
+
+
+def test_row_masks_built_in_blocks_equal_one_ranking_of_the_whole_table(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(pruning, "CHUNK", 8 * 7)  # blocks of 7 rows
+    model, _ = sparse_mf()
+    cb = MagnitudePruning(PruneConfig(sparsity=0.75, end_step=10, frequency=5, basis="none"))
+    cb._targets = select_targets(model, TargetSpec(groups=["embedding"]), "t")
+    cb._root, cb.end_step, cb.frequency = model, 10, 5
+    gen = torch.Generator().manual_seed(6)
+    expected = {}
+    for step in (5, 10):  # the second update keeps the first one's pruned weights pruned
+        for t in cb._targets:
+            cb._taylor[t.name] = torch.rand(t.weight.shape, generator=gen)
+            scores = cb._taylor[t.name] + 1e-12 * t.weight.detach().abs()
+            if t.name in cb.masks:
+                scores = scores.masked_fill(~cb.masks[t.name], -1.0)
+            n_prune = round(cb.target_sparsity(step, "embedding") * 8)
+            drop = torch.topk(scores, n_prune, dim=1, largest=False).indices
+            expected[t.name] = torch.ones_like(scores, dtype=torch.bool).scatter_(1, drop, False)
+            expected[t.name] &= cb.masks.get(t.name, expected[t.name])
+        cb.update_masks(step)
+        for t in cb._targets:
+            assert torch.equal(cb.masks[t.name], expected[t.name]), (step, t.name)
+            assert not t.weight[~expected[t.name]].any()
+            assert (t.weight[expected[t.name]] != 0).all()
+    assert cb.overall_sparsity() == pytest.approx(0.75)
