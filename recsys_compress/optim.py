@@ -130,6 +130,42 @@ class RowSparseAdam(torch.optim.Optimizer):
         return loss
 
 
+class RowHookSet:
+    """The row hooks one callback keeps on every :class:`RowSparseAdam` of a run: which weights
+    they cover, and their removal (a later ``fit`` registers afresh)."""
+
+    def __init__(self) -> None:
+        self._handles: list[RemovableHandle] = []
+        self._params: set[int] = set()
+
+    def register(
+        self, optimizers: Iterable[Any], hooks: list[tuple[torch.Tensor, RowHook]]
+    ) -> None:
+        """Register ``hooks`` (weight, hook) on each RowSparseAdam among ``optimizers`` (torch's
+        or Lightning's wrappers); other optimizers get none."""
+        self.remove()
+        for optimizer in optimizers:
+            raw = getattr(optimizer, "optimizer", optimizer)
+            if isinstance(raw, RowSparseAdam):
+                for param, hook in hooks:
+                    self._handles.append(raw.register_row_hook(param, hook))
+                    self._params.add(id(param))
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._params.clear()
+
+    def __bool__(self) -> bool:
+        return bool(self._handles)
+
+    def covers(self, param: torch.Tensor) -> bool:
+        """Whether a hook has handled ``param``'s last update: hooked, and its gradient sparse
+        (a dense gradient takes the optimizer's dense path, which calls no hook)."""
+        return id(param) in self._params and param.grad is not None and param.grad.is_sparse
+
+
 def _sparse_update(
     param: torch.Tensor,
     grad: torch.Tensor,

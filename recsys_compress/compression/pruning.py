@@ -32,7 +32,7 @@ from recsys_compress.callbacks import estimated_optimizer_steps, optimizer_steps
 from recsys_compress.compression.targets import Target, TargetSpec, select_targets
 from recsys_compress.errors import ConfigError
 from recsys_compress.ops import CHUNK, flat_chunks
-from recsys_compress.optim import RowSparseAdam, RowStep, add_rows_, coalesced_grad, touched_rows
+from recsys_compress.optim import RowHookSet, RowStep, add_rows_, coalesced_grad, touched_rows
 
 log = logging.getLogger(__name__)
 
@@ -302,8 +302,7 @@ class MagnitudePruning(L.Callback):
         self._taylor: dict[str, torch.Tensor] = {}
         # Weights whose sparse-gradient updates run this callback's row hook (optim.sparse with
         # RowSparseAdam): Taylor sums and masks are done there, on the rows the optimizer holds.
-        self._fused: set[int] = set()
-        self._hook_handles: list[Any] = []
+        self._row_hooks = RowHookSet()
         self._float_masks: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # -- Lightning hooks -------------------------------------------------------------------
@@ -334,7 +333,7 @@ class MagnitudePruning(L.Callback):
         self.register_row_hooks(trainer.optimizers)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.remove_row_hooks()
+        self._row_hooks.remove()
 
     def register_row_hooks(self, optimizers: list[Any]) -> None:
         """On the sparse path (:class:`RowSparseAdam`), do the per-step work on the rows the
@@ -342,20 +341,7 @@ class MagnitudePruning(L.Callback):
         new rows by their masks before they are written back. The same values as the
         ``on_before_optimizer_step`` / ``on_optimizer_step_end`` path, which gathers and
         scatters each row twice more."""
-        self.remove_row_hooks()
-        for optimizer in optimizers:
-            raw = getattr(optimizer, "optimizer", optimizer)  # LightningOptimizer or torch's
-            if not isinstance(raw, RowSparseAdam):
-                continue
-            for t in self._targets:
-                self._hook_handles.append(raw.register_row_hook(t.weight, self._row_hook(t)))
-                self._fused.add(id(t.weight))
-
-    def remove_row_hooks(self) -> None:
-        for handle in self._hook_handles:
-            handle.remove()
-        self._hook_handles.clear()
-        self._fused.clear()
+        self._row_hooks.register(optimizers, [(t.weight, self._row_hook(t)) for t in self._targets])
 
     def _row_hook(self, target: Target) -> Callable[[RowStep], None]:
         def hook(step: RowStep) -> None:
@@ -366,10 +352,6 @@ class MagnitudePruning(L.Callback):
                 step.new.mul_(_as_factor(mask).index_select(0, step.rows))
 
         return hook
-
-    def _fused_step(self, weight: torch.Tensor) -> bool:
-        """Whether the optimizer's row hook handles ``weight`` this step (sparse gradient)."""
-        return id(weight) in self._fused and weight.grad is not None and weight.grad.is_sparse
 
     def _mask(self, name: str, device: torch.device) -> torch.Tensor | None:
         """``masks[name]`` on ``device`` (masks restored from a checkpoint arrive on the CPU)."""
@@ -637,7 +619,7 @@ class MagnitudePruning(L.Callback):
             if mask is not None:
                 rows = touched_rows(t.weight) if only_touched else None
                 if rows is not None:
-                    if not self._fused_step(t.weight):
+                    if not self._row_hooks.covers(t.weight):
                         kept = _as_factor(mask).index_select(0, rows)
                         t.weight.index_copy_(0, rows, t.weight.index_select(0, rows).mul_(kept))
                 else:
@@ -668,7 +650,7 @@ class MagnitudePruning(L.Callback):
         step). A sparse gradient (``optim.sparse``) adds into its rows only (duplicates summed)."""
         dense: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         for t in self._targets:
-            if t.weight.grad is None or self._fused_step(t.weight):
+            if t.weight.grad is None or self._row_hooks.covers(t.weight):
                 continue
             weight = t.weight.detach()
             grad = t.weight.grad

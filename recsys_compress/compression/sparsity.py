@@ -22,7 +22,7 @@ import torch
 from recsys_compress.compression.targets import Target, TargetSpec, select_targets
 from recsys_compress.errors import ConfigError
 from recsys_compress.ops import flat_chunks
-from recsys_compress.optim import RowSparseAdam, RowStep, touched_rows
+from recsys_compress.optim import RowHookSet, RowStep, touched_rows
 
 KEY = "compression.l1"
 
@@ -59,9 +59,7 @@ class L1Proximal(L.Callback):
     def __init__(self, cfg: L1Config) -> None:
         self.cfg = cfg
         self._targets: list[Target] = []
-        # Weights whose sparse-gradient updates run this callback's row hook (RowSparseAdam).
-        self._fused: set[int] = set()
-        self._hook_handles: list[Any] = []
+        self._row_hooks = RowHookSet()
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
@@ -72,27 +70,14 @@ class L1Proximal(L.Callback):
         self.register_row_hooks(trainer)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.remove_row_hooks()
+        self._row_hooks.remove()
 
     def register_row_hooks(self, trainer: L.Trainer) -> None:
         """On the sparse path (:class:`RowSparseAdam`), soft-threshold the rows the optimizer
         has just computed, with the step size it used, before they are written back: the same
         values as :meth:`proximal_step` without gathering and scattering the rows again."""
-        self.remove_row_hooks()
-        for optimizer in trainer.optimizers:
-            raw = getattr(optimizer, "optimizer", optimizer)
-            if not isinstance(raw, RowSparseAdam):
-                continue
-            for t in self._targets:
-                hook = self._row_hook(trainer, t)
-                self._hook_handles.append(raw.register_row_hook(t.weight, hook))
-                self._fused.add(id(t.weight))
-
-    def remove_row_hooks(self) -> None:
-        for handle in self._hook_handles:
-            handle.remove()
-        self._hook_handles.clear()
-        self._fused.clear()
+        hooks = [(t.weight, self._row_hook(trainer, t)) for t in self._targets]
+        self._row_hooks.register(trainer.optimizers, hooks)
 
     def _row_hook(self, trainer: L.Trainer, target: Target) -> Callable[[RowStep], None]:
         def hook(step: RowStep) -> None:
@@ -149,9 +134,9 @@ class L1Proximal(L.Callback):
             return
         terms = self._adam_terms(trainer)
         for t in self._targets:
-            rows = touched_rows(t.weight)
-            if rows is not None and id(t.weight) in self._fused:
+            if self._row_hooks.covers(t.weight):
                 continue
+            rows = touched_rows(t.weight)
             lr, adam = terms.get(id(t.weight), (0.0, None))
             strength = self.cfg.group_strength(t.group) * scale
             weight = t.weight.detach()

@@ -324,7 +324,7 @@ def test_pruning_in_the_row_hook_equals_pruning_after_the_step(tmp_path: Path, s
     }
     (fused_module, fused_cb), (plain_module, plain_cb) = runs[True], runs[False]
     assert fused_cb.last_update_step > 10  # several mask updates happened
-    assert not fused_cb._hook_handles and not fused_cb._fused  # removed at the end of fit
+    assert not fused_cb._row_hooks  # removed at the end of fit
     for name, value in plain_module.state_dict().items():
         assert torch.equal(fused_module.state_dict()[name], value), name
     for name, mask in plain_cb.masks.items():
