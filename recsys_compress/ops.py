@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -36,11 +37,32 @@ def gather_rows(weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 CHUNK = 1 << 20
 
 
-def flat_chunks(tensor: torch.Tensor, size: int = CHUNK) -> tuple[torch.Tensor, ...]:
-    """``tensor`` (contiguous) as flat views of at most ``size`` elements (itself when it is no
-    larger). Element-wise work on a large table then makes small temporaries that the allocator
-    reuses, where a table-sized temporary is a fresh allocation, with its page faults (~50 ms
-    for 256 MB), on every call."""
+def flat_chunks(tensor: torch.Tensor, size: int | None = None) -> tuple[torch.Tensor, ...]:
+    """``tensor`` (contiguous) as flat views of at most ``size`` (default :data:`CHUNK`)
+    elements (itself when it is no larger). Element-wise work on a large table then makes
+    small temporaries that the allocator reuses, where a table-sized temporary is a fresh
+    allocation, with its page faults (~50 ms for 256 MB), on every call."""
+    size = CHUNK if size is None else size
     if tensor.numel() <= size:
         return (tensor,)
     return tensor.view(-1).split(size)
+
+
+def in_groups(
+    items: list[tuple[Any, ...]], size: int | None = None
+) -> Iterator[list[tuple[Any, ...]]]:
+    """``items`` (tuples whose first entry is a tensor of at most ``size`` elements, e.g. from
+    :func:`flat_chunks`) in consecutive groups of at most ``size`` elements, for
+    ``torch._foreach_*`` ops: small tables share one call (the per-op overhead dominates
+    there), a large table's chunks go one at a time."""
+    size = CHUNK if size is None else size
+    group: list[tuple[Any, ...]] = []
+    total = 0
+    for item in items:
+        if group and total + item[0].numel() > size:
+            yield group
+            group, total = [], 0
+        group.append(item)
+        total += item[0].numel()
+    if group:
+        yield group

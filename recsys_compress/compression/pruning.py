@@ -31,7 +31,7 @@ from torch import nn
 from recsys_compress.callbacks import estimated_optimizer_steps, optimizer_steps_per_epoch
 from recsys_compress.compression.targets import Target, TargetSpec, select_targets
 from recsys_compress.errors import ConfigError
-from recsys_compress.ops import CHUNK, flat_chunks
+from recsys_compress.ops import CHUNK, flat_chunks, in_groups
 from recsys_compress.optim import RowHookSet, RowStep, add_rows_, coalesced_grad, touched_rows
 
 log = logging.getLogger(__name__)
@@ -137,22 +137,6 @@ def _as_factor(mask: torch.Tensor) -> torch.Tensor:
 
 def _flat_chunks(tensor: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return flat_chunks(tensor, CHUNK)
-
-
-def _in_groups(chunks: list[tuple[torch.Tensor, ...]]) -> Iterator[list[tuple[torch.Tensor, ...]]]:
-    """``chunks`` (tuples of equally sized tensors, each at most :data:`CHUNK` elements) in
-    consecutive groups of at most :data:`CHUNK` elements each, for ``torch._foreach_*`` ops:
-    small tables share one call, a large table's chunks go one at a time."""
-    group: list[tuple[torch.Tensor, ...]] = []
-    size = 0
-    for item in chunks:
-        if group and size + item[0].numel() > CHUNK:
-            yield group
-            group, size = [], 0
-        group.append(item)
-        size += item[0].numel()
-    if group:
-        yield group
 
 
 def _expand(unit_mask: torch.Tensor, weight: torch.Tensor, structure: str) -> torch.Tensor:
@@ -628,7 +612,7 @@ class MagnitudePruning(L.Callback):
             bias_mask = self.bias_masks.get(t.name)
             if bias_mask is not None:
                 t.module.bias.mul_(_as_factor(bias_mask.to(t.module.bias.device)))
-        for group in _in_groups(dense):
+        for group in in_groups(dense, CHUNK):
             weights, factors = zip(*group, strict=True)
             torch._foreach_mul_(list(weights), list(factors))
 
@@ -664,7 +648,7 @@ class MagnitudePruning(L.Callback):
             parts = (_flat_chunks(total), _flat_chunks(weight), _flat_chunks(grad.detach()))
             dense += zip(*parts, strict=True)
         # All small tables in one multi-tensor op each (the per-op overhead dominates there).
-        for group in _in_groups(dense):
+        for group in in_groups(dense, CHUNK):
             totals, weights, grads = (list(part) for part in zip(*group, strict=True))
             products = torch._foreach_mul(weights, grads)
             torch._foreach_abs_(products)

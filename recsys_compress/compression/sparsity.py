@@ -21,7 +21,7 @@ import torch
 
 from recsys_compress.compression.targets import Target, TargetSpec, select_targets
 from recsys_compress.errors import ConfigError
-from recsys_compress.ops import flat_chunks
+from recsys_compress.ops import flat_chunks, in_groups
 from recsys_compress.optim import RowHookSet, RowStep, touched_rows
 
 KEY = "compression.l1"
@@ -133,6 +133,7 @@ class L1Proximal(L.Callback):
         if scale == 0.0:
             return
         terms = self._adam_terms(trainer)
+        dense: list[tuple[torch.Tensor, torch.Tensor, float, float, float]] = []
         for t in self._targets:
             if self._row_hooks.covers(t.weight):
                 continue
@@ -154,8 +155,18 @@ class L1Proximal(L.Callback):
                 weight.index_copy_(0, rows, values)
                 continue
             for w_chunk, v_chunk in zip(flat_chunks(weight), flat_chunks(v), strict=True):
-                denom = v_chunk.sqrt().div_(bias2).add_(eps)
-                soft_threshold_(w_chunk, _adam_threshold(denom, lr * strength, True))
+                dense.append((w_chunk, v_chunk, bias2, eps, lr * strength))
+        # Dense tables: each pass once over all small tables (multi-tensor ops).
+        for group in in_groups(dense):
+            weights, vs, bias2s, epss, lr_strengths = (list(x) for x in zip(*group, strict=True))
+            thresholds = torch._foreach_sqrt(vs)
+            torch._foreach_div_(thresholds, bias2s)
+            torch._foreach_add_(thresholds, epss)  # Adam's denominator
+            torch._foreach_reciprocal_(thresholds)
+            torch._foreach_mul_(thresholds, lr_strengths)  # = _adam_threshold
+            clamped = torch._foreach_maximum(weights, torch._foreach_neg(thresholds))
+            torch._foreach_minimum_(clamped, thresholds)
+            torch._foreach_sub_(weights, clamped)  # = soft_threshold_
 
     def on_optimizer_step_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict[str, torch.Tensor]
@@ -180,8 +191,10 @@ class L1Proximal(L.Callback):
 
 
 def _adam_threshold(denom: torch.Tensor, lr_strength: float, in_place: bool) -> torch.Tensor:
-    """``lr * λ / denom`` (``denom``: Adam's ``sqrt(v̂) + eps``), into ``denom`` if ``in_place``."""
-    return torch.div(denom.new_tensor(lr_strength), denom, out=denom if in_place else None)
+    """``lr * λ / denom`` as ``(1 / denom) * lr * λ`` (``denom``: Adam's ``sqrt(v̂) + eps``),
+    into ``denom`` if ``in_place``; the dense path's multi-tensor form computes the same."""
+    inverse = denom.reciprocal_() if in_place else torch.reciprocal(denom)
+    return inverse.mul_(lr_strength)
 
 
 @torch.no_grad()

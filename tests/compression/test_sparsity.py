@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from recsys_compress import ops
 from recsys_compress.compression.sparsity import L1Config, L1Proximal, soft_threshold_
-from recsys_compress.compression.targets import TargetSpec
+from recsys_compress.compression.targets import TargetSpec, select_targets
 from recsys_compress.errors import ConfigError
+from recsys_compress.models.mf import MF
 from tests.compression.helpers import tiny_setup, tiny_trainer
 
 
@@ -56,3 +60,30 @@ def test_warmup_scale_and_final_threshold(tmp_path: Path) -> None:
 def test_negative_values_are_rejected(field: str) -> None:
     with pytest.raises(ConfigError, match=f"compression.l1.{field}"):
         L1Config(**{field: -1.0})
+
+
+@pytest.mark.parametrize("chunk", [1 << 20, 48])
+def test_dense_proximal_step_equals_the_per_table_soft_threshold(
+    chunk: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The multi-tensor, chunked dense path against soft_threshold_ table by table."""
+    monkeypatch.setattr(ops, "CHUNK", chunk)  # 48: several chunks per table, several groups
+    torch.manual_seed(0)
+    model = MF(30, 20, 8, init_std=0.1)
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    model(torch.tensor([1, 2, 2, 7]), torch.tensor([4, 5, 6, 4])).square().mean().backward()
+    opt.step()
+    cb = L1Proximal(L1Config(strength=0.3, targets=TargetSpec(groups=["embedding"])))
+    cb._targets = select_targets(model, cb.cfg.targets, "t")
+    expected = {}
+    for t in cb._targets:
+        state = opt.state[t.weight]
+        denom = state["exp_avg_sq"].sqrt() / math.sqrt(1 - 0.999 ** float(state["step"])) + 1e-8
+        weight = t.weight.detach().clone()
+        soft_threshold_(weight, 0.05 * 0.3 / denom)
+        expected[t.name] = weight
+    cb.proximal_step(SimpleNamespace(optimizers=[opt]), 1.0)
+    for t in cb._targets:
+        assert torch.allclose(t.weight, expected[t.name], rtol=0, atol=1e-7), t.name
+        assert torch.equal(t.weight == 0, expected[t.name] == 0), t.name
+        assert (t.weight == 0).any()
