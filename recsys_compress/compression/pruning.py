@@ -28,10 +28,11 @@ import lightning as L
 import torch
 from torch import nn
 
+from recsys_compress import ops
 from recsys_compress.callbacks import estimated_optimizer_steps, optimizer_steps_per_epoch
 from recsys_compress.compression.targets import Target, TargetSpec, select_targets
 from recsys_compress.errors import ConfigError
-from recsys_compress.ops import CHUNK, flat_chunks, in_groups
+from recsys_compress.ops import flat_chunks, in_groups
 from recsys_compress.optim import RowHookSet, RowStep, add_rows_, coalesced_grad, touched_rows
 
 log = logging.getLogger(__name__)
@@ -135,20 +136,12 @@ def _as_factor(mask: torch.Tensor) -> torch.Tensor:
     return mask.view(torch.uint8)
 
 
-def _flat_chunks(tensor: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    return flat_chunks(tensor, CHUNK)
-
-
 def _expand(unit_mask: torch.Tensor, weight: torch.Tensor, structure: str) -> torch.Tensor:
     if structure == "unstructured":
         return unit_mask
     if structure == "columns":
         return unit_mask[None, :].expand_as(weight).clone()
     return unit_mask[:, None].expand_as(weight).clone()
-
-
-# CHUNK (from ops): elements per chunk of the passes over all scores (threshold selection,
-# masks), which bounds the temporaries of a mask update at a few MB whatever the model's size.
 
 
 def _sortable_keys(values: torch.Tensor) -> torch.Tensor:
@@ -196,7 +189,7 @@ def _keep_top_pooled(
     Memory: the bool masks and one chunk; the pooled values are never concatenated."""
 
     def values(s: torch.Tensor, scale: torch.Tensor | None) -> Iterator[torch.Tensor]:
-        for chunk in s.detach().flatten().split(CHUNK):
+        for chunk in s.detach().flatten().split(ops.CHUNK):
             yield chunk if scale is None else torch.where(chunk >= 0, chunk / scale, chunk)
 
     total = sum(s.numel() for s in scores)
@@ -209,7 +202,7 @@ def _keep_top_pooled(
     )
     ties_to_prune = n_prune - n_below
     for s, scale, mask in zip(scores, scales, masks, strict=True):
-        for c, m in zip(values(s, scale), mask.view(-1).split(CHUNK), strict=True):
+        for c, m in zip(values(s, scale), mask.view(-1).split(ops.CHUNK), strict=True):
             m.copy_(c > threshold)
             if ties_to_prune > 0:
                 ties = (c == threshold).nonzero().squeeze(1)
@@ -235,7 +228,7 @@ def _keep_top_per_row(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     n_prune = min(round(sparsity * scores.shape[1]), scores.shape[1])
     mask = torch.ones_like(scores, dtype=torch.bool)
     if n_prune > 0:
-        rows = max(1, CHUNK // scores.shape[1])
+        rows = max(1, ops.CHUNK // scores.shape[1])
         for block, out in zip(scores.split(rows), mask.split(rows), strict=True):
             drop = torch.topk(block, n_prune, dim=1, largest=False, sorted=False).indices
             out.scatter_(1, drop, False)
@@ -245,7 +238,7 @@ def _keep_top_per_row(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
 def _alive_rms(scores: torch.Tensor) -> torch.Tensor:
     """RMS of the non-negative scores (1 when there are none), summed a chunk at a time."""
     total, count = 0.0, 0
-    for chunk in scores.detach().flatten().split(CHUNK):
+    for chunk in scores.detach().flatten().split(ops.CHUNK):
         alive = chunk.clamp_min(0.0)
         total += float(alive.double().square().sum())
         count += int((chunk >= 0).sum())
@@ -498,7 +491,7 @@ class MagnitudePruning(L.Callback):
         faults alone)."""
         weight = target.weight.detach()
         mask = torch.empty_like(weight, dtype=torch.bool)
-        rows = max(1, CHUNK // weight.shape[1])
+        rows = max(1, ops.CHUNK // weight.shape[1])
         for start in range(0, weight.shape[0], rows):
             block = slice(start, start + rows)
             keep = _keep_top_per_row(self._scores(target, block), sparsity)
@@ -608,11 +601,11 @@ class MagnitudePruning(L.Callback):
                         t.weight.index_copy_(0, rows, t.weight.index_select(0, rows).mul_(kept))
                 else:
                     factors = self._factor_chunks(t.name)
-                    dense += zip(_flat_chunks(t.weight.detach()), factors, strict=True)
+                    dense += zip(flat_chunks(t.weight.detach()), factors, strict=True)
             bias_mask = self.bias_masks.get(t.name)
             if bias_mask is not None:
                 t.module.bias.mul_(_as_factor(bias_mask.to(t.module.bias.device)))
-        for group in in_groups(dense, CHUNK):
+        for group in in_groups(dense):
             weights, factors = zip(*group, strict=True)
             torch._foreach_mul_(list(weights), list(factors))
 
@@ -621,8 +614,8 @@ class MagnitudePruning(L.Callback):
         a table of at most :data:`CHUNK` weights (cached until the mask changes; float x float
         is the fastest product), the mask's bytes for a larger one (no table-sized copy)."""
         mask = self.masks[name]
-        if mask.numel() > CHUNK:
-            return tuple(_as_factor(m) for m in _flat_chunks(mask))
+        if mask.numel() > ops.CHUNK:
+            return tuple(_as_factor(m) for m in flat_chunks(mask))
         cached = self._float_masks.get(name)
         if cached is None or cached[0] is not mask:
             cached = self._float_masks[name] = (mask, mask.float())
@@ -645,10 +638,10 @@ class MagnitudePruning(L.Callback):
                 continue
             total = self._taylor_sums(t, create=True)
             assert total is not None
-            parts = (_flat_chunks(total), _flat_chunks(weight), _flat_chunks(grad.detach()))
+            parts = (flat_chunks(total), flat_chunks(weight), flat_chunks(grad.detach()))
             dense += zip(*parts, strict=True)
         # All small tables in one multi-tensor op each (the per-op overhead dominates there).
-        for group in in_groups(dense, CHUNK):
+        for group in in_groups(dense):
             totals, weights, grads = (list(part) for part in zip(*group, strict=True))
             products = torch._foreach_mul(weights, grads)
             torch._foreach_abs_(products)

@@ -30,7 +30,7 @@ def synthetic_interactions(
     each user first draws :data:`CANDIDATES` items by popularity (with replacement, by the
     continuous inverse CDF of the ``rank^-1/2`` weights; duplicates dropped) and the Gumbel
     top-k over ``u·v`` runs among them: popularity enters through the proposal, the factors
-    through the scores, at ~1/800 of the cost (about 10 s for 1M users x 100k items).
+    through the scores, at ~1/800 of the cost (about 15 s for 1M users x 100k items).
 
     Rows come in per-user order with increasing timestamps; ``rating`` is NaN. Memory stays at
     ``user_chunk x num_items`` scores (``user_chunk x candidates`` beyond the bound).
@@ -42,11 +42,12 @@ def synthetic_interactions(
     rank_of_item = torch.randperm(num_items, generator=generator)
     popularity = popularity[rank_of_item]
     exact = num_items <= EXACT_MAX_ITEMS
-    item_of_rank = torch.empty_like(rank_of_item)
-    item_of_rank[rank_of_item] = torch.arange(num_items)
-    # rank r + 1 = floor((x / 2)^2) for x uniform on [2, 2 sqrt(n + 1)): density ∝ r^-1/2
-    span = 2.0 * math.sqrt(num_items + 1) - 2.0
-    candidates = min(CANDIDATES, num_items)
+    if not exact:
+        item_of_rank = torch.empty_like(rank_of_item)
+        item_of_rank[rank_of_item] = torch.arange(num_items)
+        # rank r + 1 = floor((x / 2)^2) for x uniform on [2, 2 sqrt(n + 1)): density ∝ r^-1/2
+        span = 2.0 * math.sqrt(num_items + 1) - 2.0
+        candidates = min(CANDIDATES, num_items)
     chosen = []
     for start in range(0, num_users, user_chunk):
         users = user_factors[start : start + user_chunk]

@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from recsys_compress import ops
 from recsys_compress.compression import pruning
 from recsys_compress.compression.lowrank import truncated_svd
 from recsys_compress.compression.pruning import MagnitudePruning, PruneConfig
@@ -39,7 +40,7 @@ def sort_reference(values: torch.Tensor, sparsity: float) -> torch.Tensor:
 def test_radix_threshold_equals_the_sort_based_one(
     sparsity: float, ties: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(pruning, "CHUNK", 1000)  # several chunks, ties across chunk borders
+    monkeypatch.setattr(ops, "CHUNK", 1000)  # several chunks, ties across chunk borders
     gen = torch.Generator().manual_seed(0)
     scores = torch.rand(97, 64, generator=gen)
     if ties:  # exact duplicates, zeros and the pruned-for-good marker
@@ -73,7 +74,7 @@ def test_pooled_threshold_equals_concatenated_normalised_scores() -> None:
 
 
 def test_row_scope_in_blocks_equals_one_topk(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(pruning, "CHUNK", 64 * 7)
+    monkeypatch.setattr(ops, "CHUNK", 64 * 7)
     scores = torch.rand(100, 64, generator=torch.Generator().manual_seed(3))
     mask = pruning._keep_top_per_row(scores, 0.75)
     drop = torch.topk(scores, 48, dim=1, largest=False).indices
@@ -348,7 +349,7 @@ def test_l1_in_the_row_hook_equals_the_proximal_step_after_it(tmp_path: Path) ->
 def test_row_masks_built_in_blocks_equal_one_ranking_of_the_whole_table(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(pruning, "CHUNK", 8 * 7)  # blocks of 7 rows
+    monkeypatch.setattr(ops, "CHUNK", 8 * 7)  # blocks of 7 rows
     model, _ = sparse_mf()
     cb = MagnitudePruning(PruneConfig(sparsity=0.75, end_step=10, frequency=5, basis="none"))
     cb._targets = select_targets(model, TargetSpec(groups=["embedding"]), "t")
