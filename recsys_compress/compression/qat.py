@@ -220,6 +220,8 @@ def factor_scheme(scheme: QuantScheme, width: int) -> QuantScheme | None:
 
 # Smallest scale: torchao's default eps, 2^-23 (exact in float16, as a subnormal).
 SCALE_EPS = torch.finfo(torch.float32).eps
+FLOAT16_NORMAL_MIN = 2.0**-14  # below it float16 values are subnormal: a fixed step of 2^-24
+_LOW_BITS = (1 << 13) - 1  # float32 mantissa bits that float16 lacks
 
 
 def round_up_to_float16(scale: torch.Tensor) -> torch.Tensor:
@@ -229,11 +231,20 @@ def round_up_to_float16(scale: torch.Tensor) -> torch.Tensor:
     the nearest float16 (torchao's ``scale_precision=float16``) a row's largest weights can clip by
     more than half a step.
     """
-    if scale.numel() and float(scale.max()) > float(torch.finfo(torch.float16).max):
+    if not scale.numel():
+        return scale.clone()
+    low, high = (float(v) for v in torch.aminmax(scale))
+    if high > float(torch.finfo(torch.float16).max):
         raise ValueError(
-            f"{KEY}.scale_dtype=float16: a scale of {float(scale.max()):.3g} exceeds float16's "
+            f"{KEY}.scale_dtype=float16: a scale of {high:.3g} exceeds float16's "
             f"range (weights above ~8e6); set {KEY}.scale_dtype=float32."
         )
+    if low >= FLOAT16_NORMAL_MIN and scale.dtype == torch.float32:
+        # All in float16's normal range, where a float16 is a float32 whose 13 lowest mantissa
+        # bits are zero: carry any set low bit into the mantissa, then clear them (two integer
+        # passes instead of the conversions and the comparison below).
+        bits = scale.contiguous().view(torch.int32) + _LOW_BITS
+        return bits.bitwise_and_(~_LOW_BITS).view(torch.float32)
     half = scale.half()
     below = half.float() < scale
     bumped = (half.view(torch.int16) + 1).view(torch.float16)  # next float16 up (scale > 0)
@@ -246,8 +257,13 @@ def symmetric_scales(rows: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
     (torchao's formula), floored at ``SCALE_EPS`` and, for float16 scales, rounded up."""
     width = rows.shape[-1]
     per_scale = scheme.columns_per_scale(width)
-    amax = rows.detach().float().abs().view(rows.shape[0], width // per_scale, per_scale)
-    scale = (amax.amax(dim=-1) / ((scheme.qmax - scheme.qmin) / 2)).clamp_min(SCALE_EPS)
+    amax = rows.detach().abs()
+    if amax.dtype != torch.float32:
+        amax = amax.float()
+    if per_scale != width:
+        amax = amax.view(rows.shape[0], width // per_scale, per_scale)
+    scale = amax.amax(dim=-1, keepdim=per_scale == width)
+    scale = scale.div_((scheme.qmax - scheme.qmin) / 2).clamp_min_(SCALE_EPS)
     return round_up_to_float16(scale) if scheme.scale_dtype == "float16" else scale
 
 
@@ -257,64 +273,106 @@ def _own_scales(scheme: QuantScheme) -> bool:
     return scheme.symmetric and scheme.scale_dtype == "float16"
 
 
-def fake_quantize(rows: torch.Tensor, scheme: QuantScheme, quantizer: Any) -> torch.Tensor:
-    """Fake-quantise 2-D ``rows`` with scales computed from these rows (row-local qparams)."""
+def fake_quantize(
+    rows: torch.Tensor, scheme: QuantScheme, quantizer: Any, gather: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Fake-quantise 2-D ``rows`` with scales computed from these rows (row-local qparams);
+    ``gather``: return only those rows of the result (``out[gather]``)."""
     if _own_scales(scheme):
-        return _fake_quantize_with(rows, symmetric_scales(rows, scheme), None, scheme)
-    return quantizer(rows)
+        return _fake_quantize_with(rows, symmetric_scales(rows, scheme), None, scheme, gather)
+    out = quantizer(rows)
+    return out if gather is None else gather_rows(out, gather)
 
 
 # -- numerics (torchao primitives) --------------------------------------------------------------
 class _SymmetricFakeQuant(torch.autograd.Function):
-    """torchao's symmetric fake quantisation with constant scales, fused into one autograd node.
+    """torchao's symmetric fake quantisation with constant scales, fused into one autograd node,
+    optionally followed by a row gather (``ids``).
 
     Forward, as ``_fake_quantize_affine`` (integer zero point 0): ``clamp(round(w * (1 / s)) + 0,
     qmin, qmax) * s``. Backward, as autograd through those ops with torchao's straight-through
     round: ``where(inside, g * s, 0) * (1 / s)``, +0.0 where the clamp cut (or the level is NaN).
     The same float ops in the same order, so values and gradients are bit-identical to torchao's
     (signed zeros included: the ``+ 0`` of the zero point turns a rounded ``-0.0`` into ``+0.0``).
+    With ``ids`` the output is ``out[ids]`` and the backward first sums the rows' gradients into
+    a table as :func:`~recsys_compress.ops.gather_rows` does, the same sums in the same order.
 
-    Cheaper: about half the elementwise passes, no per-call dtype conversions, and no bool
-    tensors: comparisons and masked writes with bool results are 5-20x slower than arithmetic on
-    CPU here, so the "inside" mask is an int32 bit mask (all ones inside, zero where clipped)
-    ANDed onto the gradient's bits. ``scale`` must not need a gradient (ours never do: they are
-    computed under ``no_grad`` or are frozen buffers).
+    Cheaper: no per-call dtype conversions and no bool tensors: comparisons and masked writes with
+    bool results are 5-20x slower than arithmetic on CPU here, so the "inside" mask is an int32
+    bit mask (all ones inside, zero where clipped) ANDed onto the gradient's bits. One min/max
+    pass first checks whether any level falls outside the range; when none does (scales computed
+    from this step's weights clip nothing, or at most the odd weight at exactly half a step past
+    the top level) the clamp and the mask are skipped: four passes forward and two backward.
+    ``scale`` must not need a gradient (ours never do: they are computed under ``no_grad`` or are
+    frozen buffers).
     """
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, rows: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int
+        ctx: Any,
+        rows: torch.Tensor,
+        scale: torch.Tensor,
+        qmin: int,
+        qmax: int,
+        ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         r, g = scale.shape
-        scale = scale.unsqueeze(-1)
-        inverse = 1.0 / scale
-        levels = (rows.reshape(r, g, -1) * inverse).round_().add_(0)
-        out = levels.clamp(qmin, qmax)
-        # |clamped - level| is 0 inside the range, >= 1 where clipped, NaN for a NaN level: keep
-        # the bits where it is +-0 (abs bits 0 -> (0 - 1) >> 31 = -1), clear them elsewhere.
-        keep = levels.sub_(out).view(torch.int32)
-        keep.bitwise_and_(0x7FFFFFFF).sub_(1).bitwise_right_shift_(31)
-        ctx.save_for_backward(scale, inverse, keep)
-        return out.mul_(scale).view(rows.shape)
+        inverse = scale.reciprocal()  # torchao's 1.0 / scale
+        if g > 1:  # groups: [rows, groups, columns] against [rows, groups, 1] scales
+            scale, inverse = scale.unsqueeze(-1), inverse.unsqueeze(-1)
+            rows = rows.reshape(r, g, -1)
+        levels = (rows * inverse).round_().add_(0)
+        keep = None
+        if not _within(levels, qmin, qmax):
+            # |clamped - level| is 0 inside the range, >= 1 where clipped, NaN for a NaN level:
+            # keep the bits where it is +-0 (abs bits 0 -> (0 - 1) >> 31 = -1), clear the rest.
+            out = levels.clamp(qmin, qmax)
+            keep = levels.sub_(out).view(torch.int32)
+            keep.bitwise_and_(0x7FFFFFFF).sub_(1).bitwise_right_shift_(31)
+            levels = out
+        # else nothing clipped (the common case: scales from this step's max|w|): the clamp is a
+        # no-op and every gradient passes, so neither is computed.
+        ctx.save_for_backward(scale, inverse, keep, ids)
+        out = levels.mul_(scale).view(r, -1)
+        return out if ids is None else out.index_select(0, ids)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        scale, inverse, keep = ctx.saved_tensors
-        through = grad.reshape(keep.shape) * scale
-        through.view(torch.int32).bitwise_and_(keep)
-        return through.mul_(inverse).view(grad.shape), None, None, None
+        scale, inverse, keep, ids = ctx.saved_tensors
+        if ids is None:
+            through = grad.reshape(scale.shape[0], *scale.shape[1:-1], -1) * scale
+        else:  # the summed table is ours: scale it in place
+            table = grad.new_zeros(scale.shape[0], grad.shape[-1])
+            grad = table.index_add_(0, ids, grad.contiguous())
+            through = grad.view(scale.shape[0], *scale.shape[1:-1], -1).mul_(scale)
+        if keep is not None:
+            through.view(torch.int32).bitwise_and_(keep)
+        return through.mul_(inverse).view(grad.shape), None, None, None, None
+
+
+def _within(levels: torch.Tensor, qmin: int, qmax: int) -> bool:
+    """Whether every level lies in ``[qmin, qmax]`` (one min/max pass; False for a NaN level)."""
+    if not levels.numel():
+        return True
+    low, high = torch.aminmax(levels)
+    return float(low) >= qmin and float(high) <= qmax
 
 
 def _fake_quantize_with(
-    rows: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, scheme: QuantScheme
+    rows: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    scheme: QuantScheme,
+    gather: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Fake-quantise 2-D ``rows`` with given qparams (straight-through gradient): torchao's op,
-    or for symmetric float32 ``rows`` with constant scales its fused equivalent."""
+    or for symmetric float32 ``rows`` with constant scales its fused equivalent; ``gather``:
+    return only those rows of the result."""
     if zero_point is None and rows.dtype == torch.float32 and not scale.requires_grad:
-        return _SymmetricFakeQuant.apply(rows, scale.float(), scheme.qmin, scheme.qmax)
+        return _SymmetricFakeQuant.apply(rows, scale.float(), scheme.qmin, scheme.qmax, gather)
     if zero_point is None:
         zero_point = torch.zeros_like(scale, dtype=torch.int32)
-    return torchao_qat().fake_quantize_per_channel_group(
+    out = torchao_qat().fake_quantize_per_channel_group(
         rows,
         scale,
         zero_point,
@@ -323,6 +381,7 @@ def _fake_quantize_with(
         scheme.columns_per_scale(rows.shape[-1]),
         scheme.zero_point_domain,
     )
+    return out if gather is None else gather_rows(out, gather)
 
 
 # Whole-weight passes (freeze, convert) go through this many rows at a time: qparams are per row,
@@ -473,10 +532,11 @@ class FakeQuantEmbedding(_QParams, nn.Embedding):
             # each row once, then gather. The same values as quantising the gathered rows (the
             # qparams are row-local); a repeated row's gradient is summed before the
             # straight-through mask instead of after (equal up to float summation order).
-            table = self._fake_quantize_rows(self.weight, None)
-            if self.padding_idx is None:
-                rows = gather_rows(table, flat)
+            if self.padding_idx is None and flat.device.type == "cpu":
+                # one autograd node: fake-quantise, then gather (backward: gather_rows's sums)
+                rows = self._fake_quantize_rows(self.weight, None, gather=flat)
             else:
+                table = self._fake_quantize_rows(self.weight, None)
                 rows = F.embedding(flat, table, self.padding_idx)
             return rows.view(*ids.shape, self.embedding_dim)
         rows = F.embedding(
@@ -503,15 +563,18 @@ class FakeQuantEmbedding(_QParams, nn.Embedding):
             and not self.sparse
         )
 
-    def _fake_quantize_rows(self, rows: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
-        """Fake-quantise ``rows`` of the table (``ids``: which ones; None: all, in order)."""
+    def _fake_quantize_rows(
+        self, rows: torch.Tensor, ids: torch.Tensor | None, gather: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Fake-quantise ``rows`` of the table (``ids``: which ones; None: all, in order);
+        ``gather``: return only those rows of the result."""
         if self._is_frozen:
             scale = self.scale if ids is None else self.scale[ids]
             zero_point = self.zero_point
             if zero_point is not None and ids is not None:
                 zero_point = zero_point[ids]
-            return _fake_quantize_with(rows, scale, zero_point, self.scheme)
-        return fake_quantize(rows, self.scheme, self.weight_fake_quantizer)
+            return _fake_quantize_with(rows, scale, zero_point, self.scheme, gather)
+        return fake_quantize(rows, self.scheme, self.weight_fake_quantizer, gather)
 
 
 class FakeQuantLinear(_QParams, nn.Linear):

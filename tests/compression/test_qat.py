@@ -22,6 +22,7 @@ from recsys_compress.compression.qat import (
     QuantizedLinear,
     QuantScheme,
     _fake_quantize_with,
+    _within,
     convert_module,
     plan,
     post_training_quantize,
@@ -38,6 +39,7 @@ from recsys_compress.models import build_model
 from recsys_compress.models.mf import MF
 from recsys_compress.models.ncf import NeuMF
 from recsys_compress.module import RecommenderModule
+from recsys_compress.ops import gather_rows
 
 SCHEMES = [
     QuantScheme(8, None),
@@ -126,6 +128,24 @@ def test_round_up_to_float16_is_the_smallest_float16_not_below() -> None:
     assert (below < scale).all()  # the float16 just below would be too small
     with pytest.raises(ValueError, match="scale_dtype=float32"):
         round_up_to_float16(torch.tensor([1e6]))
+
+
+def test_round_up_to_float16_bit_path_equals_the_conversion_path() -> None:
+    """Scales all in float16's normal range take the integer path (carry, then clear the low
+    mantissa bits); any subnormal one sends the whole tensor through the conversions. Both give
+    the same values."""
+    torch.manual_seed(9)
+    normal = torch.exp(torch.empty(4000).uniform_(math.log(2.0**-14), math.log(6e4)))
+    normal[:4] = torch.tensor([2.0**-14, 65504.0, 1.0, 0.1])  # edges and exact float16 values
+    subnormal = torch.cat([normal, torch.tensor([1e-6])])
+    for scale in (normal, subnormal):
+        half = scale.half()
+        below = half.float() < scale
+        expected = torch.where(
+            below, (half.view(torch.int16) + 1).view(torch.float16), half
+        ).float()
+        assert torch.equal(round_up_to_float16(scale), expected)
+    assert round_up_to_float16(torch.empty(0)).numel() == 0
 
 
 @pytest.mark.parametrize("bits, group_size", [(8, None), (4, None), (4, 8)])
@@ -482,17 +502,27 @@ def test_resume_rebuilds_fake_quant_modules_with_frozen_scales(tmp_path: Path) -
 
 
 @pytest.mark.parametrize("scheme", [s for s in SCHEMES if s.symmetric], ids=scheme_id)
-@pytest.mark.parametrize("frozen", [False, True], ids=["fresh", "frozen"])
-def test_fused_fake_quant_is_bit_identical_to_torchao(scheme: QuantScheme, frozen: bool) -> None:
+@pytest.mark.parametrize("case", ["fresh", "fresh-edge", "frozen"])
+def test_fused_fake_quant_is_bit_identical_to_torchao(scheme: QuantScheme, case: str) -> None:
     """The fused symmetric op gives torchao's values and straight-through gradients bit for bit:
-    signed zeros, clipped weights (frozen scales below a grown weight) and NaN included."""
+    signed zeros, clipped weights (frozen scales below a grown weight, or a fresh scale that puts
+    a weight exactly half a step past the top level) and NaN included; both the path that skips
+    the clamp (nothing clipped) and the one that masks."""
     torch.manual_seed(5)
     rows = torch.randn(64, 16) * 0.1
     rows[0, :4] = torch.tensor([-1e-9, 1e-9, -0.0, 0.0])  # round to -0.0 / +0.0
-    scale = symmetric_scales(rows, QuantScheme(scheme.bits, scheme.group_size))
+    if case == "fresh-edge":  # max|w| / scale = 2^(b-1) - 0.5 exactly: rounds up past qmax
+        edge = (2 ** (scheme.bits - 1) - 0.5) * 2.0**-7  # scale 2^-7, a float16
+        rows[1] = (torch.rand(16) - 0.5) * edge  # below it (other groups: no exact edge)
+        rows[1, 0] = edge
+    # float16 scales, rounded up (the default): no weight clips, except at the edge case
+    scale = symmetric_scales(rows, QuantScheme(scheme.bits, scheme.group_size, True, "float16"))
+    frozen = case == "frozen"
     if frozen:
         rows[1:9] *= 3.0  # beyond the frozen range: clipped, no gradient
         rows[9, 5] = float("nan")
+    levels = (rows.view(64, scale.shape[1], -1) * scale.reciprocal().unsqueeze(-1)).round()
+    assert _within(levels, scheme.qmin, scheme.qmax) is (case == "fresh")
     probe = torch.randn(64, 16)
     grads, outs = [], []
     for fused in (True, False):
@@ -510,8 +540,40 @@ def test_fused_fake_quant_is_bit_identical_to_torchao(scheme: QuantScheme, froze
     for fused, reference in (outs, grads):
         assert torch.equal(fused.nan_to_num(7.0), reference.nan_to_num(7.0))
         assert torch.equal(fused.signbit(), reference.signbit())
-    assert (grads[0] == 0).sum() > (40 if frozen else 0)  # the clipped weights got none
+    zero_grads = int((grads[0] == 0).sum())  # the clipped weights got none
+    assert zero_grads > 40 if frozen else zero_grads == (case == "fresh-edge")
+    if case == "fresh-edge":
+        assert grads[0][1, 0] == 0
     assert outs[0][0, 2].signbit().item() is False  # torchao's "+ 0" turns -0.0 into +0.0
+
+
+@pytest.mark.parametrize("scheme", [s for s in SCHEMES if s.symmetric], ids=scheme_id)
+@pytest.mark.parametrize("clipped", [False, True], ids=["inside", "clipped"])
+def test_fused_fake_quant_and_gather_equals_the_two_steps(
+    scheme: QuantScheme, clipped: bool
+) -> None:
+    """Table first, fused: fake-quantise and gather in one node gives the values and gradients of
+    fake-quantising the table and then :func:`gather_rows`, bit for bit."""
+    torch.manual_seed(8)
+    table = torch.randn(12, 16) * 0.1
+    scale = symmetric_scales(table, QuantScheme(scheme.bits, scheme.group_size, True, "float16"))
+    if clipped:
+        table[3] *= 2.5
+    ids = torch.randint(12, (40,))
+    probe = torch.randn(40, 16)
+    outs, grads = [], []
+    for fused in (True, False):
+        x = table.clone().requires_grad_()
+        if fused:
+            out = _fake_quantize_with(x, scale, None, scheme, gather=ids)
+        else:
+            out = gather_rows(_fake_quantize_with(x, scale, None, scheme), ids)
+        (out * probe).sum().backward()
+        outs.append(out.detach())
+        grads.append(x.grad)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0].signbit(), outs[1].signbit())
+    assert torch.equal(grads[0], grads[1])
+    assert bool((grads[0][3] == 0).any()) is clipped
 
 
 @pytest.mark.parametrize("scheme", SCHEMES, ids=scheme_id)
