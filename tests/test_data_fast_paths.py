@@ -16,7 +16,7 @@ import torch
 
 from recsys_compress.config import DataConfig
 from recsys_compress.data import interactions as interactions_module
-from recsys_compress.data.datamodule import TrainBatches
+from recsys_compress.data.datamodule import TrainBatches, shuffled
 from recsys_compress.data.interactions import Interactions, load_interactions, preprocess
 from recsys_compress.data.sampling import ExclusionSampler
 from recsys_compress.data.sorting import (
@@ -238,6 +238,13 @@ def test_epoch_tensors_match_the_concatenate_then_shuffle_version(loss: str) -> 
     assert got.keys() == data.keys()
     for key, value in data.items():
         assert torch.equal(got[key], value[order]) and got[key].dtype == value.dtype
+
+
+def test_int32_shuffle_is_the_int64_randperm() -> None:
+    for n in (1, 2, 1000, 300_007):
+        got = shuffled(n, torch.Generator().manual_seed(n))
+        want = torch.randperm(n, generator=torch.Generator().manual_seed(n))
+        assert got.dtype == torch.int32 and torch.equal(got.long(), want)
 
 
 # --- the processed cache -----------------------------------------------------------------------

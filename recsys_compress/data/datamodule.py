@@ -31,6 +31,14 @@ log = logging.getLogger(__name__)
 Batch = dict[str, torch.Tensor]
 
 
+def shuffled(n: int, generator: torch.Generator) -> torch.Tensor:
+    """``torch.randperm(n, generator=generator)``, as int32 where it fits: the same permutation
+    (the same draws, tested) at ~3/4 of the time, and half the memory for the index passes that
+    follow; the tensors gathered with it keep their own dtype."""
+    dtype = torch.int32 if n <= torch.iinfo(torch.int32).max else torch.int64
+    return torch.randperm(n, generator=generator, dtype=dtype)
+
+
 class TrainBatches(IterableDataset):
     """One epoch of shuffled training batches, with negatives drawn anew for each epoch.
 
@@ -93,7 +101,7 @@ class TrainBatches(IterableDataset):
         # gathered from the n positives (not from k-fold copies): the same tensors, less memory.
         if self.loss == "bce":
             negatives = self.sampler.sample(self.users, k, generator).reshape(-1)
-            order = torch.randperm(n * (1 + k), generator=generator)
+            order = shuffled(n * (1 + k), generator)
             positive = order < n
             source = torch.where(positive, order, (order - n).div_(k, rounding_mode="floor"))
             return {
@@ -103,14 +111,14 @@ class TrainBatches(IterableDataset):
             }
         if self.loss == "bpr":
             negatives = self.sampler.sample(self.users, k, generator).reshape(-1)
-            order = torch.randperm(n * k, generator=generator)
+            order = shuffled(n * k, generator)
             source = torch.div(order, k, rounding_mode="floor")
             return {
                 "users": self.users.index_select(0, source),
                 "pos_items": self.items.index_select(0, source),
                 "neg_items": negatives.index_select(0, order),
             }
-        order = torch.randperm(n, generator=generator)
+        order = shuffled(n, generator)
         data = {"users": self.users, "items": self.items, "ratings": self.ratings}
         return {key: value.index_select(0, order) for key, value in data.items()}
 
