@@ -132,7 +132,7 @@ def ml100k_figures(quick: bool) -> list[Figure]:
     cases.append(("prune", 1, None))
     for method, epochs, target in cases:
         runs = {"none": run("none", epochs), method: run(method, epochs)}
-        medians, _ = alternate(runs, 2 if quick else (5 if epochs > 1 else 7))
+        medians, _ = alternate(runs, 2 if quick else 9)
         run_kind = f"{epochs}-epoch run" if epochs > 1 else "1-epoch run (all 20 mask updates)"
         figures.append(
             Figure(

@@ -35,33 +35,60 @@ RECBOLE_SECONDS = {"bpr_mf": 0.204, "neumf": 1.07}  # per epoch, RecBole 1.2.1, 
 
 
 def make_config(
-    model: str, loss: str, negatives: int, batch: int, epochs: int, **model_kw: Any
+    model: str,
+    loss: str,
+    negatives: int,
+    batch: int,
+    epochs: int,
+    trainer: dict[str, Any] | None = None,
+    **model_kw: Any,
 ) -> TrainConfig:
+    """ML-100K, ratio split, the model and loss given; ``trainer``: more trainer settings (e.g.
+    ``accelerator`` and ``precision`` for the GPU section)."""
     model_cfg: dict[str, Any] = {"name": model, "dim": 64, **model_kw}
     if model == "neumf":
         model_cfg = {"name": "neumf", "dim": 32, **model_kw}
+    trainer_cfg = {"max_epochs": epochs, "batch_size": batch, "early_stopping_patience": None}
     return to_train_config(
         {
             "data": {"name": "ml100k", "source": "ml100k"},
             "split": {"name": "ratio"},
             "model": model_cfg,
             "loss": {"name": loss, "num_negatives": negatives},
-            "trainer": {"max_epochs": epochs, "batch_size": batch, "early_stopping_patience": None},
+            "trainer": {**trainer_cfg, **(trainer or {})},
             "save_model": False,
         }
     )
 
 
-def _plain_epoch(dm: RecDataModule, model: torch.nn.Module, opt: Any, loss: str, epoch: int):
-    """The minimal loop: slice the epoch's tensors, forward, backward, step."""
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously), so wall times are whole."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _plain_epoch(
+    dm: RecDataModule,
+    model: torch.nn.Module,
+    opt: Any,
+    loss: str,
+    epoch: int,
+    device: torch.device,
+    autocast: torch.dtype | None,
+) -> None:
+    """The minimal loop: the epoch's tensors on the device in one copy, then slice, forward
+    (under autocast for mixed precision), backward, step."""
     batches = dm.train_batches
-    data = batches.epoch_tensors(epoch)
+    data = {key: value.to(device) for key, value in batches.epoch_tensors(epoch).items()}
     size = batches.batch_size
     for start in range(0, len(data["users"]), size):
         batch = {key: value[start : start + size] for key, value in data.items()}
         opt.zero_grad(set_to_none=True)
-        recommendation_loss(model, batch, loss).backward()
+        with torch.autocast(device.type, autocast, enabled=autocast is not None):
+            batch_loss = recommendation_loss(model, batch, loss)
+        batch_loss.backward()
         opt.step()
+    synchronize(device)
 
 
 class _Interleave(L.Callback):
@@ -77,19 +104,35 @@ class _Interleave(L.Callback):
         self.seconds.append(time.perf_counter() - start)
 
 
-def compare(cfg: TrainConfig) -> tuple[float, float, int]:
+class _Synchronize(L.Callback):
+    """Waits for the device at the end of each training epoch, before the timer reads it."""
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        synchronize(pl_module.device)
+
+
+AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+
+
+def compare(cfg: TrainConfig, device: torch.device | None = None) -> tuple[float, float, int]:
     """(our median epoch seconds, plain median epoch seconds, samples per epoch); the first
-    epoch of each is a warm-up and is dropped."""
+    epoch of each is a warm-up and is dropped. ``device``: where the plain loop runs (ours
+    follows ``cfg.trainer.accelerator``; the CPU by default), with ``cfg.trainer.precision``'s
+    autocast."""
+    device = device or torch.device("cpu")
     dm = build_datamodule(cfg)
     torch.manual_seed(0)
-    plain_model = build_model(cfg.model, dm.num_users, dm.num_items)
+    plain_model = build_model(cfg.model, dm.num_users, dm.num_items).to(device)
     plain_opt = build_optimizer(plain_model, cfg.optim)  # the same optimizer as ours
-    plain = _Interleave(lambda e: _plain_epoch(dm, plain_model, plain_opt, cfg.loss.name, e))
+    autocast = AUTOCAST.get(str(cfg.trainer.precision))
+    plain = _Interleave(
+        lambda e: _plain_epoch(dm, plain_model, plain_opt, cfg.loss.name, e, device, autocast)
+    )
     model = build_model(cfg.model, dm.num_users, dm.num_items)
     module = RecommenderModule(model, cfg.loss, cfg.optim, cfg.eval)
     timer = EpochTimer()
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = build_trainer(cfg, Path(tmp), [plain, timer])
+        trainer = build_trainer(cfg, Path(tmp), [plain, _Synchronize(), timer])
         trainer.limit_val_batches = 0
         trainer.fit(module, datamodule=dm)
     ours = statistics.median(timer.train_seconds[1:])
@@ -123,7 +166,7 @@ def run(quick: bool) -> list[Figure]:
         ("bpr_mf", "BPR-MF", "mf", "bpr", 1, 2048, 2.0, {"use_bias": False}),
         ("neumf", "NeuMF", "neumf", "bce", 1, 2048, 1.3, {}),
     ):
-        cfg = make_config(model, loss, negatives, batch, epochs, **model_kw)
+        cfg = make_config(model, loss, negatives, batch, epochs, None, **model_kw)
         ours, _, samples = compare(cfg)
         figures.append(
             Figure(

@@ -2,7 +2,8 @@
 
     python scripts/bench.py [--quick] [--only SECTION ...] [--json bench.json]
 
-Sections (modules of ``benchmarks/``): train, evaluation, compression, scale, inference, data.
+Sections (modules of ``benchmarks/``): train, evaluation, compression, scale, inference, data and
+gpu (CUDA figures; reports nothing without a CUDA device).
 Targets are ratios against a reference measured in the same process (the machine is shared and
 noisy); absolute times, throughputs and memory are in each figure's details. The exit code is 1
 when a figure misses its target.
@@ -23,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import Figure  # noqa: E402
 
-SECTIONS = ["train", "evaluation", "compression", "scale", "inference", "data"]
+SECTIONS = ["train", "evaluation", "compression", "scale", "inference", "data", "gpu"]
 
 
 def _format(figure: Figure) -> str:
