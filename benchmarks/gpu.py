@@ -177,6 +177,8 @@ def run(quick: bool) -> list[Figure]:
         print("# gpu: no CUDA device, nothing measured (RCZ_BENCH_DEVICE=cpu for a dry run)")
         return []
     quick = quick or device.type != "cuda"
-    return training_figures(device, quick) + evaluation_figures(device, quick) + [
-        scale_figure(device, quick)
-    ]
+    return (
+        training_figures(device, quick)
+        + evaluation_figures(device, quick)
+        + [scale_figure(device, quick)]
+    )
