@@ -300,9 +300,12 @@ class _SymmetricFakeQuant(torch.autograd.Function):
     Cheaper: no per-call dtype conversions and no bool tensors: comparisons and masked writes with
     bool results are 5-20x slower than arithmetic on CPU here, so the "inside" mask is an int32
     bit mask (all ones inside, zero where clipped) ANDed onto the gradient's bits. One min/max
-    pass first checks whether any level falls outside the range; when none does (scales computed
-    from this step's weights clip nothing, or at most the odd weight at exactly half a step past
-    the top level) the clamp and the mask are skipped: four passes forward and two backward.
+    pass first checks whether any level falls outside the range; when none does, the clamp and
+    the mask are skipped: five passes forward (the min/max among them) instead of nine, two
+    backward instead of three. With the default float16 scales, rounded up from this step's
+    max|w|, that is most passes (a weight clips only at exactly half a step past the top level:
+    38 of 480 table passes in a 2-epoch ML-100K run); torchao's float32 scales put about every
+    other row's largest weight on the half step, so they take the masking path.
     ``scale`` must not need a gradient (ours never do: they are computed under ``no_grad`` or are
     frozen buffers).
     """
