@@ -237,9 +237,14 @@ class RecommenderModule(L.LightningModule):
         """Raise if a loss since the last check (accelerators) or any weight is NaN / inf."""
         if self._bad_step is not None and (step := int(self._bad_step)) >= 0:
             self._diverged("the loss became NaN or inf", step)
-        params = [p for p in self.model.parameters() if p.is_floating_point()]
-        if params and not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
-            self._diverged("the weights became NaN or inf", self.trainer.global_step)
+        # The min and max of each weight are finite iff all its values are (min/max propagate
+        # NaN): one read-only pass, ~25x faster than isfinite(p).all() and its bool temporary on
+        # a 1M x 64 table (13 vs 316 ms on this CPU).
+        params = [p for p in self.model.parameters() if p.is_floating_point() and p.numel()]
+        if params:
+            bounds = torch.stack([b for p in params for b in torch.aminmax(p.detach())])
+            if not bool(torch.isfinite(bounds).all()):
+                self._diverged("the weights became NaN or inf", self.trainer.global_step)
 
     def _diverged(self, what: str, step: int) -> None:
         lr = self.optim_cfg.lr

@@ -57,14 +57,15 @@ def test_nan_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(
     assert _last_checkpoint(tmp_path)["global_step"] == 10
 
 
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
 def test_nan_weights_are_never_checkpointed(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bad: float
 ) -> None:
     class PoisonWeights(L.Callback):
         def on_train_batch_end(self, trainer: L.Trainer, module: Any, *_: Any) -> None:
             if trainer.global_step == 15:
                 with torch.no_grad():
-                    module.model.user_embedding.weight[0, 0] = float("inf")
+                    module.model.user_embedding.weight[7, 3] = bad
 
     build_trainer = train_py.build_trainer
     monkeypatch.setattr(

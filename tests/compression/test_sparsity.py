@@ -38,11 +38,19 @@ def test_proximal_l1_gives_exact_zeros_and_lowers_the_norm(tmp_path: Path) -> No
     tiny_trainer(tmp_path, [], max_epochs=3).fit(plain, datamodule=dm)
     dm, module = tiny_setup()
     l1 = L1Proximal(L1Config(strength=0.05, targets=TargetSpec(groups=["embedding"])))
-    tiny_trainer(tmp_path, [l1], max_epochs=3).fit(module, datamodule=dm)
+    trainer = tiny_trainer(tmp_path, [l1], max_epochs=3)
+    trainer.fit(module, datamodule=dm)
     table = module.model.item_embedding.weight
     assert float((table == 0).float().mean()) > 0.3
     assert float((plain.model.item_embedding.weight == 0).float().mean()) == 0.0
     assert l1_norm(module) < 0.5 * l1_norm(plain)
+    # the epoch-end log: λ·Σ|w| and the share of exact zeros over the targeted tables
+    targets = [module.model.user_embedding.weight, table]
+    logged = trainer.callback_metrics
+    zeros = sum(int((w == 0).sum()) for w in targets) / sum(w.numel() for w in targets)
+    assert float(logged["compression/l1_sparsity"]) == pytest.approx(zeros, abs=1e-6)
+    penalty = 0.05 * sum(float(w.detach().abs().double().sum()) for w in targets)
+    assert float(logged["compression/l1_penalty"]) == pytest.approx(penalty, rel=1e-5)
 
 
 def test_warmup_scale_and_final_threshold(tmp_path: Path) -> None:
