@@ -44,6 +44,8 @@ def test_gradual_pruning_reaches_target_and_stays_exactly_zero_under_adam(tmp_pa
     trainer.fit(module, datamodule=dm)
     total = trainer.global_step
     assert pruning.end_step == total // 2
+    # Taylor sums are not accumulated after the last mask update (nothing would read them)
+    assert pruning.last_update_step == pruning.end_step and pruning._taylor == {}
     for name in ("user_embedding", "item_embedding"):
         weight = getattr(module.model, name).weight
         assert sparsity(weight) == pytest.approx(0.8, abs=1e-3)
@@ -294,3 +296,58 @@ def test_basis_auto_prunes_neumf_in_its_own_basis_and_spectral_refuses_it(tmp_pa
         tiny_trainer(tmp_path, [strict], max_epochs=1).fit(module, datamodule=dm)
     with pytest.raises(ConfigError, match=r"compression\.prune\.basis='pca'"):
         PruneConfig(basis="pca")
+
+
+def test_prepared_step_lists_follow_mask_updates_and_new_storage(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The per-step Taylor sums and masking (lists prepared once) equal the straightforward
+    |w*g| sums and w*mask, and are rebuilt when the sums are reset, the masks change or a
+    weight gets new storage; chunked tables too (CHUNK smaller than a table)."""
+    from recsys_compress import ops
+
+    monkeypatch.setattr(ops, "CHUNK", 300)  # the 120 x 8 table in 4 chunks, the 80 x 8 in 3
+    _, module = tiny_setup()
+    model = module.model
+    cb = MagnitudePruning(PruneConfig(sparsity=0.5, basis="none"))
+    cb._root = model
+    cb._targets = select_targets(model, TargetSpec(groups=["embedding"]), "t")
+    cb.end_step, cb.frequency = 10, 1
+    gen = torch.Generator().manual_seed(0)
+    tables = [t.weight for t in cb._targets]
+
+    def backward() -> list[torch.Tensor]:
+        grads = [torch.randn(w.shape, generator=gen) for w in tables]
+        for w, g in zip(tables, grads, strict=True):
+            w.grad = g.clone()
+        return grads
+
+    expected = [torch.zeros_like(w) for w in tables]
+    for _ in range(3):
+        for total, w, g in zip(expected, tables, backward(), strict=True):
+            total += (w.detach() * g).abs()
+        cb.accumulate_taylor()
+    for t, total in zip(cb._targets, expected, strict=True):
+        assert torch.equal(cb._taylor[t.name], total)
+
+    for step in (1, 5):
+        cb.update_masks(step)  # resets the sums, replaces the masks
+        assert cb._taylor == {}
+        with torch.no_grad():
+            for w in tables:
+                w.add_(1.0)  # pruned weights non-zero again, as after an Adam step
+        before = [w.detach().clone() for w in tables]
+        grads = backward()
+        cb.accumulate_taylor()
+        cb.apply_masks(only_touched=True)
+        for t, w, w0, g in zip(cb._targets, tables, before, grads, strict=True):
+            mask = cb.masks[t.name]
+            assert torch.equal(cb._taylor[t.name], (w0 * g).abs())
+            assert torch.equal(w.detach(), w0 * mask)
+            assert 0.0 < float(mask.float().mean()) < 1.0
+
+    with torch.no_grad():  # new storage for a weight: the lists follow it
+        tables[0].data = torch.ones_like(tables[0])
+    backward()
+    cb.apply_masks(only_touched=True)
+    assert torch.equal(tables[0].detach(), cb.masks[cb._targets[0].name].float())

@@ -334,6 +334,8 @@ def test_pruning_in_the_row_hook_equals_pruning_after_the_step(tmp_path: Path, s
         assert not weight[~mask].any()
     for name, sums in plain_cb._taylor.items():
         assert torch.equal(fused_cb._taylor[name], sums), name
+    # the schedule ended within the run: no sums kept after the last mask update, either path
+    assert fused_cb._masks_final() and fused_cb._taylor == plain_cb._taylor == {}
 
 
 def test_l1_in_the_row_hook_equals_the_proximal_step_after_it(tmp_path: Path) -> None:
