@@ -312,6 +312,11 @@ class MagnitudePruning(L.Callback):
         self._float_masks: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._taylor_lists: _StepLists | None = None
         self._mask_lists: _StepLists | None = None
+        # The gradient-rows path (see on_before_optimizer_step): this step's rows per target,
+        # the targets whose optimizer state is zero wherever their mask is, the optimizers.
+        self._grad_rows: dict[str, torch.Tensor] = {}
+        self._clean_state: set[str] = set()
+        self._optimizers: list[Any] = []
 
     # -- Lightning hooks -------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -339,9 +344,16 @@ class MagnitudePruning(L.Callback):
             self.end_step = max(self.cfg.start_step + 1, int(total * self.cfg.end_fraction))
         self.frequency = self.cfg.frequency or max(1, (self.end_step - self.cfg.start_step) // 20)
         self.register_row_hooks(trainer.optimizers)
+        self._optimizers = [getattr(o, "optimizer", o) for o in trainer.optimizers]
+        self._clean_state.clear()
+        for t in self._targets:
+            ops.track_gathered_rows(t.weight)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._row_hooks.remove()
+        for t in self._targets:
+            ops.track_gathered_rows(t.weight, on=False)
+        self._optimizers = []
 
     def register_row_hooks(self, optimizers: list[Any]) -> None:
         """On the sparse path (:class:`RowSparseAdam`), do the per-step work on the rows the
@@ -401,16 +413,68 @@ class MagnitudePruning(L.Callback):
     def on_before_optimizer_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any
     ) -> None:
+        if not self._targets:
+            return
+        self._grad_rows = self._gradient_rows()
         # After the last mask update the sums would never be read (a quarter of the steps with
         # the default end_fraction=0.75).
-        if self.cfg.score != "taylor" or not self._targets or self._masks_final():
-            return
-        self.accumulate_taylor()
+        if self.cfg.score == "taylor" and not self._masks_final():
+            self.accumulate_taylor(self._grad_rows)
+        self._mask_gradient_rows(self._grad_rows)
 
     def on_optimizer_step_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict[str, torch.Tensor]
     ) -> None:
         self.apply_masks(only_touched=True)
+        self._grad_rows = {}
+
+    def _gradient_rows(self) -> dict[str, torch.Tensor]:
+        """The targets whose dense gradient this step is non-zero only in the rows of a batch
+        much smaller than the table (:func:`ops.pop_gathered_rows`: a plain table read with
+        ``gather_rows``, e.g. MF at 1M users on the dense Adam path), with those rows.
+
+        For them, per-step work follows the batch: Taylor sums are added in those rows, and the
+        pruned weights' gradients are zeroed there before the step instead of masking the whole
+        table after it. With a zero gradient and zero optimizer state (moments, momentum:
+        zeroed once after each mask change, :meth:`_zero_pruned_state`) Adam, AdamW, SGD and
+        Adagrad leave a zero weight at zero, and every kept weight sees the same gradient and
+        state as on the full-table path, so the trained weights are the same bit for bit."""
+        found: dict[str, torch.Tensor] = {}
+        for t in self._targets:
+            ids = ops.pop_gathered_rows(t.weight)
+            if ids is not None:
+                ids = torch.unique(ids)  # sorted, as a sparse gradient's rows
+            if ids is None or 2 * ids.numel() > t.weight.shape[0]:
+                # Masked after the step: the optimizer state of pruned weights moves again.
+                self._clean_state.discard(t.name)
+                continue
+            mask = self._mask(t.name, t.weight.device)
+            if mask is not None and t.name not in self._clean_state:
+                self._zero_pruned_state(t, mask)
+            found[t.name] = ids
+        return found
+
+    @torch.no_grad()
+    def _zero_pruned_state(self, target: Target, mask: torch.Tensor) -> None:
+        """Zero the pruned weights' entries of every optimizer state tensor of ``target``."""
+        for optimizer in self._optimizers:
+            for value in optimizer.state.get(target.weight, {}).values():
+                if isinstance(value, torch.Tensor) and value.shape == mask.shape:
+                    for chunk, factor in zip(flat_chunks(value), flat_chunks(mask), strict=True):
+                        chunk.mul_(_as_factor(factor))
+        self._clean_state.add(target.name)
+
+    @torch.no_grad()
+    def _mask_gradient_rows(self, rows: dict[str, torch.Tensor]) -> None:
+        for t in self._targets:
+            ids = rows.get(t.name)
+            mask = self._mask(t.name, t.weight.device)
+            if ids is None or mask is None:
+                continue
+            grad = t.weight.grad
+            assert grad is not None
+            kept = _as_factor(mask).index_select(0, ids)
+            grad.index_copy_(0, ids, grad.index_select(0, ids).mul_(kept))
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         stats = self.sparsity_by_layer()
@@ -561,6 +625,7 @@ class MagnitudePruning(L.Callback):
                 for t in self._targets:
                     self._mask_neuron_neighbours(t, unit_masks[t.name])
         self._taylor.clear()
+        self._clean_state.clear()  # newly pruned weights still hold optimizer state
         self.last_update_step = step
         self.current_sparsity = self.overall_sparsity()
         if self.rewind_state is not None and step >= (self.end_step or step):
@@ -627,10 +692,13 @@ class MagnitudePruning(L.Callback):
         optimizer changed, so the cost follows the batch; with :class:`RowSparseAdam` the row
         hook has done that already (:meth:`register_row_hooks`).
         """
-        if only_touched and self._apply_dense_masks():
+        skip = self._grad_rows if only_touched else {}
+        if only_touched and not skip and self._apply_dense_masks():
             return
         dense: list[tuple[torch.Tensor, torch.Tensor]] = []
         for t in self._targets:
+            if t.name in skip:  # its pruned weights' gradients were zeroed before the step
+                continue
             mask = self._mask(t.name, t.weight.device)
             if mask is not None:
                 rows = touched_rows(t.weight) if only_touched else None
@@ -683,12 +751,14 @@ class MagnitudePruning(L.Callback):
         return (cached[1],)
 
     @torch.no_grad()
-    def accumulate_taylor(self) -> None:
+    def accumulate_taylor(self, rows: dict[str, torch.Tensor] | None = None) -> None:
         """Add ``|w * ∂L/∂w|`` of the current gradients to the Taylor sums (before the optimizer
-        step). A sparse gradient (``optim.sparse``) adds into its rows only (duplicates summed)."""
+        step). A sparse gradient (``optim.sparse``) adds into its rows only (duplicates summed);
+        so does a dense one whose other rows are zero (``rows``, :meth:`_gradient_rows`)."""
+        rows = rows or {}
         params = [t.weight for t in self._targets]
         grads = [p.grad for p in params]
-        if all(g is not None and not g.is_sparse for g in grads):
+        if not rows and all(g is not None and not g.is_sparse for g in grads):
             # Every gradient dense: the sums and weights in lists prepared once (until the sums
             # are reset by a mask update), the gradients' chunks in the same order.
             sums = [self._taylor.get(t.name) for t in self._targets]
@@ -715,10 +785,16 @@ class MagnitudePruning(L.Callback):
                 continue
             weight = t.weight.detach()
             grad = t.weight.grad
+            ids = rows.get(t.name)
+            if ids is not None:  # the gradient's other rows are zero
+                self._add_taylor_rows(
+                    t, ids, weight.index_select(0, ids), grad.index_select(0, ids)
+                )
+                continue
             if grad.is_sparse:
                 grad = coalesced_grad(t.weight)
-                rows = grad.indices()[0]
-                self._add_taylor_rows(t, rows, weight.index_select(0, rows), grad.values())
+                held = grad.indices()[0]
+                self._add_taylor_rows(t, held, weight.index_select(0, held), grad.values())
                 continue
             total = self._taylor_sums(t, create=True)
             assert total is not None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import lightning as L
 import pytest
@@ -374,3 +375,69 @@ def test_row_masks_built_in_blocks_equal_one_ranking_of_the_whole_table(
             assert not t.weight[~expected[t.name]].any()
             assert (t.weight[expected[t.name]] != 0).all()
     assert cb.overall_sparsity() == pytest.approx(0.75)
+
+
+def fit_dense_big_tables(
+    root: Path, optim: dict
+) -> tuple[RecommenderModule, MagnitudePruning, dict[str, Any]]:
+    """Two epochs of gradual pruning on MF with tables ~10x larger than a batch's ids, counting
+    the targets pruned on their gradient rows and checking the zeros after every batch."""
+    synthetic = {"num_users": 400, "num_items": 300, "interactions_per_user": 3}
+    dm, module = tiny_setup(
+        data={"name": "synthetic", "source": "synthetic", "synthetic": synthetic},
+        trainer={"batch_size": 32, "progress_bar": False},
+        optim=optim,
+    )
+    cb = MagnitudePruning(PruneConfig(sparsity=0.6, frequency=25, basis="none"))
+    calls: dict[str, Any] = {"rows": 0, "zeros_kept": True}
+    mask_rows = cb._mask_gradient_rows
+
+    def spy(rows: dict[str, torch.Tensor]) -> None:
+        calls["rows"] += len(rows)
+        mask_rows(rows)
+
+    cb._mask_gradient_rows = spy  # type: ignore[method-assign]
+
+    class ZerosKept(L.Callback):
+        def on_train_batch_end(self, *args: object) -> None:
+            for name, mask in cb.masks.items():
+                weight = module.get_submodule(name).weight
+                calls["zeros_kept"] &= not weight[~mask].any()
+
+    trainer = tiny_trainer(root, [cb, ZerosKept()], max_epochs=2)
+    trainer.fit(module, datamodule=dm)
+    return module, cb, calls
+
+
+@pytest.mark.parametrize(
+    "optim",
+    [
+        {"name": "adam"},
+        {"name": "adamw", "weight_decay": 0.01, "embedding_weight_decay": 0.01},
+        {"name": "sgd", "lr": 0.5, "momentum": 0.9},
+        {"name": "adagrad", "lr": 0.05},
+    ],
+    ids=lambda o: o["name"],
+)
+def test_pruning_on_the_gradients_rows_equals_masking_the_whole_table(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, optim: dict
+) -> None:
+    """Dense optimizers, tables much larger than a batch: the Taylor sums in the batch's rows
+    and masked gradient rows (with the pruned weights' optimizer state zeroed) train the same
+    weights, bit for bit, as full-table sums and masking the whole table after each step; the
+    pruned weights are exactly zero after every training batch."""
+    runs = {}
+    for rows_path in (True, False):
+        with monkeypatch.context() as patch:
+            if not rows_path:
+                patch.setattr(ops, "pop_gathered_rows", lambda table: None)
+            runs[rows_path] = fit_dense_big_tables(tmp_path / str(rows_path), optim)
+    (fast, fast_cb, fast_calls), (full, full_cb, full_calls) = runs[True], runs[False]
+    assert fast_calls["rows"] > 100 and full_calls["rows"] == 0  # each path was taken
+    assert fast_cb.last_update_step > 50 and fast_cb.masks  # several mask updates happened
+    assert fast_calls["zeros_kept"] and full_calls["zeros_kept"]
+    for name, value in full.state_dict().items():
+        assert torch.equal(fast.state_dict()[name], value), name
+    for name, mask in full_cb.masks.items():
+        assert torch.equal(fast_cb.masks[name], mask), name
+    assert fast.model.user_embedding.weight not in ops._TRACKED  # untracked after fit
