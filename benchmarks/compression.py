@@ -190,7 +190,7 @@ def big_run(
 def big_figures(quick: bool) -> list[Figure]:
     paths = {"sparse": (20 if quick else 120, 1 if quick else 3)}
     if not quick:
-        paths["dense"] = (5, 2)
+        paths["dense"] = (9, 3)
     figures = []
     for path, (steps, repeat) in paths.items():
         batches = random_batches(steps)

@@ -442,12 +442,12 @@ class MagnitudePruning(L.Callback):
         found: dict[str, torch.Tensor] = {}
         for t in self._targets:
             ids = ops.pop_gathered_rows(t.weight)
-            if ids is not None:
-                ids = torch.unique(ids)  # sorted, as a sparse gradient's rows
+            # No record, or a batch about as large as the table (ML-100K): masked after the
+            # step, where the optimizer state of pruned weights moves again.
             if ids is None or 2 * ids.numel() > t.weight.shape[0]:
-                # Masked after the step: the optimizer state of pruned weights moves again.
                 self._clean_state.discard(t.name)
                 continue
+            ids = torch.unique(ids)  # sorted, as a sparse gradient's rows
             mask = self._mask(t.name, t.weight.device)
             if mask is not None and t.name not in self._clean_state:
                 self._zero_pruned_state(t, mask)
@@ -697,10 +697,9 @@ class MagnitudePruning(L.Callback):
             return
         dense: list[tuple[torch.Tensor, torch.Tensor]] = []
         for t in self._targets:
-            if t.name in skip:  # its pruned weights' gradients were zeroed before the step
-                continue
             mask = self._mask(t.name, t.weight.device)
-            if mask is not None:
+            # On skipped targets the pruned weights' gradients were zeroed before the step.
+            if mask is not None and t.name not in skip:
                 rows = touched_rows(t.weight) if only_touched else None
                 if rows is not None:
                     if not self._row_hooks.covers(t.weight):
