@@ -3,6 +3,8 @@
 Before: nothing (the dense model trains until ``start_step``).
 During: at each update step the masks are recomputed for the scheduled sparsity; after *every*
 optimizer step the masks are re-applied, so pruned weights stay exactly zero under Adam's momentum.
+Where a step's gradient holds only a batch's rows of a large table (sparse gradients, or a dense
+one from ``gather_rows``), that per-step work is done in those rows only (the same weights).
 After: the weights hold exact zeros that the export stores sparsely.
 
 Masks and the schedule position are the callback's checkpoint state, so ``ckpt_path`` resumes
