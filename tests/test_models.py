@@ -361,3 +361,44 @@ def test_rows_fast_gather_is_bit_identical_to_embedding() -> None:
         module.register_forward_hook(lambda m, i, o: calls.append(type(m).__name__))
         assert torch.equal(models_base.rows(module, ids), module(ids))
     assert len(calls) == 8  # each went through its module (twice: rows and the reference)
+
+
+def test_gathered_rows_are_reported_only_for_the_gradient_one_gather_wrote() -> None:
+    """ops.pop_gathered_rows: the ids of a tracked table's last gather_rows backward while its
+    .grad is exactly what that backward wrote; None after the record was read, for an untracked
+    table, and when the gradient was summed with a second read, accumulated into or clipped."""
+    from recsys_compress import ops
+
+    gen = torch.Generator().manual_seed(5)
+    table, other = nn.Parameter(torch.randn(50, 4, generator=gen)), nn.Parameter(torch.randn(9, 4))
+    ids = torch.randint(0, 50, (12,), generator=gen)
+    ops.track_gathered_rows(table)
+
+    def backward(*reads: torch.Tensor) -> None:
+        sum(ops.gather_rows(table, r).sum() for r in reads).backward()
+
+    backward(ids)
+    assert torch.equal(ops.pop_gathered_rows(table), ids)
+    untouched = torch.ones(50, dtype=torch.bool)
+    untouched[ids] = False
+    assert not table.grad[untouched].any()  # the other rows are exact zeros
+    assert ops.pop_gathered_rows(table) is None  # read once
+    ops.gather_rows(other, ids % 9).sum().backward()
+    assert ops.pop_gathered_rows(other) is None  # not tracked
+
+    table.grad = None
+    backward(ids, ids[:3])  # two reads in one graph: their gradients are summed
+    assert ops.pop_gathered_rows(table) is None
+    table.grad = None
+    backward(ids)
+    backward(ids[:3])  # accumulated into the first backward's gradient
+    assert ops.pop_gathered_rows(table) is None
+    table.grad = None
+    backward(ids)
+    torch.nn.utils.clip_grad_norm_([table], 1e9)  # scales the gradient in place
+    assert ops.pop_gathered_rows(table) is None
+
+    ops.track_gathered_rows(table, on=False)
+    table.grad = None
+    backward(ids)
+    assert table not in ops._TRACKED and ops.pop_gathered_rows(table) is None
