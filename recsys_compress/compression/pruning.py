@@ -444,9 +444,12 @@ class MagnitudePruning(L.Callback):
         found: dict[str, torch.Tensor] = {}
         for t in self._targets:
             ids = ops.pop_gathered_rows(t.weight)
-            # No record, or a batch about as large as the table (ML-100K): masked after the
-            # step, where the optimizer state of pruned weights moves again.
-            if ids is None or 2 * ids.numel() > t.weight.shape[0]:
+            if ids is not None and 2 * ids.numel() > t.weight.shape[0]:
+                # A batch about as large as the table (ML-100K): full-table passes are cheaper,
+                # and the batches of this fit stay this large, so stop recording its rows.
+                ops.track_gathered_rows(t.weight, on=False)
+                ids = None
+            if ids is None:  # masked after the step: the pruned weights' state moves again
                 self._clean_state.discard(t.name)
                 continue
             ids = torch.unique(ids)  # sorted, as a sparse gradient's rows

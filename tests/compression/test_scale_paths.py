@@ -441,3 +441,22 @@ def test_pruning_on_the_gradients_rows_equals_masking_the_whole_table(
     for name, mask in full_cb.masks.items():
         assert torch.equal(fast_cb.masks[name], mask), name
     assert fast.model.user_embedding.weight not in ops._TRACKED  # untracked after fit
+
+
+def test_tables_smaller_than_a_batch_stop_recording_their_gradient_rows(tmp_path: Path) -> None:
+    """ML-100K-sized tables against a batch's ids take the full-table path; after the first
+    step their gather records stop (nothing per step left to pay for them)."""
+    dm, module = tiny_setup()  # 120 users, 80 items, batches of 256 ids
+    cb = MagnitudePruning(PruneConfig(sparsity=0.5, frequency=2, basis="none"))
+    tracked: list[bool] = []
+
+    class Watch(L.Callback):
+        def on_train_batch_end(self, *args: object) -> None:
+            tracked.extend(t.weight in ops._TRACKED for t in cb._targets)
+
+    trainer = tiny_trainer(tmp_path, [cb, Watch()], max_epochs=1)
+    trainer.fit(module, datamodule=dm)
+    assert tracked and not any(tracked)
+    assert cb.last_update_step > 0  # pruned on the full-table path all the same
+    for name, mask in cb.masks.items():
+        assert not module.get_submodule(name).weight[~mask].any()
