@@ -264,6 +264,15 @@ def _next_linear(model: nn.Module, name: str) -> nn.Linear | None:
     return None
 
 
+def _add_abs_products(
+    totals: list[torch.Tensor], weights: list[torch.Tensor], grads: list[torch.Tensor]
+) -> None:
+    """``totals[i] += |weights[i] * grads[i]|``, each pass one multi-tensor op over all."""
+    products = torch._foreach_mul(weights, grads)
+    torch._foreach_abs_(products)
+    torch._foreach_add_(totals, products)
+
+
 class _StepLists:
     """The argument lists of the per-step multi-tensor ops on dense gradients, built once for
     the given state tensors (Taylor sums or masks) and parameters. Assembling them every step
@@ -471,9 +480,10 @@ class MagnitudePruning(L.Callback):
 
     @torch.no_grad()
     def _mask_gradient_rows(self, rows: dict[str, torch.Tensor]) -> None:
+        """Zero the pruned weights' gradient in ``rows`` (per target), before the step."""
         for t in self._targets:
             ids = rows.get(t.name)
-            mask = self._mask(t.name, t.weight.device)
+            mask = None if ids is None else self._mask(t.name, t.weight.device)
             if ids is None or mask is None:
                 continue
             grad = t.weight.grad
@@ -779,9 +789,7 @@ class MagnitudePruning(L.Callback):
                 lists = self._taylor_lists = _StepLists(sums, params, items)
             chunks = [flat_chunks(g.detach()) for g in grads]
             for totals, weights, where in lists.groups:
-                products = torch._foreach_mul(weights, [chunks[i][c] for i, c in where])
-                torch._foreach_abs_(products)
-                torch._foreach_add_(totals, products)
+                _add_abs_products(totals, weights, [chunks[i][c] for i, c in where])
             return
         dense: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         for t in self._targets:
@@ -806,10 +814,7 @@ class MagnitudePruning(L.Callback):
             dense += zip(*parts, strict=True)
         # All small tables in one multi-tensor op each (the per-op overhead dominates there).
         for group in in_groups(dense):
-            totals, weights, grads = (list(part) for part in zip(*group, strict=True))
-            products = torch._foreach_mul(weights, grads)
-            torch._foreach_abs_(products)
-            torch._foreach_add_(totals, products)
+            _add_abs_products(*(list(part) for part in zip(*group, strict=True)))
 
     def _taylor_sums(self, target: Target, create: bool = False) -> torch.Tensor | None:
         total = self._taylor.get(target.name)
