@@ -30,14 +30,8 @@ def recommendation_loss(
             model(batch["users"], batch["items"]), batch["labels"]
         )
     if loss == "bpr":
-        # One forward pass over the positive and the negative pairs: each table is read (and its
-        # gradient built) once per step instead of twice.
-        users = batch["users"]
-        scores = model(
-            torch.cat([users, users]), torch.cat([batch["pos_items"], batch["neg_items"]])
-        )
-        pos, neg = scores.split(len(users))
-        return -F.logsigmoid(pos - neg).mean()
+        diff = model.score_difference(batch["users"], batch["pos_items"], batch["neg_items"])
+        return -F.logsigmoid(diff).mean()
     return F.mse_loss(model(batch["users"], batch["items"]), batch["ratings"])
 
 

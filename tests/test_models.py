@@ -313,8 +313,9 @@ def test_build_model_with_mismatched_pretrained_names_the_key(tmp_path):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_bpr_loss_in_one_pass_equals_two_passes(name):
-    """BPR scores the positive and negative pairs in one forward pass: the loss and gradients of
-    separate passes, up to float summation order."""
+    """BPR scores a batch with ``score_difference`` (one forward pass over both pairs; MF reads
+    each user once, ``<p_u, q_pos - q_neg>``): the loss and gradients of separate passes, up to
+    float rounding, and every parameter still gets a gradient (DDP needs one for each)."""
     from recsys_compress.module import recommendation_loss
 
     gen = torch.Generator().manual_seed(3)
@@ -333,6 +334,10 @@ def test_bpr_loss_in_one_pass_equals_two_passes(name):
     assert loss > 0
     for (key, p), q in zip(one.named_parameters(), two.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=key)
+    if name == "mf":  # the user and global biases cancel in a difference: exact zeros
+        assert one.user_bias.weight.grad.abs().max() == 0
+        assert one.global_bias.grad.item() == 0
+        assert one.item_bias.weight.grad.abs().max() > 0
 
 
 def test_rows_fast_gather_is_bit_identical_to_embedding() -> None:

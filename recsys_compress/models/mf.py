@@ -40,6 +40,26 @@ class MF(Recommender):
             scores = scores + self.global_bias
         return scores
 
+    def score_difference(
+        self, users: torch.Tensor, pos_items: torch.Tensor, neg_items: torch.Tensor
+    ) -> torch.Tensor:
+        """``<p_u, q_pos - q_neg> + b_pos - b_neg``: the user's vector is read once per triple,
+        not once per pair, which halves the user table's gather and gradient rows (BPR-MF's step
+        is mostly those row reads and writes). Equal to the difference of two ``forward`` calls
+        up to float rounding."""
+        items = torch.cat([pos_items, neg_items])
+        pos, neg = rows(self.item_embedding, items).split(len(users))
+        diff = (rows(self.user_embedding, users) * (pos - neg)).sum(-1)
+        if not self.use_bias:
+            return diff
+        # The user and global biases cancel; they stay in the graph, with the exact zero
+        # gradient the two-pair form gives them, so that every parameter still gets a gradient
+        # (DDP without find_unused_parameters requires it) and optimizers see what they saw.
+        item_bias = rows(self.item_bias, items).squeeze(-1)
+        shared = rows(self.user_bias, users).squeeze(-1) + self.global_bias
+        pos_bias, neg_bias = item_bias.split(len(users))
+        return diff + ((shared + pos_bias) - (shared + neg_bias))
+
     def score_all(self, users: torch.Tensor) -> torch.Tensor:
         user_vectors = self.user_embedding(users)
         item_table = all_rows(self.item_embedding, self.num_items)
