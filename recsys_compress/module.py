@@ -12,10 +12,11 @@ from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import SingleDeviceStrategy
 from torch import nn
 
+from recsys_compress import ops
 from recsys_compress.config import EvalConfig, LossConfig, OptimConfig
 from recsys_compress.errors import RecsysCompressError
 from recsys_compress.metrics import FullRankingMetrics, RatingMetrics, SampledRankingMetrics
-from recsys_compress.models.base import Recommender
+from recsys_compress.models.base import Recommender, gathered_table
 from recsys_compress.optim import RowSparseAdam
 
 log = logging.getLogger(__name__)
@@ -131,6 +132,7 @@ class RecommenderModule(L.LightningModule):
         self._step_end: list[Any] = []
         self._before_step: list[Any] = []  # callbacks overriding on_before_optimizer_step
         self._plain_steps = False  # see on_train_start
+        self._kept_gradients: list[torch.Tensor] = []  # see on_train_start
         self.val_metrics = self._make_metrics()
         self.test_metrics = self._make_metrics()
         self._loss_sum = torch.zeros(())
@@ -165,6 +167,19 @@ class RecommenderModule(L.LightningModule):
         self._plain_steps = type(self.trainer.precision_plugin) is Precision and isinstance(
             self.trainer.strategy, SingleDeviceStrategy
         )
+        # On that path, tables read with gather_rows keep their dense gradient between steps
+        # and clear only the rows a batch wrote (ops.keep_gradient): a table much larger than
+        # a batch (1M users) then costs no fresh table-sized gradient per step. Gradient
+        # clipping scales the whole gradient, so it keeps the fresh-gradient path.
+        if self._plain_steps and self.device.type == "cpu" and not self.gradient_clip_val:
+            self._kept_gradients = [m.weight for m in self.model.modules() if gathered_table(m)]
+            for table in self._kept_gradients:
+                ops.keep_gradient(table)
+
+    def on_train_end(self) -> None:
+        for table in self._kept_gradients:
+            ops.keep_gradient(table, on=False)
+        self._kept_gradients = []
 
     def on_train_epoch_start(self) -> None:
         self._loss_sum = torch.zeros((), device=self.device)
@@ -203,7 +218,7 @@ class RecommenderModule(L.LightningModule):
     def _plain_step(self, optimizer: Any, loss: torch.Tensor) -> None:
         """``LightningOptimizer.step`` without its wrappers: the same hooks and step count."""
         raw = optimizer.optimizer
-        raw.zero_grad(set_to_none=True)
+        ops.zero_grad(raw)  # zero_grad(set_to_none=True), kept gradients cleared in place
         loss.backward()
         if self.gradient_clip_val:
             # The optimizer's parameter order, as Lightning's clip_gradients (same sums).
@@ -251,6 +266,8 @@ class RecommenderModule(L.LightningModule):
         )
 
     def on_train_epoch_end(self) -> None:
+        for table in self._kept_gradients:  # no table-sized gradient held during evaluation
+            table.grad = None
         self._check_finite()
         scheduler = self.lr_schedulers()
         if scheduler is not None:  # manual optimization: epoch-interval schedules step here

@@ -8,68 +8,206 @@ from typing import Any
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-# Tables whose gradient rows are tracked (:func:`track_gathered_rows`): table -> where the last
-# gradient :class:`_RowGather` wrote for it lies (address, shape, version) and its ids, or None.
-_TRACKED = WeakIdKeyDictionary()
+
+class _GradientRecord:
+    """What :class:`_RowGather` knows of a registered table's dense gradient: while
+    ``table.grad`` has this address, shape and version, every non-zero of it lies in the rows
+    of ``ids`` (duplicates possible; an empty list: all zeros)."""
+
+    __slots__ = ("address", "hook", "ids", "kept", "sent", "shape", "tracked", "version")
+
+    def __init__(self) -> None:
+        self.tracked = False  # rows reported by gradient_rows (pruning's dense path)
+        self.kept = False  # the gradient stays allocated between steps (keep_gradient)
+        self.hook: Any = None  # the table's gradient hook while kept
+        self.sent = 0  # address of the gradient (its values, if sparse) a backward returned
+        self.address, self.shape, self.version = 0, torch.Size(), -1
+        self.ids: list[torch.Tensor] = []
+
+    def set(self, grad: torch.Tensor, ids: list[torch.Tensor]) -> None:
+        self.address, self.shape, self.version, self.ids = (
+            grad.data_ptr(),
+            grad.shape,
+            grad._version,
+            ids,
+        )
+
+    def forget(self) -> None:
+        self.version, self.ids = -1, []
+
+    def describes(self, grad: torch.Tensor | None) -> bool:
+        """Whether ``grad`` is the recorded gradient, unwritten since (a sum of two gathers'
+        gradients, or one accumulated into, is a fresh tensor or bumps the version)."""
+        return (
+            grad is not None
+            and self.version >= 0
+            and not grad.is_sparse
+            and grad.data_ptr() == self.address
+            and grad.shape == self.shape
+            and grad._version == self.version
+        )
+
+    def num_ids(self) -> int:
+        return sum(ids.numel() for ids in self.ids)
+
+    def incoming(self, grad: torch.Tensor) -> None:
+        """The table's gradient hook: what autograd is about to store in or add into
+        ``table.grad``. The record holds only if that is the gradient our backward returned,
+        alone (summed with another read of the table, it is a different tensor)."""
+        sent, self.sent = self.sent, 0
+        address = grad._values().data_ptr() if grad.is_sparse else grad.data_ptr()
+        if address != sent:
+            self.forget()
+
+
+# Tables registered by track_gathered_rows / keep_gradient -> their gradient's record.
+_TABLES = WeakIdKeyDictionary()
+
+
+def _entry(table: torch.Tensor) -> _GradientRecord:
+    entry = _TABLES.get(table)
+    if entry is None:
+        entry = _TABLES[table] = _GradientRecord()
+    return entry
+
+
+def _drop_if_unused(table: torch.Tensor) -> None:
+    entry = _TABLES.get(table)
+    if entry is not None and not entry.tracked and not entry.kept:
+        del _TABLES[table]
 
 
 class _RowGather(torch.autograd.Function):
     """``weight[ids]`` whose backward is ``zeros.index_add_(0, ids, grad)``: the same sums in the
-    same order as ``embedding_dense_backward`` on CPU (bit-identical), about 3x faster there."""
+    same order as ``embedding_dense_backward`` on CPU (bit-identical), about 3x faster there.
+
+    For a table registered with :func:`keep_gradient` whose kept gradient is clean outside
+    recorded rows, and a batch with fewer than half as many ids as the table has rows, the
+    backward returns the rows as a sparse gradient instead: autograd adds it into the kept
+    dense gradient in place (the same sums in the same order), with no table-sized allocation.
+    """
 
     @staticmethod
     def forward(ctx: Any, weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         ctx.save_for_backward(ids)
         ctx.num_rows = weight.shape[0]
-        ctx.tracked = weight if _TRACKED and weight in _TRACKED else None
+        ctx.table = weight if _TABLES and weight in _TABLES else None
         return weight.index_select(0, ids)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         (ids,) = ctx.saved_tensors
-        table = grad.new_zeros(ctx.num_rows, grad.shape[-1])
-        table.index_add_(0, ids, grad.contiguous())
-        if ctx.tracked is not None:
-            # No reference to ``table`` is kept: autograd then stores it as the gradient as it is
-            # (a held reference would make it copy the table).
-            _TRACKED[ctx.tracked] = (table.data_ptr(), table.shape, table._version, ids)
-            ctx.tracked = None
-        return table, None
+        table, ctx.table = ctx.table, None
+        entry = _TABLES.get(table) if table is not None else None
+        if entry is not None and entry.kept and 2 * ids.numel() < ctx.num_rows:
+            held = table.grad
+            if entry.describes(held) and not entry.sent:
+                # Autograd adds this into ``held`` in place: one version later, same memory.
+                # The table's hook checks that nothing else is summed with it.
+                values = grad.contiguous()
+                entry.version += 1
+                entry.ids.append(ids)
+                entry.sent = values.data_ptr()
+                indices = ids.view(1, -1).to(torch.long)
+                size = (ctx.num_rows, grad.shape[-1])
+                sparse = torch.sparse_coo_tensor(indices, values, size, check_invariants=False)
+                return sparse, None
+        out = grad.new_zeros(ctx.num_rows, grad.shape[-1])
+        out.index_add_(0, ids, grad.contiguous())
+        if entry is not None:
+            entry.sent = out.data_ptr()
+            if table.grad is None:
+                # Stored as the gradient as it is (no reference to ``out`` is kept: one would
+                # make autograd copy it). A second read of the table in the same graph records
+                # its own tensor; the sum autograd stores is neither, so the record fails.
+                entry.set(out, [ids])
+            else:  # summed into an existing gradient: its rows are unknown
+                entry.forget()
+        return out, None
 
 
 def track_gathered_rows(table: torch.Tensor, on: bool = True) -> None:
-    """Start (or stop) recording which rows :func:`gather_rows`'s backward writes into
-    ``table``'s dense gradient, for :func:`pop_gathered_rows`."""
+    """Start (or stop) reporting which rows of ``table``'s dense gradient :func:`gather_rows`
+    wrote, for :func:`gradient_rows`."""
     if on:
-        _TRACKED.setdefault(table, None)
-    else:
-        _TRACKED.pop(table, None)
+        _entry(table).tracked = True
+    elif table in _TABLES:
+        _TABLES[table].tracked = False
+        _drop_if_unused(table)
 
 
-def pop_gathered_rows(table: torch.Tensor) -> torch.Tensor | None:
-    """The ids (duplicates possible) whose rows hold every non-zero of ``table.grad``, when that
-    gradient is exactly what one :func:`gather_rows` backward wrote (a tracked table; not summed
-    with another gather of the same table, nor accumulated into since): the gradient's other
-    rows are then exact zeros. None otherwise. The record is dropped: call it once per backward
-    (after it, before the next), so that no record outlives its step."""
-    entry = _TRACKED.get(table)
-    if entry is None:
+def gradient_rows(table: torch.Tensor) -> torch.Tensor | None:
+    """For a tracked table: ids (duplicates possible) whose rows hold every non-zero of
+    ``table.grad``, when that gradient holds only what :func:`gather_rows` backwards wrote
+    since it was allocated or cleared by :func:`zero_grad` (not summed with another read of the
+    table, accumulated into by a dense gradient, scaled by clipping or AMP, or reduced by DDP).
+    None otherwise."""
+    entry = _TABLES.get(table)
+    if entry is None or not entry.tracked or not entry.describes(table.grad):
         return None
-    _TRACKED[table] = None
-    address, shape, version, ids = entry
+    if len(entry.ids) == 1:
+        return entry.ids[0]
+    if not entry.ids:
+        return torch.empty(0, dtype=torch.long, device=table.device)
+    return torch.cat(entry.ids)
+
+
+def rows_rewritten(table: torch.Tensor) -> None:
+    """Say that the caller has just written ``table.grad`` in place, only within the rows
+    :func:`gradient_rows` returned for it a moment before: its record stays valid."""
+    entry = _TABLES.get(table)
     grad = table.grad
-    # The gradient autograd stored as it was: the same memory, never written since. A sum of
-    # two gathers' gradients, or one accumulated into, is a fresh tensor (version 0) or bumped
-    # the version of the written one.
-    if (
-        grad is None
-        or grad.is_sparse
-        or grad.data_ptr() != address
-        or grad.shape != shape
-        or grad._version != version
-    ):
-        return None
-    return ids
+    if entry is not None and grad is not None and grad.data_ptr() == entry.address:
+        entry.version = grad._version
+
+
+def keep_gradient(table: torch.Tensor, on: bool = True) -> None:
+    """Keep ``table``'s dense gradient allocated between steps (:func:`zero_grad` zeroes the
+    rows written instead of dropping it), so that a batch's backward adds its rows into it in
+    place: at 1M x 64 a fresh 256 MB gradient each step costs ~100 ms of page faults. Off:
+    the table's gradient is released as after ``zero_grad(set_to_none=True)``."""
+    if on:
+        entry = _entry(table)
+        if not entry.kept:
+            entry.kept = True
+            entry.hook = table.register_hook(entry.incoming)
+    elif table in _TABLES:
+        entry = _TABLES[table]
+        if entry.kept:
+            entry.kept = False
+            entry.hook.remove()
+            entry.hook = None
+            entry.forget()
+            table.grad = None
+        _drop_if_unused(table)
+
+
+def zero_grad(optimizer: torch.optim.Optimizer) -> None:
+    """``optimizer.zero_grad(set_to_none=True)``, except for kept gradients
+    (:func:`keep_gradient`) whose non-zeros lie in the rows :func:`gather_rows` backwards wrote:
+    those rows are zeroed and the gradient stays. A kept gradient written any other way is
+    dropped. A table whose batches wrote half its rows or more (ML-100K's tables against a
+    batch of 4096) stops being kept: zeroing those rows costs more than a fresh gradient, and
+    a fit's batches keep their size."""
+    if not _TABLES:
+        optimizer.zero_grad(set_to_none=True)
+        return
+    kept = []
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            entry = _TABLES.get(param)
+            if entry is None or not entry.kept or not entry.describes(param.grad):
+                continue
+            if 2 * entry.num_ids() < param.shape[0]:
+                kept.append((param, param.grad, entry))
+            else:
+                keep_gradient(param, on=False)
+    optimizer.zero_grad(set_to_none=True)
+    for param, grad, entry in kept:
+        for ids in entry.ids:
+            grad.index_fill_(0, ids, 0)
+        param.grad = grad
+        entry.set(grad, [])
 
 
 def gather_rows(weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -369,9 +371,10 @@ def test_rows_fast_gather_is_bit_identical_to_embedding() -> None:
 
 
 def test_gathered_rows_are_reported_only_for_the_gradient_one_gather_wrote() -> None:
-    """ops.pop_gathered_rows: the ids of a tracked table's last gather_rows backward while its
-    .grad is exactly what that backward wrote; None after the record was read, for an untracked
-    table, and when the gradient was summed with a second read, accumulated into or clipped."""
+    """ops.gradient_rows: the ids of a tracked table's gather_rows backward while its .grad is
+    exactly what that backward wrote (or only rewritten within those rows); None for an
+    untracked table, and when the gradient was summed with a second read, accumulated into or
+    clipped."""
     from recsys_compress import ops
 
     gen = torch.Generator().manual_seed(5)
@@ -383,27 +386,113 @@ def test_gathered_rows_are_reported_only_for_the_gradient_one_gather_wrote() -> 
         sum(ops.gather_rows(table, r).sum() for r in reads).backward()
 
     backward(ids)
-    assert torch.equal(ops.pop_gathered_rows(table), ids)
+    assert torch.equal(ops.gradient_rows(table), ids)
     untouched = torch.ones(50, dtype=torch.bool)
     untouched[ids] = False
     assert not table.grad[untouched].any()  # the other rows are exact zeros
-    assert ops.pop_gathered_rows(table) is None  # read once
+    assert torch.equal(ops.gradient_rows(table), ids)  # reading it keeps it
+    table.grad.index_copy_(0, ids[:2], torch.zeros(2, 4))
+    assert ops.gradient_rows(table) is None  # written since
+    ops.rows_rewritten(table)  # ... within those rows, says the writer
+    assert torch.equal(ops.gradient_rows(table), ids)
     ops.gather_rows(other, ids % 9).sum().backward()
-    assert ops.pop_gathered_rows(other) is None  # not tracked
+    assert ops.gradient_rows(other) is None  # not tracked
 
     table.grad = None
+    assert ops.gradient_rows(table) is None  # no gradient
     backward(ids, ids[:3])  # two reads in one graph: their gradients are summed
-    assert ops.pop_gathered_rows(table) is None
+    assert ops.gradient_rows(table) is None
     table.grad = None
     backward(ids)
     backward(ids[:3])  # accumulated into the first backward's gradient
-    assert ops.pop_gathered_rows(table) is None
+    assert ops.gradient_rows(table) is None
     table.grad = None
     backward(ids)
     torch.nn.utils.clip_grad_norm_([table], 1e9)  # scales the gradient in place
-    assert ops.pop_gathered_rows(table) is None
+    assert ops.gradient_rows(table) is None
 
     ops.track_gathered_rows(table, on=False)
     table.grad = None
     backward(ids)
-    assert table not in ops._TRACKED and ops.pop_gathered_rows(table) is None
+    assert table not in ops._TABLES and ops.gradient_rows(table) is None
+
+
+def test_kept_gradient_takes_a_batch_rows_in_place_and_clears_them() -> None:
+    """ops.keep_gradient + ops.zero_grad: a table much larger than a batch keeps one dense
+    gradient; each backward adds its rows into it (bit-identical to a fresh gradient) and
+    zero_grad zeroes those rows. A second read in the same graph, a dense read of the whole
+    table or clipping give the right gradient on the fresh path and drop the kept one; batches
+    of half the table or more stop keeping it."""
+    from recsys_compress import ops
+
+    gen = torch.Generator().manual_seed(6)
+    table = nn.Parameter(torch.randn(400, 4, generator=gen))
+    opt = torch.optim.SGD([table], lr=0.1)
+    ops.keep_gradient(table)
+    ops.track_gathered_rows(table)
+
+    def step(*reads: torch.Tensor, dense: bool = False, clip: bool = False) -> torch.Tensor:
+        """One zero_grad + backward; returns the reference gradient of a fresh F.embedding."""
+        ops.zero_grad(opt)
+        probes = [torch.randn(len(r), 4, generator=gen) for r in reads]
+        loss = sum(
+            (ops.gather_rows(table, r) * p).sum() for r, p in zip(reads, probes, strict=True)
+        )
+        ref_table = table.detach().clone().requires_grad_()
+        ref = sum((F.embedding(r, ref_table) * p).sum() for r, p in zip(reads, probes, strict=True))
+        if dense:
+            loss = loss + table.square().sum()
+            ref = ref + ref_table.square().sum()
+        loss.backward()
+        ref.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_([table], 1e9)
+            torch.nn.utils.clip_grad_norm_([ref_table], 1e9)
+        assert torch.equal(table.grad, ref_table.grad)
+        return table.grad
+
+    batches = [torch.randint(0, 400, (30,), generator=gen) for _ in range(4)]
+    sparse_adds = 0
+    real = torch.sparse_coo_tensor
+
+    def counting(*args: Any, **kwargs: Any) -> torch.Tensor:
+        nonlocal sparse_adds
+        sparse_adds += 1
+        return real(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch, "sparse_coo_tensor", counting)
+        first = step(batches[0])
+        address = first.data_ptr()
+        for ids in batches[1:]:
+            grad = step(ids)
+            assert grad.data_ptr() == address  # the same gradient, its rows added in place
+            assert torch.equal(ops.gradient_rows(table), ids)
+        assert sparse_adds == 3  # all but the first (fresh) backward
+        step(batches[0], batches[1])  # two reads: the first added in place, then summed
+        assert ops.gradient_rows(table) is None
+        step(batches[2])  # the kept gradient was dropped: a fresh one, then kept again
+        assert torch.equal(ops.gradient_rows(table), batches[2])
+        step(batches[3])
+        step(batches[0], dense=True)  # a dense read of the whole table joins the sum
+        assert ops.gradient_rows(table) is None
+        step(batches[1])
+        step(batches[2])
+        step(batches[3], clip=True)
+        assert ops.gradient_rows(table) is None
+        step(batches[0])
+    ops.zero_grad(opt)
+    assert table.grad is not None and not table.grad.any()  # kept, all rows cleared
+
+    big = torch.randint(0, 400, (200,), generator=gen)  # half the rows: not worth keeping
+    step(big)  # added into the kept gradient on the fresh path: dropped
+    ops.zero_grad(opt)
+    assert table.grad is None and ops._TABLES[table].kept
+    step(big)  # a fresh gradient of a batch this large: the table stops being kept
+    ops.zero_grad(opt)
+    assert table.grad is None and not ops._TABLES[table].kept
+    ops.keep_gradient(table)
+    step(batches[1])
+    ops.keep_gradient(table, on=False)
+    ops.track_gathered_rows(table, on=False)
+    assert table.grad is None and table not in ops._TABLES and not table._backward_hooks

@@ -441,7 +441,7 @@ class MagnitudePruning(L.Callback):
 
     def _gradient_rows(self) -> dict[str, torch.Tensor]:
         """The targets whose dense gradient this step is non-zero only in the rows of a batch
-        much smaller than the table (:func:`ops.pop_gathered_rows`: a plain table read with
+        much smaller than the table (:func:`ops.gradient_rows`: a plain table read with
         ``gather_rows``, e.g. MF at 1M users on the dense Adam path), with those rows.
 
         For them, per-step work follows the batch: Taylor sums are added in those rows, and the
@@ -452,7 +452,7 @@ class MagnitudePruning(L.Callback):
         state as on the full-table path, so the trained weights are the same bit for bit."""
         found: dict[str, torch.Tensor] = {}
         for t in self._targets:
-            ids = ops.pop_gathered_rows(t.weight)
+            ids = ops.gradient_rows(t.weight)
             if ids is not None and 2 * ids.numel() > t.weight.shape[0]:
                 # A batch about as large as the table (ML-100K): full-table passes are cheaper,
                 # and the batches of this fit stay this large, so stop recording its rows.
@@ -490,6 +490,7 @@ class MagnitudePruning(L.Callback):
             assert grad is not None
             kept = _as_factor(mask).index_select(0, ids)
             grad.index_copy_(0, ids, grad.index_select(0, ids).mul_(kept))
+            ops.rows_rewritten(t.weight)  # within the rows: a kept gradient stays clean
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         stats = self.sparsity_by_layer()

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
+from unittest import mock
 
 import lightning as L
 import pytest
@@ -378,10 +379,12 @@ def test_row_masks_built_in_blocks_equal_one_ranking_of_the_whole_table(
 
 
 def fit_dense_big_tables(
-    root: Path, optim: dict
+    root: Path, optim: dict, prune: bool = True
 ) -> tuple[RecommenderModule, MagnitudePruning, dict[str, Any]]:
-    """Two epochs of gradual pruning on MF with tables ~10x larger than a batch's ids, counting
-    the targets pruned on their gradient rows and checking the zeros after every batch."""
+    """Two epochs on MF with tables ~10x larger than a batch's ids (with gradual pruning, or
+    without: the callback is then not passed to the trainer), counting the targets pruned on
+    their gradient rows and the backwards that added rows into a kept gradient, and checking
+    the pruned zeros after every batch."""
     synthetic = {"num_users": 400, "num_items": 300, "interactions_per_user": 3}
     dm, module = tiny_setup(
         data={"name": "synthetic", "source": "synthetic", "synthetic": synthetic},
@@ -404,9 +407,44 @@ def fit_dense_big_tables(
                 weight = module.get_submodule(name).weight
                 calls["zeros_kept"] &= not weight[~mask].any()
 
-    trainer = tiny_trainer(root, [cb, ZerosKept()], max_epochs=2)
-    trainer.fit(module, datamodule=dm)
+    callbacks = [cb, ZerosKept()] if prune else []
+    trainer = tiny_trainer(root, callbacks, max_epochs=2)
+    # ops.gather_rows's backward returns a sparse gradient only to add it into a kept one.
+    with mock.patch.object(torch, "sparse_coo_tensor", wraps=torch.sparse_coo_tensor) as sparse:
+        trainer.fit(module, datamodule=dm)
+    calls["kept"] = sparse.call_count
     return module, cb, calls
+
+
+@pytest.mark.parametrize(
+    "optim",
+    [
+        {"name": "adam"},
+        {"name": "adamw", "weight_decay": 0.01, "embedding_weight_decay": 0.01},
+        {"name": "sgd", "lr": 0.5, "momentum": 0.9},
+        {"name": "adagrad", "lr": 0.05},
+    ],
+    ids=lambda o: o["name"],
+)
+def test_kept_gradients_train_the_same_weights_as_fresh_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, optim: dict
+) -> None:
+    """Tables much larger than a batch keep their dense gradient between steps (the rows a
+    batch wrote are added in place and cleared after the step): the trained weights equal a fresh
+    gradient per step bit for bit, with each dense optimizer; the gradients are released after
+    each epoch and the tables unregistered after the fit."""
+    runs = {}
+    for kept in (True, False):
+        with monkeypatch.context() as patch:
+            if not kept:
+                patch.setattr(ops, "keep_gradient", lambda table, on=True: None)
+            runs[kept] = fit_dense_big_tables(tmp_path / str(kept), optim, prune=False)
+    (fast, _, fast_calls), (plain, _, plain_calls) = runs[True], runs[False]
+    assert fast_calls["kept"] > 100 and plain_calls["kept"] == 0  # each path was taken
+    for name, value in plain.state_dict().items():
+        assert torch.equal(fast.state_dict()[name], value), name
+    weight = fast.model.user_embedding.weight
+    assert weight.grad is None and weight not in ops._TABLES and not weight._backward_hooks
 
 
 @pytest.mark.parametrize(
@@ -429,34 +467,39 @@ def test_pruning_on_the_gradients_rows_equals_masking_the_whole_table(
     runs = {}
     for rows_path in (True, False):
         with monkeypatch.context() as patch:
-            if not rows_path:
-                patch.setattr(ops, "pop_gathered_rows", lambda table: None)
+            if not rows_path:  # also a fresh gradient each step (no kept gradients)
+                patch.setattr(ops, "gradient_rows", lambda table: None)
+                patch.setattr(ops, "keep_gradient", lambda table, on=True: None)
             runs[rows_path] = fit_dense_big_tables(tmp_path / str(rows_path), optim)
     (fast, fast_cb, fast_calls), (full, full_cb, full_calls) = runs[True], runs[False]
     assert fast_calls["rows"] > 100 and full_calls["rows"] == 0  # each path was taken
+    assert fast_calls["kept"] > 100 and full_calls["kept"] == 0
     assert fast_cb.last_update_step > 50 and fast_cb.masks  # several mask updates happened
     assert fast_calls["zeros_kept"] and full_calls["zeros_kept"]
     for name, value in full.state_dict().items():
         assert torch.equal(fast.state_dict()[name], value), name
     for name, mask in full_cb.masks.items():
         assert torch.equal(fast_cb.masks[name], mask), name
-    assert fast.model.user_embedding.weight not in ops._TRACKED  # untracked after fit
+    assert fast.model.user_embedding.weight not in ops._TABLES  # untracked after fit
 
 
 def test_tables_smaller_than_a_batch_stop_recording_their_gradient_rows(tmp_path: Path) -> None:
     """ML-100K-sized tables against a batch's ids take the full-table path; after the first
-    step their gather records stop (nothing per step left to pay for them)."""
+    step their gather records stop and their gradients are not kept (nothing per step left to
+    pay for them)."""
     dm, module = tiny_setup()  # 120 users, 80 items, batches of 256 ids
     cb = MagnitudePruning(PruneConfig(sparsity=0.5, frequency=2, basis="none"))
     tracked: list[bool] = []
 
     class Watch(L.Callback):
         def on_train_batch_end(self, *args: object) -> None:
-            tracked.extend(t.weight in ops._TRACKED for t in cb._targets)
+            tracked.extend(t.weight in ops._TABLES for t in cb._targets)
 
     trainer = tiny_trainer(tmp_path, [cb, Watch()], max_epochs=1)
     trainer.fit(module, datamodule=dm)
-    assert tracked and not any(tracked)
+    # The first step's records decide; from the second step on, none is kept.
+    later = tracked[len(cb._targets) :]
+    assert later and not any(later)
     assert cb.last_update_step > 0  # pruned on the full-table path all the same
     for name, mask in cb.masks.items():
         assert not module.get_submodule(name).weight[~mask].any()
