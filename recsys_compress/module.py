@@ -16,7 +16,7 @@ from recsys_compress import ops
 from recsys_compress.config import EvalConfig, LossConfig, OptimConfig
 from recsys_compress.errors import RecsysCompressError
 from recsys_compress.metrics import FullRankingMetrics, RatingMetrics, SampledRankingMetrics
-from recsys_compress.models.base import Recommender, gathered_table
+from recsys_compress.models.base import Recommender
 from recsys_compress.optim import RowSparseAdam
 
 log = logging.getLogger(__name__)
@@ -172,7 +172,14 @@ class RecommenderModule(L.LightningModule):
         # a batch (1M users) then costs no fresh table-sized gradient per step. Gradient
         # clipping scales the whole gradient, so it keeps the fresh-gradient path.
         if self._plain_steps and self.device.type == "cpu" and not self.gradient_clip_val:
-            self._kept_gradients = [m.weight for m in self.model.modules() if gathered_table(m)]
+            # Every dense table: fake-quant tables share their Parameter with the table they
+            # replace and read it with gather_rows too; a table read any other way is never
+            # added into in place, and zero_grad drops its gradient as usual.
+            self._kept_gradients = [
+                m.weight
+                for m in self.model.modules()
+                if isinstance(m, nn.Embedding) and not m.sparse
+            ]
             for table in self._kept_gradients:
                 ops.keep_gradient(table)
 

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 
@@ -208,6 +209,19 @@ def zero_grad(optimizer: torch.optim.Optimizer) -> None:
             grad.index_fill_(0, ids, 0)
         param.grad = grad
         entry.set(grad, [])
+
+
+def gathered_table(embedding: nn.Module, kind: type[nn.Module] = nn.Embedding) -> bool:
+    """Whether ``embedding`` is read with :func:`gather_rows` on CPU (``models.base.rows``,
+    the fake-quant tables): a dense ``nn.Embedding`` (exactly ``kind``) with no padding row,
+    max norm or per-id gradient scaling, whose gradient equals ``F.embedding``'s."""
+    return (
+        type(embedding) is kind
+        and not embedding.sparse
+        and embedding.padding_idx is None
+        and embedding.max_norm is None
+        and not embedding.scale_grad_by_freq
+    )
 
 
 def gather_rows(weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

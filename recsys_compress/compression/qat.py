@@ -44,7 +44,7 @@ from torch import nn
 from recsys_compress.compression.lowrank import factorised_layer, select_layer_targets
 from recsys_compress.compression.targets import TargetSpec, module_group, replace_module
 from recsys_compress.errors import ConfigError
-from recsys_compress.ops import gather_rows
+from recsys_compress.ops import gather_rows, gathered_table
 
 
 @functools.cache
@@ -542,15 +542,20 @@ class FakeQuantEmbedding(_QParams, nn.Embedding):
                 table = self._fake_quantize_rows(self.weight, None)
                 rows = F.embedding(flat, table, self.padding_idx)
             return rows.view(*ids.shape, self.embedding_dim)
-        rows = F.embedding(
-            flat,
-            self.weight,
-            self.padding_idx,
-            self.max_norm,
-            self.norm_type,
-            self.scale_grad_by_freq,
-            self.sparse,
-        )
+        if flat.device.type == "cpu" and gathered_table(self, FakeQuantEmbedding):
+            # As models.base.rows reads a plain table: F.embedding's values and gradient, with
+            # the faster backward (and, on the dense path, the kept gradient of ops.zero_grad).
+            rows = gather_rows(self.weight, flat)
+        else:
+            rows = F.embedding(
+                flat,
+                self.weight,
+                self.padding_idx,
+                self.max_norm,
+                self.norm_type,
+                self.scale_grad_by_freq,
+                self.sparse,
+            )
         if flat.numel() == 0:
             return rows.view(*ids.shape, self.embedding_dim)
         return self._fake_quantize_rows(rows, flat).view(*ids.shape, self.embedding_dim)

@@ -11,27 +11,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from recsys_compress.ops import gather_rows
+from recsys_compress.ops import gather_rows, gathered_table
 
 # Cap on the elements of one intermediate tensor when scoring all items (about 64 MB of float32).
 MAX_CHUNK_ELEMENTS = 1 << 24
 
 
-def gathered_table(embedding: nn.Module) -> bool:
-    """Whether :func:`rows` reads ``embedding`` with :func:`~recsys_compress.ops.gather_rows`
-    (on CPU): a plain dense ``nn.Embedding`` with no padding row, max norm or per-id gradient
-    scaling."""
-    return (
-        type(embedding) is nn.Embedding
-        and not embedding.sparse
-        and embedding.padding_idx is None
-        and embedding.max_norm is None
-        and not embedding.scale_grad_by_freq
-    )
-
-
 def rows(embedding: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """``embedding(ids)`` for any embedding-like module. A :func:`gathered_table` on CPU is read
+    """``embedding(ids)`` for any embedding-like module. A
+    :func:`~recsys_compress.ops.gathered_table` on CPU is read
     with :func:`~recsys_compress.ops.gather_rows` instead of ``F.embedding``: the same values and
     gradients, with a faster backward (module hooks on such a table are not called)."""
     if ids.device.type == "cpu" and gathered_table(embedding):

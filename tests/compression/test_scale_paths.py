@@ -17,7 +17,12 @@ from recsys_compress import ops
 from recsys_compress.compression import pruning
 from recsys_compress.compression.lowrank import truncated_svd
 from recsys_compress.compression.pruning import MagnitudePruning, PruneConfig
-from recsys_compress.compression.qat import FakeQuantEmbedding, QuantScheme
+from recsys_compress.compression.qat import (
+    FakeQuantEmbedding,
+    QATConfig,
+    QuantizationAwareTraining,
+    QuantScheme,
+)
 from recsys_compress.compression.sparsity import L1Config, L1Proximal, soft_threshold_
 from recsys_compress.compression.targets import TargetSpec, select_targets
 from recsys_compress.config import OptimConfig
@@ -379,12 +384,12 @@ def test_row_masks_built_in_blocks_equal_one_ranking_of_the_whole_table(
 
 
 def fit_dense_big_tables(
-    root: Path, optim: dict, prune: bool = True
+    root: Path, optim: dict, method: str = "prune"
 ) -> tuple[RecommenderModule, MagnitudePruning, dict[str, Any]]:
-    """Two epochs on MF with tables ~10x larger than a batch's ids (with gradual pruning, or
-    without: the callback is then not passed to the trainer), counting the targets pruned on
-    their gradient rows and the backwards that added rows into a kept gradient, and checking
-    the pruned zeros after every batch."""
+    """Two epochs on MF with tables ~10x larger than a batch's ids, with gradual pruning (or
+    int8 QAT, or neither: the pruning callback is then not passed to the trainer), counting the
+    targets pruned on their gradient rows and the backwards that added rows into the user
+    table's kept gradient, and checking the pruned zeros after every batch."""
     synthetic = {"num_users": 400, "num_items": 300, "interactions_per_user": 3}
     dm, module = tiny_setup(
         data={"name": "synthetic", "source": "synthetic", "synthetic": synthetic},
@@ -407,38 +412,42 @@ def fit_dense_big_tables(
                 weight = module.get_submodule(name).weight
                 calls["zeros_kept"] &= not weight[~mask].any()
 
-    callbacks = [cb, ZerosKept()] if prune else []
+    callbacks: list[L.Callback] = [cb, ZerosKept()] if method == "prune" else []
+    if method == "qat":
+        callbacks = [QuantizationAwareTraining(QATConfig(convert_at_end=False))]
     trainer = tiny_trainer(root, callbacks, max_epochs=2)
     # ops.gather_rows's backward returns a sparse gradient only to add it into a kept one.
     with mock.patch.object(torch, "sparse_coo_tensor", wraps=torch.sparse_coo_tensor) as sparse:
         trainer.fit(module, datamodule=dm)
-    calls["kept"] = sparse.call_count
+    user_table = tuple(module.model.user_embedding.weight.shape)  # not the bias tables
+    calls["kept"] = sum(tuple(call.args[2]) == user_table for call in sparse.call_args_list)
     return module, cb, calls
 
 
 @pytest.mark.parametrize(
-    "optim",
+    ("optim", "method"),
     [
-        {"name": "adam"},
-        {"name": "adamw", "weight_decay": 0.01, "embedding_weight_decay": 0.01},
-        {"name": "sgd", "lr": 0.5, "momentum": 0.9},
-        {"name": "adagrad", "lr": 0.05},
+        ({"name": "adam"}, "none"),
+        ({"name": "adamw", "weight_decay": 0.01, "embedding_weight_decay": 0.01}, "none"),
+        ({"name": "sgd", "lr": 0.5, "momentum": 0.9}, "none"),
+        ({"name": "adagrad", "lr": 0.05}, "none"),
+        ({"name": "adam"}, "qat"),  # fake-quant tables read their shared Parameter's rows
     ],
-    ids=lambda o: o["name"],
+    ids=lambda o: o["name"] if isinstance(o, dict) else o,
 )
 def test_kept_gradients_train_the_same_weights_as_fresh_ones(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, optim: dict
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, optim: dict, method: str
 ) -> None:
     """Tables much larger than a batch keep their dense gradient between steps (the rows a
     batch wrote are added in place and cleared after the step): the trained weights equal a fresh
-    gradient per step bit for bit, with each dense optimizer; the gradients are released after
-    each epoch and the tables unregistered after the fit."""
+    gradient per step bit for bit, with each dense optimizer and under QAT; the gradients are
+    released after each epoch and the tables unregistered after the fit."""
     runs = {}
     for kept in (True, False):
         with monkeypatch.context() as patch:
             if not kept:
                 patch.setattr(ops, "keep_gradient", lambda table, on=True: None)
-            runs[kept] = fit_dense_big_tables(tmp_path / str(kept), optim, prune=False)
+            runs[kept] = fit_dense_big_tables(tmp_path / str(kept), optim, method)
     (fast, _, fast_calls), (plain, _, plain_calls) = runs[True], runs[False]
     assert fast_calls["kept"] > 100 and plain_calls["kept"] == 0  # each path was taken
     for name, value in plain.state_dict().items():
