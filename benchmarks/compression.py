@@ -10,6 +10,8 @@ number of optimizer steps on uniformly random batches of the same shape, the med
 the first (a mask update, ~20 per run, is timed apart in the details); on the sparse optimizer
 path (``optim.sparse=true``) and, in the full run, on the dense Adam path. Runs with and without
 the callback alternate in one process (:func:`benchmarks.common.interleaved_medians` style).
+The full run also times the plain dense step with a fresh table-sized gradient every step
+against the kept gradient (:func:`recsys_compress.ops.keep_gradient`, the default; no target).
 """
 
 from __future__ import annotations
@@ -19,11 +21,13 @@ import statistics
 import time
 from collections.abc import Callable
 from typing import Any
+from unittest import mock
 
 import lightning as L
 import torch
 
 from benchmarks.common import Figure, bare_trainer
+from recsys_compress import ops
 from recsys_compress.compression.pruning import MagnitudePruning, PruneConfig
 from recsys_compress.compression.qat import QATConfig, QuantizationAwareTraining
 from recsys_compress.compression.sparsity import L1Config, L1Proximal
@@ -167,16 +171,22 @@ def big_module(sparse: bool) -> RecommenderModule:
 
 
 def big_run(
-    method: str, sparse: bool, batches: list[dict[str, torch.Tensor]], details: dict[str, Any]
+    method: str,
+    sparse: bool,
+    batches: list[dict[str, torch.Tensor]],
+    details: dict[str, Any],
+    kept: bool = True,
 ) -> Callable[[], float]:
     """A fresh 1M x 100k model trained on ``batches``; returns the median step after the first
-    (which holds the one-time work: the spectral basis, the first masks)."""
+    (which holds the one-time work: the spectral basis, the first masks). ``kept=False``: a
+    fresh dense gradient every step, as before kept gradients."""
 
     def one() -> float:
         module = big_module(sparse)
-        timer, callback = fit(
-            module, batches, method, EPOCH_STEPS, max_steps=len(batches), max_epochs=1
-        )
+        with mock.patch.object(ops, "keep_gradient", ops.keep_gradient if kept else _never):
+            timer, callback = fit(
+                module, batches, method, EPOCH_STEPS, max_steps=len(batches), max_epochs=1
+            )
         if isinstance(callback, MagnitudePruning):
             start = time.perf_counter()
             callback.update_masks(callback.last_update_step + 1)
@@ -185,6 +195,10 @@ def big_run(
         return statistics.median(timer.batch_seconds[1:])
 
     return one
+
+
+def _never(table: torch.Tensor, on: bool = True) -> None:
+    """``ops.keep_gradient`` that keeps nothing."""
 
 
 def big_figures(quick: bool) -> list[Figure]:
@@ -210,6 +224,21 @@ def big_figures(quick: bool) -> list[Figure]:
                 )
             )
             gc.collect()
+    if not quick:
+        batches = random_batches(paths["dense"][0])
+        runs = {kept: big_run("none", False, batches, {}, kept) for kept in (False, True)}
+        medians, _ = alternate(runs, paths["dense"][1])
+        figures.append(
+            Figure(
+                SECTION,
+                "plain dense Adam step, 1M x 100k MF-64: fresh gradient / kept gradient",
+                medians[False] / medians[True],
+                details={
+                    "fresh_step_ms": 1e3 * medians[False],
+                    "kept_step_ms": 1e3 * medians[True],
+                },
+            )
+        )
     return figures
 
 

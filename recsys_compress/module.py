@@ -178,7 +178,7 @@ class RecommenderModule(L.LightningModule):
             self._kept_gradients = [
                 m.weight
                 for m in self.model.modules()
-                if isinstance(m, nn.Embedding) and not m.sparse
+                if isinstance(m, nn.Embedding) and not m.sparse and m.weight.requires_grad
             ]
             for table in self._kept_gradients:
                 ops.keep_gradient(table)

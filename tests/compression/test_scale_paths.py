@@ -512,3 +512,16 @@ def test_tables_smaller_than_a_batch_stop_recording_their_gradient_rows(tmp_path
     assert cb.last_update_step > 0  # pruned on the full-table path all the same
     for name, mask in cb.masks.items():
         assert not module.get_submodule(name).weight[~mask].any()
+
+
+def test_a_frozen_table_trains_beside_kept_gradients(tmp_path: Path) -> None:
+    """A table that does not require gradients (frozen, e.g. pre-trained) is not kept: the fit
+    runs, the frozen table is unchanged and the other table trains."""
+    dm, module = tiny_setup()
+    frozen = module.model.user_embedding.weight
+    frozen.requires_grad_(False)
+    before = frozen.detach().clone()
+    items = module.model.item_embedding.weight.detach().clone()
+    tiny_trainer(tmp_path, [], max_epochs=1).fit(module, datamodule=dm)
+    assert torch.equal(frozen, before) and frozen not in ops._TABLES
+    assert not torch.equal(module.model.item_embedding.weight, items)
