@@ -72,6 +72,14 @@ def _entry(table: torch.Tensor) -> _GradientRecord:
     return entry
 
 
+def _rows_pay(num_ids: int, num_rows: int) -> bool:
+    """Whether per-step work on a batch's rows beats whole-table work: fewer than half as many
+    ids as the table has rows (a 1M-row table, yes; ML-100K's tables against a batch of 4096
+    ids, no). A fit's batches keep their size, so a table that fails this once stops being
+    tracked and kept."""
+    return 2 * num_ids < num_rows
+
+
 def _drop_if_unused(table: torch.Tensor) -> None:
     entry = _TABLES.get(table)
     if entry is not None and not entry.tracked and not entry.kept:
@@ -100,7 +108,7 @@ class _RowGather(torch.autograd.Function):
         (ids,) = ctx.saved_tensors
         table, ctx.table = ctx.table, None
         entry = _TABLES.get(table) if table is not None else None
-        if entry is not None and entry.kept and 2 * ids.numel() < ctx.num_rows:
+        if entry is not None and entry.kept and _rows_pay(ids.numel(), ctx.num_rows):
             held = table.grad
             if entry.describes(held) and not entry.sent:
                 # Autograd adds this into ``held`` in place: one version later, same memory.
@@ -142,9 +150,13 @@ def gradient_rows(table: torch.Tensor) -> torch.Tensor | None:
     ``table.grad``, when that gradient holds only what :func:`gather_rows` backwards wrote
     since it was allocated or cleared by :func:`zero_grad` (not summed with another read of the
     table, accumulated into by a dense gradient, scaled by clipping or AMP, or reduced by DDP).
-    None otherwise."""
+    None otherwise, and for a batch about as large as the table, which then stops being
+    tracked (:func:`_rows_pay`)."""
     entry = _TABLES.get(table)
     if entry is None or not entry.tracked or not entry.describes(table.grad):
+        return None
+    if not _rows_pay(entry.num_ids(), table.shape[0]):
+        track_gathered_rows(table, on=False)
         return None
     if len(entry.ids) == 1:
         return entry.ids[0]
@@ -187,9 +199,8 @@ def zero_grad(optimizer: torch.optim.Optimizer) -> None:
     """``optimizer.zero_grad(set_to_none=True)``, except for kept gradients
     (:func:`keep_gradient`) whose non-zeros lie in the rows :func:`gather_rows` backwards wrote:
     those rows are zeroed and the gradient stays. A kept gradient written any other way is
-    dropped. A table whose batches wrote half its rows or more (ML-100K's tables against a
-    batch of 4096) stops being kept: zeroing those rows costs more than a fresh gradient, and
-    a fit's batches keep their size."""
+    dropped. A table whose batch was about as large as it stops being kept (:func:`_rows_pay`:
+    zeroing those rows costs more than a fresh gradient)."""
     if not _TABLES:
         optimizer.zero_grad(set_to_none=True)
         return
@@ -199,7 +210,7 @@ def zero_grad(optimizer: torch.optim.Optimizer) -> None:
             entry = _TABLES.get(param)
             if entry is None or not entry.kept or not entry.describes(param.grad):
                 continue
-            if 2 * entry.num_ids() < param.shape[0]:
+            if _rows_pay(entry.num_ids(), param.shape[0]):
                 kept.append((param, param.grad, entry))
             else:
                 keep_gradient(param, on=False)

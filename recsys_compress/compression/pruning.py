@@ -452,12 +452,9 @@ class MagnitudePruning(L.Callback):
         state as on the full-table path, so the trained weights are the same bit for bit."""
         found: dict[str, torch.Tensor] = {}
         for t in self._targets:
+            # None also for a batch about as large as the table (ML-100K): full-table passes
+            # are cheaper there, and ops stops recording its rows.
             ids = ops.gradient_rows(t.weight)
-            if ids is not None and 2 * ids.numel() > t.weight.shape[0]:
-                # A batch about as large as the table (ML-100K): full-table passes are cheaper,
-                # and the batches of this fit stay this large, so stop recording its rows.
-                ops.track_gathered_rows(t.weight, on=False)
-                ids = None
             if ids is None:  # masked after the step: the pruned weights' state moves again
                 self._clean_state.discard(t.name)
                 continue

@@ -18,9 +18,9 @@ MAX_CHUNK_ELEMENTS = 1 << 24
 
 
 def rows(embedding: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """``embedding(ids)`` for any embedding-like module. A
-    :func:`~recsys_compress.ops.gathered_table` on CPU is read
-    with :func:`~recsys_compress.ops.gather_rows` instead of ``F.embedding``: the same values and
+    """``embedding(ids)`` for any embedding-like module. A table for which
+    :func:`~recsys_compress.ops.gathered_table` holds is read on CPU with
+    :func:`~recsys_compress.ops.gather_rows` instead of ``F.embedding``: the same values and
     gradients, with a faster backward (module hooks on such a table are not called)."""
     if ids.device.type == "cpu" and gathered_table(embedding):
         assert isinstance(embedding, nn.Embedding)
