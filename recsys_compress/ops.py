@@ -217,7 +217,7 @@ def zero_grad(optimizer: torch.optim.Optimizer) -> None:
     optimizer.zero_grad(set_to_none=True)
     for param, grad, entry in kept:
         for ids in entry.ids:
-            grad.index_fill_(0, ids, 0)
+            zero_rows_(grad, ids)
         param.grad = grad
         entry.set(grad, [])
 
@@ -241,6 +241,42 @@ def gather_rows(weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     if ids.device.type == "cpu":
         return _RowGather.apply(weight, ids)
     return torch.nn.functional.embedding(ids, weight)
+
+
+def _byte_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``'s rows (dim 0) as rows of 16- or 8-byte elements, where its layout allows
+    (CPU, contiguous, row bytes a multiple of the width); else ``tensor`` itself.
+
+    ``index_copy_`` and ``index_fill_`` on CPU pay per element as well as per byte: 4096
+    random rows of a 1M x 64 float table, written as 16 complex128 values a row instead of 64
+    floats, took 190 us instead of 220 (index_fill_: 160 instead of 225) with new rows each
+    call, and 86 instead of 145 with rows in cache (a timing loop outside the repo). Only for
+    copies and zero fills: nothing is computed on the wide values."""
+    if tensor.device.type != "cpu" or tensor.ndim == 0 or not tensor.is_contiguous():
+        return tensor
+    row_bytes = tensor[:1].numel() * tensor.element_size()
+    offset_bytes = tensor.storage_offset() * tensor.element_size()
+    for wide in (torch.complex128, torch.int64):
+        width = wide.itemsize
+        if row_bytes % width == 0 and offset_bytes % width == 0:
+            return tensor.reshape(tensor.shape[0], -1).view(wide)
+    return tensor
+
+
+def copy_rows_(table: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``table.index_copy_(0, rows, values)`` for *unique* ``rows`` (a coalesced gradient's,
+    ``torch.unique``'s): the same bytes, written as wide elements (:func:`_byte_rows`)."""
+    wide, source = _byte_rows(table), _byte_rows(values)
+    if wide is table or source.dtype != wide.dtype or source.shape[1:] != wide.shape[1:]:
+        return table.index_copy_(0, rows, values)
+    wide.index_copy_(0, rows, source)
+    return table
+
+
+def zero_rows_(table: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``table.index_fill_(0, rows, 0)`` (duplicates allowed), written as wide elements."""
+    _byte_rows(table).index_fill_(0, rows, 0)
+    return table
 
 
 # Elements per chunk of element-wise passes over large tables (a few MB of temporaries).

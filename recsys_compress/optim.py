@@ -28,6 +28,8 @@ from typing import Any
 import torch
 from torch.utils.hooks import RemovableHandle
 
+from recsys_compress.ops import copy_rows_
+
 
 @dataclass
 class RowStep:
@@ -118,7 +120,7 @@ class RowSparseAdam(torch.optim.Optimizer):
                     if row_step is not None:
                         for hook in list(hooks.values()):
                             hook(row_step)
-                        param.index_copy_(0, row_step.rows, row_step.new)
+                        copy_rows_(param, row_step.rows, row_step.new)
                     continue
                 if decay:
                     grad = grad.add(param, alpha=decay)
@@ -185,8 +187,8 @@ def _sparse_update(
     exp_avg = state["exp_avg"].index_select(0, rows).lerp_(values, 1.0 - beta1)
     exp_avg_sq = state["exp_avg_sq"].index_select(0, rows)
     exp_avg_sq.mul_(beta2).addcmul_(values, values, value=1.0 - beta2)
-    state["exp_avg"].index_copy_(0, rows, exp_avg)
-    state["exp_avg_sq"].index_copy_(0, rows, exp_avg_sq)
+    copy_rows_(state["exp_avg"], rows, exp_avg)
+    copy_rows_(state["exp_avg_sq"], rows, exp_avg_sq)
     denom = (exp_avg_sq.sqrt() / math.sqrt(bias2)).add_(eps)
     old = param.index_select(0, rows)
     new = old.add(exp_avg.div_(denom), alpha=-lr / bias1)
@@ -199,7 +201,7 @@ def add_rows_(
     """``table[rows] += alpha * values`` in place for *unique* ``rows`` (e.g. a coalesced
     gradient's): one gather and one ``index_copy_``, ~2.5x faster than ``index_add_`` on CPU,
     with the same sums."""
-    table.index_copy_(0, rows, table.index_select(0, rows).add_(values, alpha=alpha))
+    copy_rows_(table, rows, table.index_select(0, rows).add_(values, alpha=alpha))
     return table
 
 

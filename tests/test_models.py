@@ -496,3 +496,47 @@ def test_kept_gradient_takes_a_batch_rows_in_place_and_clears_them() -> None:
     ops.keep_gradient(table, on=False)
     ops.track_gathered_rows(table, on=False)
     assert table.grad is None and table not in ops._TABLES and not table._backward_hooks
+
+
+@pytest.mark.parametrize(
+    ("shape", "wide"),
+    [
+        ((50, 64), torch.complex128),  # 256-byte rows: 16-byte elements
+        ((50, 6), torch.int64),  # 24-byte rows: 8-byte elements
+        ((50, 3), torch.float32),  # 12-byte rows: as they are
+        ((50,), torch.float32),
+        ((50, 2, 8), torch.complex128),
+    ],
+)
+def test_row_copies_move_the_same_bytes_as_index_copy(shape, wide) -> None:
+    """copy_rows_ / zero_rows_ write rows as wide elements: every bit as index_copy_ /
+    index_fill_ (NaN payloads included), on tables and on row views of a larger table."""
+    from recsys_compress import ops
+
+    gen = torch.Generator().manual_seed(0)
+
+    def random_bits(*size: int) -> torch.Tensor:
+        bits = torch.randint(-(2**31), 2**31 - 1, size, generator=gen, dtype=torch.int64)
+        return bits.to(torch.int32).view(torch.float32)
+
+    base = random_bits(shape[0] + 1, *shape[1:])
+    rows = torch.tensor([0, 3, 7, 20, 49])
+    values = random_bits(len(rows), *shape[1:])
+    nans = values.view(torch.int32).view(-1)
+    nans[0], nans[-1] = 0x7F800001, -0x3FFFFF  # a signalling NaN, a quiet one with a payload
+    assert torch.isnan(values).view(-1)[[0, -1]].all()
+    for table in (base[:-1], base[1:]):  # base[1:]: a storage offset of one row
+        assert ops._byte_rows(table).dtype == wide
+        expected = table.clone().index_copy_(0, rows, values)
+        got = ops.copy_rows_(table.clone(), rows, values)
+        assert torch.equal(got.view(torch.int32), expected.view(torch.int32))
+        expected = table.clone().index_fill_(0, rows, 0)
+        got = ops.zero_rows_(table.clone(), torch.cat([rows, rows]))
+        assert torch.equal(got.view(torch.int32), expected.view(torch.int32))
+    # Rows at an offset of one float are not re-read as wide elements: copied as they are.
+    odd = random_bits(64 * 10 + 1)[1:].view(10, 64)
+    assert ops._byte_rows(odd) is odd
+    two = random_bits(2, 64)
+    expected = odd.clone().index_copy_(0, rows[:2], two)
+    ops.copy_rows_(odd, rows[:2], two)
+    assert torch.equal(odd.view(torch.int32), expected.view(torch.int32))

@@ -34,7 +34,7 @@ from recsys_compress import ops
 from recsys_compress.callbacks import estimated_optimizer_steps, optimizer_steps_per_epoch
 from recsys_compress.compression.targets import Target, TargetSpec, select_targets
 from recsys_compress.errors import ConfigError
-from recsys_compress.ops import flat_chunks, in_groups
+from recsys_compress.ops import copy_rows_, flat_chunks, in_groups
 from recsys_compress.optim import RowHookSet, RowStep, add_rows_, coalesced_grad, touched_rows
 
 log = logging.getLogger(__name__)
@@ -486,7 +486,7 @@ class MagnitudePruning(L.Callback):
             grad = t.weight.grad
             assert grad is not None
             kept = _as_factor(mask).index_select(0, ids)
-            grad.index_copy_(0, ids, grad.index_select(0, ids).mul_(kept))
+            copy_rows_(grad, ids, grad.index_select(0, ids).mul_(kept))
             ops.rows_rewritten(t.weight)  # within the rows: a kept gradient stays clean
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -717,7 +717,8 @@ class MagnitudePruning(L.Callback):
                 if rows is not None:
                     if not self._row_hooks.covers(t.weight):
                         kept = _as_factor(mask).index_select(0, rows)
-                        t.weight.index_copy_(0, rows, t.weight.index_select(0, rows).mul_(kept))
+                        weight = t.weight.detach()
+                        copy_rows_(weight, rows, weight.index_select(0, rows).mul_(kept))
                 else:
                     factors = self._factor_chunks(t.name)
                     dense += zip(flat_chunks(t.weight.detach()), factors, strict=True)

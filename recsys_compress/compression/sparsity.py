@@ -21,7 +21,7 @@ import torch
 
 from recsys_compress.compression.targets import Target, TargetSpec, select_targets
 from recsys_compress.errors import ConfigError
-from recsys_compress.ops import flat_chunks, in_groups
+from recsys_compress.ops import copy_rows_, flat_chunks, in_groups
 from recsys_compress.optim import RowHookSet, RowStep, touched_rows
 
 KEY = "compression.l1"
@@ -152,7 +152,7 @@ class L1Proximal(L.Callback):
                     values,
                     _adam_threshold(v_rows.sqrt_().div_(bias2).add_(eps), lr * strength, True),
                 )
-                weight.index_copy_(0, rows, values)
+                copy_rows_(weight, rows, values)
                 continue
             for w_chunk, v_chunk in zip(flat_chunks(weight), flat_chunks(v), strict=True):
                 dense.append((w_chunk, v_chunk, bias2, eps, lr * strength))
@@ -219,4 +219,4 @@ def soft_threshold_(
     else:
         values.sub_(values.clamp(-threshold, threshold))
     if rows is not None:
-        weight.index_copy_(0, rows, values)
+        copy_rows_(weight, rows, values)
