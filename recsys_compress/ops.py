@@ -152,6 +152,8 @@ def gradient_rows(table: torch.Tensor) -> torch.Tensor | None:
     table, accumulated into by a dense gradient, scaled by clipping or AMP, or reduced by DDP).
     None otherwise, and for a batch about as large as the table, which then stops being
     tracked (:func:`_rows_pay`)."""
+    if not _TABLES:  # nothing registered (ML-100K's tables after their first step)
+        return None
     entry = _TABLES.get(table)
     if entry is None or not entry.tracked or not entry.describes(table.grad):
         return None

@@ -424,7 +424,7 @@ class MagnitudePruning(L.Callback):
     def on_before_optimizer_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any
     ) -> None:
-        if not self._targets:
+        if not self._targets or self._done_in_row_hooks():
             return
         self._grad_rows = self._gradient_rows()
         # After the last mask update the sums would never be read (a quarter of the steps with
@@ -436,8 +436,19 @@ class MagnitudePruning(L.Callback):
     def on_optimizer_step_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict[str, torch.Tensor]
     ) -> None:
-        self.apply_masks(only_touched=True)
+        if not self._done_in_row_hooks():
+            self.apply_masks(only_touched=True)
         self._grad_rows = {}
+
+    def _done_in_row_hooks(self) -> bool:
+        """Whether this step's per-step work is all in the row hooks: every target's update
+        ran one (``optim.sparse``) and no bias is masked. Saves ~0.1 ms of Python a step on
+        the sparse path at 1M x 100k (a ~7 ms step)."""
+        return (
+            bool(self._row_hooks)
+            and not self.bias_masks
+            and all(self._row_hooks.covers(t.weight) for t in self._targets)
+        )
 
     def _gradient_rows(self) -> dict[str, torch.Tensor]:
         """The targets whose dense gradient this step is non-zero only in the rows of a batch
@@ -478,6 +489,8 @@ class MagnitudePruning(L.Callback):
     @torch.no_grad()
     def _mask_gradient_rows(self, rows: dict[str, torch.Tensor]) -> None:
         """Zero the pruned weights' gradient in ``rows`` (per target), before the step."""
+        if not rows:
+            return
         for t in self._targets:
             ids = rows.get(t.name)
             mask = None if ids is None else self._mask(t.name, t.weight.device)
