@@ -302,8 +302,9 @@ def test_prepared_step_lists_follow_mask_updates_and_new_storage(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The per-step Taylor sums and masking (lists prepared once) equal the straightforward
-    |w*g| sums and w*mask, and are rebuilt when the sums are reset, the masks change or a
-    weight gets new storage; chunked tables too (CHUNK smaller than a table)."""
+    |w*g| sums and w*mask, and are rebuilt when the masks change or a weight gets new storage
+    (the sums are zeroed in place at a mask update, released after the last); chunked tables
+    too (CHUNK smaller than a table)."""
     from recsys_compress import ops
 
     monkeypatch.setattr(ops, "CHUNK", 300)  # the 120 x 8 table in 4 chunks, the 80 x 8 in 3
@@ -331,8 +332,10 @@ def test_prepared_step_lists_follow_mask_updates_and_new_storage(
         assert torch.equal(cb._taylor[t.name], total)
 
     for step in (1, 5):
-        cb.update_masks(step)  # resets the sums, replaces the masks
-        assert cb._taylor == {}
+        sums = dict(cb._taylor)
+        cb.update_masks(step)  # resets the sums (zeroed in place), replaces the masks
+        assert all(cb._taylor[name] is total for name, total in sums.items())
+        assert not any(total.any() for total in cb._taylor.values())
         with torch.no_grad():
             for w in tables:
                 w.add_(1.0)  # pruned weights non-zero again, as after an Adam step
@@ -351,3 +354,5 @@ def test_prepared_step_lists_follow_mask_updates_and_new_storage(
     backward()
     cb.apply_masks(only_touched=True)
     assert torch.equal(tables[0].detach(), cb.masks[cb._targets[0].name].float())
+    cb.update_masks(10)  # the last update (end_step): the sums are released
+    assert cb._taylor == {}
