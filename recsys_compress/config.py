@@ -234,8 +234,9 @@ class OptimConfig:
     ``sparse``: embedding tables get sparse gradients (only the rows a batch reads) and the
     optimizer updates only those rows, so a step's cost follows the batch, not the table (Adam:
     :class:`~recsys_compress.optim.RowSparseAdam`; SGD and Adagrad take sparse gradients as is).
-    ``fused``: torch's fused optimizer kernels (one pass per parameter; results differ from the
-    for-loop implementation by float rounding only); false reproduces runs of versions before it.
+    ``fused``: torch's fused optimizer kernels (one pass per parameter; with ``sparse``, fused
+    Adam on the batch's rows; results differ from the for-loop implementation by float rounding
+    only); false reproduces runs of versions before it.
     """
 
     name: str = "adam"

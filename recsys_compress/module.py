@@ -67,7 +67,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
         if isinstance(m, nn.Embedding):
             m.sparse = cfg.sparse
     if cfg.name == "adam" and cfg.sparse:
-        return RowSparseAdam(groups, lr=cfg.lr)
+        return RowSparseAdam(groups, lr=cfg.lr, fused=cfg.fused)
     # torch's fused kernels take dense gradients only.
     fused = {"fused": True} if cfg.fused and not cfg.sparse else {}
     if cfg.name == "adam":

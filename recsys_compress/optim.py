@@ -23,6 +23,7 @@ import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -40,8 +41,16 @@ class RowStep:
     grad: torch.Tensor  # their gradient (duplicates summed)
     old: torch.Tensor  # their values before the step
     new: torch.Tensor  # their values after the step; a hook may change it in place
-    denom: torch.Tensor  # Adam's sqrt(v / (1 - beta2^t)) + eps for them: step size lr / denom
+    exp_avg_sq: torch.Tensor  # their second moments after the step
+    bias2_sqrt: float  # sqrt(1 - beta2^t)
+    eps: float
     lr: float
+
+    @cached_property
+    def denom(self) -> torch.Tensor:
+        """Adam's ``sqrt(v) / sqrt(1 - beta2^t) + eps`` for the rows: step size ``lr / denom``
+        (computed when a hook asks)."""
+        return (self.exp_avg_sq.sqrt() / self.bias2_sqrt).add_(self.eps)
 
 
 RowHook = Callable[[RowStep], None]
@@ -52,9 +61,13 @@ class RowSparseAdam(torch.optim.Optimizer):
     the rows of a sparse gradient; dense gradients get the dense update.
 
     The step count is per parameter (as in ``SparseAdam``): a row untouched for a while keeps its
-    moments, and its next update uses the global bias correction. With a dense gradient every
-    step, the result equals ``torch.optim.Adam``. ``weight_decay`` (L2 added to the gradient) is
-    refused for parameters that receive sparse gradients: it would need every row each step.
+    moments, and its next update uses the global bias correction. ``fused`` (``optim.fused``,
+    the default) runs torch's fused Adam kernel on the gathered rows (and on dense gradients):
+    one pass instead of eight element-wise ops, and with a dense gradient every step the result
+    equals ``torch.optim.Adam(fused=True)`` bit for bit; ``fused=False`` the for-loop
+    arithmetic, equal to ``torch.optim.Adam`` up to float rounding. ``weight_decay`` (L2 added
+    to the gradient) is refused for parameters that receive sparse gradients: it would need
+    every row each step.
     """
 
     def __init__(
@@ -64,10 +77,23 @@ class RowSparseAdam(torch.optim.Optimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
+        fused: bool = True,
     ) -> None:
-        defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
+        defaults = {
+            "lr": lr,
+            "betas": betas,
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "fused": fused,
+        }
         super().__init__(params, defaults)
         self._row_hooks: dict[int, OrderedDict[int, RowHook]] = {}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            # Saved before the fused row update: resume with the arithmetic the run began with.
+            group.setdefault("fused", False)
 
     def register_row_hook(self, param: torch.Tensor, hook: RowHook) -> RemovableHandle:
         """Call ``hook(row_step)`` on every sparse-gradient update of ``param``, after the Adam
@@ -90,8 +116,7 @@ class RowSparseAdam(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            lr, eps, decay = group["lr"], group["eps"], group["weight_decay"]
+            decay = group["weight_decay"]
             for param in group["params"]:
                 if param.grad is None:
                     continue
@@ -103,33 +128,79 @@ class RowSparseAdam(torch.optim.Optimizer):
                         param, memory_format=torch.preserve_format
                     )
                 state["step"] += 1
-                step = float(state["step"])
-                bias1, bias2 = 1.0 - beta1**step, 1.0 - beta2**step
                 grad = param.grad
-                if grad.is_sparse:
-                    if decay:
-                        raise RuntimeError(
-                            "RowSparseAdam: weight_decay is not supported for sparse gradients "
-                            "(set optim.embedding_weight_decay=0 with optim.sparse=true)."
-                        )
-                    grad = coalesced_grad(param)
-                    hooks = self._row_hooks.get(id(param), {})
-                    row_step = _sparse_update(
-                        param, grad, state, beta1, beta2, lr, eps, bias1, bias2
-                    )
-                    if row_step is not None:
-                        for hook in list(hooks.values()):
-                            hook(row_step)
-                        copy_rows_(param, row_step.rows, row_step.new)
+                if not grad.is_sparse:
+                    _adam_(param, grad, state["exp_avg"], state["exp_avg_sq"], state, group)
                     continue
                 if decay:
-                    grad = grad.add(param, alpha=decay)
-                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-                exp_avg.lerp_(grad, 1.0 - beta1)
-                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-                denom = (exp_avg_sq.sqrt() / math.sqrt(bias2)).add_(eps)
-                param.addcdiv_(exp_avg, denom, value=-lr / bias1)
+                    raise RuntimeError(
+                        "RowSparseAdam: weight_decay is not supported for sparse gradients "
+                        "(set optim.embedding_weight_decay=0 with optim.sparse=true)."
+                    )
+                grad = coalesced_grad(param)
+                rows, values = grad.indices()[0], grad.values()
+                if rows.numel() == 0:
+                    continue
+                exp_avg = state["exp_avg"].index_select(0, rows)
+                exp_avg_sq = state["exp_avg_sq"].index_select(0, rows)
+                new = param.index_select(0, rows)
+                hooks = list(self._row_hooks.get(id(param), {}).values())
+                old = new.clone() if hooks else new
+                _adam_(new, values, exp_avg, exp_avg_sq, state, group, rows=True)
+                copy_rows_(state["exp_avg"], rows, exp_avg)
+                copy_rows_(state["exp_avg_sq"], rows, exp_avg_sq)
+                if hooks:
+                    bias2_sqrt = math.sqrt(1.0 - group["betas"][1] ** float(state["step"]))
+                    row_step = RowStep(
+                        rows, values, old, new, exp_avg_sq, bias2_sqrt, group["eps"], group["lr"]
+                    )
+                    for hook in hooks:
+                        hook(row_step)
+                copy_rows_(param, rows, new)
         return loss
+
+
+def _adam_(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    state: dict[str, Any],
+    group: dict[str, Any],
+    rows: bool = False,
+) -> None:
+    """One Adam step of ``param`` (a parameter, or the gathered rows of one: ``rows``) in place,
+    with its moments, at the step count ``state["step"]`` (already advanced)."""
+    beta1, beta2 = group["betas"]
+    lr, eps, decay = group["lr"], group["eps"], group["weight_decay"]
+    if group["fused"]:
+        torch._fused_adam_(
+            [param],
+            [grad],
+            [exp_avg],
+            [exp_avg_sq],
+            [],
+            [state["step"]],
+            lr=lr,
+            beta1=beta1,
+            beta2=beta2,
+            weight_decay=decay,
+            eps=eps,
+            amsgrad=False,
+            maximize=False,
+        )
+        return
+    step = float(state["step"])
+    bias1, bias2 = 1.0 - beta1**step, 1.0 - beta2**step
+    if decay:
+        grad = grad.add(param, alpha=decay)
+    exp_avg.lerp_(grad, 1.0 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+    denom = (exp_avg_sq.sqrt() / math.sqrt(bias2)).add_(eps)
+    if rows:  # the arithmetic of the row update before the fused kernel (bit for bit)
+        param.add_(exp_avg.div(denom), alpha=-lr / bias1)
+    else:
+        param.addcdiv_(exp_avg, denom, value=-lr / bias1)
 
 
 class RowHookSet:
@@ -166,33 +237,6 @@ class RowHookSet:
         """Whether a hook has handled ``param``'s last update: hooked, and its gradient sparse
         (a dense gradient takes the optimizer's dense path, which calls no hook)."""
         return id(param) in self._params and param.grad is not None and param.grad.is_sparse
-
-
-def _sparse_update(
-    param: torch.Tensor,
-    grad: torch.Tensor,
-    state: dict[str, Any],
-    beta1: float,
-    beta2: float,
-    lr: float,
-    eps: float,
-    bias1: float,
-    bias2: float,
-) -> RowStep | None:
-    """The Adam update of the rows of the coalesced sparse ``grad``: the moments in place, the
-    new rows returned (not yet written back; None when the gradient holds no row)."""
-    rows, values = grad.indices()[0], grad.values()
-    if rows.numel() == 0:
-        return None
-    exp_avg = state["exp_avg"].index_select(0, rows).lerp_(values, 1.0 - beta1)
-    exp_avg_sq = state["exp_avg_sq"].index_select(0, rows)
-    exp_avg_sq.mul_(beta2).addcmul_(values, values, value=1.0 - beta2)
-    copy_rows_(state["exp_avg"], rows, exp_avg)
-    copy_rows_(state["exp_avg_sq"], rows, exp_avg_sq)
-    denom = (exp_avg_sq.sqrt() / math.sqrt(bias2)).add_(eps)
-    old = param.index_select(0, rows)
-    new = old.add(exp_avg.div_(denom), alpha=-lr / bias1)
-    return RowStep(rows, values, old, new, denom, lr)
 
 
 def add_rows_(

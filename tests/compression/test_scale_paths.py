@@ -3,6 +3,7 @@ scores, sparse embedding gradients with a row-wise optimizer, and the callbacks 
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -111,10 +112,10 @@ def train_mf(sparse: bool, optimizer: str, steps: int = 6) -> MF:
             m.sparse = sparse
     if optimizer == "sgd":
         opt: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    elif optimizer == "torch_adam":
-        opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    elif optimizer.startswith("torch_adam"):
+        opt = torch.optim.Adam(model.parameters(), lr=0.01, fused=optimizer.endswith("fused"))
     else:
-        opt = RowSparseAdam(model.parameters(), lr=0.01)
+        opt = RowSparseAdam(model.parameters(), lr=0.01, fused=optimizer.endswith("fused"))
     gen = torch.Generator().manual_seed(1)
     for _ in range(steps):
         # every row appears in every batch, so lazy and dense Adam agree
@@ -136,10 +137,65 @@ def test_sgd_with_sparse_gradients_gives_identical_weights() -> None:
 
 @pytest.mark.parametrize("sparse", [False, True])
 def test_row_sparse_adam_equals_adam_when_every_row_is_in_the_batch(sparse: bool) -> None:
-    reference, ours = train_mf(False, "torch_adam"), train_mf(sparse, "row_sparse_adam")
-    expected = reference.state_dict()
-    for name, value in ours.state_dict().items():
-        assert torch.allclose(expected[name], value, rtol=1e-5, atol=1e-7), name
+    """Fused (the default): torch's fused Adam, bit for bit on dense gradients (a sparse
+    gradient sums a row's duplicates in another order than the dense embedding backward);
+    the for-loop arithmetic: torch's Adam up to float rounding."""
+    for ours, theirs in (("row_sparse_fused", "torch_adam_fused"), ("row_sparse", "torch_adam")):
+        expected = train_mf(False, theirs).state_dict()
+        for name, value in train_mf(sparse, ours).state_dict().items():
+            if sparse or not ours.endswith("fused"):
+                assert torch.allclose(expected[name], value, rtol=1e-5, atol=1e-7), name
+            else:
+                assert torch.equal(expected[name], value), name
+
+
+def test_fused_row_update_equals_fused_adam_on_the_same_gradients() -> None:
+    """The fused kernel on the gathered rows of a sparse gradient that holds every row once:
+    the weights and moments of torch's fused Adam on the dense gradient, bit for bit."""
+    gen = torch.Generator().manual_seed(0)
+    start = torch.randn(30, 8, generator=gen)
+    ours, theirs = nn.Parameter(start.clone()), nn.Parameter(start.clone())
+    opt = RowSparseAdam([ours], lr=0.05)
+    reference = torch.optim.Adam([theirs], lr=0.05, fused=True)
+    for _ in range(4):
+        grad = torch.randn(30, 8, generator=gen)
+        ours.grad, theirs.grad = grad.to_sparse(sparse_dim=1), grad.clone()
+        opt.step()
+        reference.step()
+        assert torch.equal(ours.detach(), theirs.detach())
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(opt.state[ours][key], reference.state[theirs][key]), key
+
+
+def test_row_sparse_adam_unfused_keeps_the_lazy_adam_arithmetic() -> None:
+    """``fused=False`` (``optim.fused=false``) updates rows with the same float operations as
+    before the fused kernel, so earlier sparse runs reproduce bit for bit."""
+    table = nn.Embedding(10, 4, sparse=True)
+    weight, exp_avg, exp_avg_sq = (
+        table.weight.detach().clone(),
+        torch.zeros(10, 4),
+        torch.zeros(10, 4),
+    )
+    opt = RowSparseAdam(table.parameters(), lr=0.1, fused=False)
+    for step, ids in enumerate(([2, 5, 5], [5, 7], [0, 2, 9]), start=1):
+        opt.zero_grad()
+        (table(torch.tensor(ids)) ** 2).sum().backward()
+        grad = table.weight.grad.coalesce()
+        rows, values = grad.indices()[0], grad.values()
+        opt.step()
+        m = exp_avg[rows].lerp_(values, 0.1)
+        v = exp_avg_sq[rows].mul_(0.999).addcmul_(values, values, value=0.001)
+        exp_avg[rows], exp_avg_sq[rows] = m, v
+        denom = (v.sqrt() / math.sqrt(1 - 0.999**step)).add_(1e-8)
+        weight[rows] = weight[rows].add(m.div_(denom), alpha=-0.1 / (1 - 0.9**step))
+        assert torch.equal(table.weight.detach(), weight), step
+        assert torch.equal(opt.state[table.weight]["exp_avg_sq"], exp_avg_sq), step
+    # An optimizer state saved before the ``fused`` option resumes with this arithmetic.
+    saved = opt.state_dict()
+    del saved["param_groups"][0]["fused"]
+    resumed = RowSparseAdam(table.parameters(), lr=0.1)
+    resumed.load_state_dict(saved)
+    assert resumed.param_groups[0]["fused"] is False
 
 
 def test_row_sparse_adam_leaves_untouched_rows_and_their_moments() -> None:
