@@ -50,7 +50,7 @@ class RowStep:
     def denom(self) -> torch.Tensor:
         """Adam's ``sqrt(v) / sqrt(1 - beta2^t) + eps`` for the rows: step size ``lr / denom``
         (computed when a hook asks)."""
-        return (self.exp_avg_sq.sqrt() / self.bias2_sqrt).add_(self.eps)
+        return adam_denom(self.exp_avg_sq, self.bias2_sqrt, self.eps)
 
 
 RowHook = Callable[[RowStep], None]
@@ -196,7 +196,7 @@ def _adam_(
         grad = grad.add(param, alpha=decay)
     exp_avg.lerp_(grad, 1.0 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-    denom = (exp_avg_sq.sqrt() / math.sqrt(bias2)).add_(eps)
+    denom = adam_denom(exp_avg_sq, math.sqrt(bias2), eps)
     if rows:  # the arithmetic of the row update before the fused kernel (bit for bit)
         param.add_(exp_avg.div(denom), alpha=-lr / bias1)
     else:
@@ -237,6 +237,28 @@ class RowHookSet:
         """Whether a hook has handled ``param``'s last update: hooked, and its gradient sparse
         (a dense gradient takes the optimizer's dense path, which calls no hook)."""
         return id(param) in self._params and param.grad is not None and param.grad.is_sparse
+
+
+def sqrt_floor(dtype: torch.dtype, bias2_sqrt: float, eps: float) -> float:
+    """A floor for Adam's second moments ``v`` that leaves ``sqrt(v) / bias2_sqrt + eps``
+    unchanged bit for bit: the smallest normal float, whose root divided by ``bias2_sqrt`` is
+    under half a unit in the last place of ``eps``, so a ``v`` raised to it (a zero: a row or
+    weight no batch has touched) still gives exactly ``eps``. torch's float ``sqrt`` is ~5x
+    slower on exact zeros than on positive values on this CPU (4096 x 64 moments, two thirds
+    zeros: 580 us, 113 us with the floor). 0.0 (no floor) where ``eps`` is too small for that.
+    """
+    info = torch.finfo(dtype)
+    # half an ulp of eps is at least eps * info.eps / 4; a factor 2 covers the roundings
+    if 2.0 * math.sqrt(info.tiny) / bias2_sqrt < eps * info.eps / 4:
+        return info.tiny
+    return 0.0
+
+
+def adam_denom(exp_avg_sq: torch.Tensor, bias2_sqrt: float, eps: float) -> torch.Tensor:
+    """Adam's denominator ``sqrt(v) / sqrt(1 - beta2^t) + eps`` as a new tensor, the root taken
+    above :func:`sqrt_floor` (the same values, faster where ``v`` has zeros)."""
+    floor = sqrt_floor(exp_avg_sq.dtype, bias2_sqrt, eps)
+    return exp_avg_sq.clamp_min(floor).sqrt_().div_(bias2_sqrt).add_(eps)
 
 
 def add_rows_(

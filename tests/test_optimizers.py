@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,7 +11,7 @@ import torch.nn.functional as F
 from recsys_compress.config import OptimConfig
 from recsys_compress.models import MF, NeuMF
 from recsys_compress.module import build_optimizer
-from recsys_compress.optim import RowSparseAdam
+from recsys_compress.optim import RowSparseAdam, adam_denom, sqrt_floor
 
 
 def train(cfg: OptimConfig, steps: int = 30) -> MF:
@@ -65,3 +67,27 @@ def test_sparse_path_uses_row_sparse_adam_and_unfused_sgd() -> None:
     assert model.user_embedding.sparse and model.item_embedding.sparse
     sgd = build_optimizer(model, OptimConfig(name="sgd", sparse=True, embedding_weight_decay=0.0))
     assert not sgd.defaults.get("fused")  # torch's fused kernels take dense gradients only
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(("bias2_sqrt", "eps"), [(0.0316, 1e-8), (1.0, 1e-8), (0.5, 1e-6)])
+def test_adam_denominator_with_a_floor_under_the_root_is_bit_identical(
+    dtype: torch.dtype, bias2_sqrt: float, eps: float
+) -> None:
+    """Raising zero (and subnormal) second moments to the smallest normal float before the root
+    changes no denominator: zeros, subnormals, values around the floor, typical moments."""
+    info = torch.finfo(dtype)
+    gen = torch.Generator().manual_seed(0)
+    v = torch.rand(4000, generator=gen, dtype=dtype) * 1e-6
+    v[::3] = 0.0
+    v[1::7] = info.tiny / 4  # subnormal
+    v[2::11] = info.tiny
+    v[4::13] = info.tiny * 3
+    v[5::17] = 1e-30
+    assert sqrt_floor(dtype, bias2_sqrt, eps) == info.tiny
+    expected = (v.sqrt() / bias2_sqrt).add_(eps)
+    assert torch.equal(adam_denom(v, bias2_sqrt, eps), expected)
+    # eps too small to absorb the floor's root: no floor, the plain root
+    assert sqrt_floor(dtype, bias2_sqrt, 0.0) == 0.0
+    assert torch.equal(adam_denom(v, bias2_sqrt, 0.0), v.sqrt() / bias2_sqrt)
+    assert math.isinf(float((1.0 / adam_denom(v, bias2_sqrt, 0.0)).max()))

@@ -22,7 +22,7 @@ import torch
 from recsys_compress.compression.targets import Target, TargetSpec, select_targets
 from recsys_compress.errors import ConfigError
 from recsys_compress.ops import copy_rows_, flat_chunks, in_groups
-from recsys_compress.optim import RowHookSet, RowStep, touched_rows
+from recsys_compress.optim import RowHookSet, RowStep, adam_denom, sqrt_floor, touched_rows
 
 KEY = "compression.l1"
 
@@ -150,7 +150,7 @@ class L1Proximal(L.Callback):
                 v_rows = v.index_select(0, rows)
                 soft_threshold_(
                     values,
-                    _adam_threshold(v_rows.sqrt_().div_(bias2).add_(eps), lr * strength, True),
+                    _adam_threshold(adam_denom(v_rows, bias2, eps), lr * strength, True),
                 )
                 copy_rows_(weight, rows, values)
                 continue
@@ -159,7 +159,9 @@ class L1Proximal(L.Callback):
         # Dense tables: each pass once over all small tables (multi-tensor ops).
         for group in in_groups(dense):
             weights, vs, bias2s, epss, lr_strengths = (list(x) for x in zip(*group, strict=True))
-            thresholds = torch._foreach_sqrt(vs)
+            floors = [sqrt_floor(v.dtype, b, e) for v, b, e in zip(vs, bias2s, epss, strict=True)]
+            thresholds = torch._foreach_clamp_min(vs, floors)  # = adam_denom
+            torch._foreach_sqrt_(thresholds)
             torch._foreach_div_(thresholds, bias2s)
             torch._foreach_add_(thresholds, epss)  # Adam's denominator
             torch._foreach_reciprocal_(thresholds)
