@@ -122,7 +122,10 @@ class RowSparseAdam(torch.optim.Optimizer):
                     continue
                 state = self.state[param]
                 if not state:
-                    state["step"] = torch.zeros((), dtype=torch.float32)
+                    # The fused kernel takes the step on the parameter's device (as torch's
+                    # Adam(fused=True) keeps it); the for-loop arithmetic reads it on the CPU.
+                    device = param.device if group["fused"] else None
+                    state["step"] = torch.zeros((), dtype=torch.float32, device=device)
                     state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(
                         param, memory_format=torch.preserve_format
