@@ -540,3 +540,27 @@ def test_row_copies_move_the_same_bytes_as_index_copy(shape, wide) -> None:
     expected = odd.clone().index_copy_(0, rows[:2], two)
     ops.copy_rows_(odd, rows[:2], two)
     assert torch.equal(odd.view(torch.int32), expected.view(torch.int32))
+
+
+def test_row_copies_of_unaligned_and_empty_tensors_fall_back() -> None:
+    """Memory that starts 8 bytes past a 16-byte boundary (numpy's, here) is not read as
+    16-byte elements (that crashed index_fill_), and empty tables or row sets copy nothing."""
+    import numpy as np
+
+    from recsys_compress import ops
+
+    shifted = torch.from_numpy(np.arange(6401, dtype=np.float64)[1:]).view(100, 64)
+    assert shifted.data_ptr() % 16 == 8
+    assert ops._byte_rows(shifted).dtype == torch.int64
+    rows = torch.tensor([3, 50])
+    expected = shifted.clone().index_fill_(0, rows, 0)
+    assert torch.equal(ops.zero_rows_(shifted.clone(), rows), expected)
+    ops.zero_rows_(shifted, rows)
+    assert torch.equal(shifted, expected)
+    values = torch.ones(2, 64, dtype=torch.float64)
+    assert torch.equal(ops.copy_rows_(shifted, rows, values)[rows], values)
+    none = torch.empty(0, dtype=torch.long)
+    table = torch.ones(5, 64)
+    assert torch.equal(ops.copy_rows_(table, none, torch.empty(0, 64)), torch.ones(5, 64))
+    assert torch.equal(ops.zero_rows_(table, none), torch.ones(5, 64))
+    assert ops.copy_rows_(torch.empty(0, 64), none, torch.empty(0, 64)).shape == (0, 64)
