@@ -21,4 +21,19 @@ export PYTHONPATH="/tmp/site:$PWD" RECSYS_COMPRESS_CACHE="$PWD/.gpu/cache" PYTHO
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
 python3 -c "import torch, lightning; print('torch', torch.__version__, 'lightning', \
 lightning.__version__, 'cuda', torch.cuda.is_available())"
+# optim.sparse on CUDA: RowSparseAdam's fused row update against torch's fused Adam (CPU-tested
+# only until a GPU run: its step count must live on the parameter's device).
+python3 - <<'PY' 2>&1 | tee "$out/gpu_sparse_adam.log" || true
+import torch
+from recsys_compress.optim import RowSparseAdam
+gen = torch.Generator().manual_seed(0)
+start = torch.randn(30, 8, generator=gen).cuda()
+ours, theirs = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+opt, ref = RowSparseAdam([ours], lr=0.05), torch.optim.Adam([theirs], lr=0.05, fused=True)
+for _ in range(4):
+    grad = torch.randn(30, 8, generator=gen).cuda()
+    ours.grad, theirs.grad = grad.to_sparse(sparse_dim=1), grad.clone()
+    opt.step(); ref.step()
+print("RowSparseAdam on CUDA equals Adam(fused=True):", torch.equal(ours, theirs))
+PY
 python3 scripts/bench.py --only gpu --json "$out/gpu.json" 2>&1 | tee "$out/gpu.log"
