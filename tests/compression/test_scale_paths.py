@@ -167,6 +167,48 @@ def test_fused_row_update_equals_fused_adam_on_the_same_gradients() -> None:
             assert torch.equal(opt.state[ours][key], reference.state[theirs][key]), key
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_row_sparse_adam_resumed_from_its_state_dict_trains_on_identically(fused: bool) -> None:
+    """Saved after some steps and loaded into a new optimizer (through torch.save, as a
+    checkpoint), RowSparseAdam continues exactly as the uninterrupted one: moments, the step
+    count (on the parameter's device when fused) and the arithmetic."""
+    import io
+
+    def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+        gen = torch.Generator().manual_seed(3)
+        return [
+            (torch.randint(10, (6,), generator=gen), torch.randn(6, 4, generator=gen))
+            for _ in range(6)
+        ]
+
+    def train(table: nn.Embedding, opt: RowSparseAdam, steps: list) -> None:
+        for ids, target in steps:
+            opt.zero_grad()
+            ((table(ids) - target) ** 2).sum().backward()
+            opt.step()
+
+    torch.manual_seed(0)
+    table = nn.Embedding(10, 4, sparse=True)
+    opt = RowSparseAdam(table.parameters(), lr=0.05, fused=fused)
+    train(table, opt, batches()[:3])
+    buffer = io.BytesIO()
+    torch.save({"weight": table.weight.detach().clone(), "opt": opt.state_dict()}, buffer)
+    train(table, opt, batches()[3:])
+
+    buffer.seek(0)
+    saved = torch.load(buffer)
+    resumed = nn.Embedding(10, 4, sparse=True)
+    with torch.no_grad():
+        resumed.weight.copy_(saved["weight"])
+    opt2 = RowSparseAdam(resumed.parameters(), lr=0.05, fused=fused)
+    opt2.load_state_dict(saved["opt"])
+    assert opt2.param_groups[0]["fused"] is fused
+    train(resumed, opt2, batches()[3:])
+    assert torch.equal(resumed.weight, table.weight)
+    for key in ("step", "exp_avg", "exp_avg_sq"):
+        assert torch.equal(opt2.state[resumed.weight][key], opt.state[table.weight][key]), key
+
+
 def test_row_sparse_adam_unfused_keeps_the_lazy_adam_arithmetic() -> None:
     """``fused=False`` (``optim.fused=false``) updates rows with the same float operations as
     before the fused kernel, so earlier sparse runs reproduce bit for bit."""
