@@ -133,7 +133,7 @@ class RowSparseAdam(torch.optim.Optimizer):
                 state["step"] += 1
                 grad = param.grad
                 if not grad.is_sparse:
-                    _adam_(param, grad, state["exp_avg"], state["exp_avg_sq"], state, group)
+                    _adam_(param, grad, state["exp_avg"], state["exp_avg_sq"], state["step"], group)
                     continue
                 if decay:
                     raise RuntimeError(
@@ -149,7 +149,7 @@ class RowSparseAdam(torch.optim.Optimizer):
                 new = param.index_select(0, rows)
                 hooks = list(self._row_hooks.get(id(param), {}).values())
                 old = new.clone() if hooks else new
-                _adam_(new, values, exp_avg, exp_avg_sq, state, group, rows=True)
+                _adam_(new, values, exp_avg, exp_avg_sq, state["step"], group, rows=True)
                 copy_rows_(state["exp_avg"], rows, exp_avg)
                 copy_rows_(state["exp_avg_sq"], rows, exp_avg_sq)
                 if hooks:
@@ -168,12 +168,12 @@ def _adam_(
     grad: torch.Tensor,
     exp_avg: torch.Tensor,
     exp_avg_sq: torch.Tensor,
-    state: dict[str, Any],
+    step: torch.Tensor,
     group: dict[str, Any],
     rows: bool = False,
 ) -> None:
     """One Adam step of ``param`` (a parameter, or the gathered rows of one: ``rows``) in place,
-    with its moments, at the step count ``state["step"]`` (already advanced)."""
+    with its moments, at the step count ``step`` (already advanced)."""
     beta1, beta2 = group["betas"]
     lr, eps, decay = group["lr"], group["eps"], group["weight_decay"]
     if group["fused"]:
@@ -183,7 +183,7 @@ def _adam_(
             [exp_avg],
             [exp_avg_sq],
             [],
-            [state["step"]],
+            [step],
             lr=lr,
             beta1=beta1,
             beta2=beta2,
@@ -193,8 +193,8 @@ def _adam_(
             maximize=False,
         )
         return
-    step = float(state["step"])
-    bias1, bias2 = 1.0 - beta1**step, 1.0 - beta2**step
+    t = float(step)
+    bias1, bias2 = 1.0 - beta1**t, 1.0 - beta2**t
     if decay:
         grad = grad.add(param, alpha=decay)
     exp_avg.lerp_(grad, 1.0 - beta1)
