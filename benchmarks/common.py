@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -73,10 +74,27 @@ def interleaved_medians(
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def rss_mb(field: str) -> float:
+    """A memory figure of this process from ``/proc/self/status`` (``VmRSS``: resident now,
+    ``VmHWM``: the peak of its address space), in MB; OSError where there is none (not Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise OSError(f"/proc/self/status has no {field}")
+
+
 def peak_rss_mb() -> float:
-    """This process's peak resident memory so far, in MB (ru_maxrss is KB on Linux)."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / (1 << 20) if sys.platform == "darwin" else rss / 1024
+    """This process's own peak resident memory so far, in MB.
+
+    ``VmHWM`` on Linux: ``getrusage``'s ``ru_maxrss`` is carried across ``exec``, so a
+    subprocess started by a parent that once held 3 GB reported at least 3 GB (every scale step
+    of a full ``scripts/bench.py`` run read 2.9 GB, the compression section's peak). Elsewhere
+    ``ru_maxrss`` (KB on Linux, bytes on macOS), an upper bound."""
+    try:
+        return rss_mb("VmHWM")
+    except OSError:
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return rss / (1 << 20) if sys.platform == "darwin" else rss / 1024
 
 
 def bare_trainer(**kwargs: Any) -> L.Trainer:

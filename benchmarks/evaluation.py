@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import Figure, interleaved_medians
+from benchmarks.common import Figure, interleaved_medians, peak_rss_mb, rss_mb
 
 SECTION = "evaluation"
 ROOT = Path(__file__).resolve().parents[1]
@@ -140,13 +140,6 @@ def ratio_figure(
     )
 
 
-def _rss_mb(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise OSError(f"/proc/self/status has no {field}")
-
-
 def scale_child(num_users: int, num_items: int, sample_users: int, per_user: int) -> dict:
     """Run in a fresh process: MF-64 on ``num_users x num_items``, evaluation batches (from
     ``full_ranking_batches``) for ``sample_users`` users spread over all of them, each with
@@ -188,24 +181,19 @@ def scale_child(num_users: int, num_items: int, sample_users: int, per_user: int
         False,
     ).batches
     module = RecommenderModule(model, LossConfig(), OptimConfig(), evaluation).eval()
-    base_mb = _rss_mb("VmRSS")
+    base_mb = rss_mb("VmRSS")
     try:
         Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-        peak_field = "VmHWM"
+        peak_field = "VmHWM since the reset"
     except OSError:  # the process's lifetime peak instead: an upper bound
-        peak_field = "ru_maxrss"
+        peak_field = "lifetime peak"
     start = time.perf_counter()
     with torch.no_grad():
         for batch in batches:
             module.test_step(batch, 0)
         ndcg = float(module.test_metrics["ranking"].compute()["ndcg@10"])
     seconds = time.perf_counter() - start
-    if peak_field == "VmHWM":
-        peak_mb = _rss_mb("VmHWM")
-    else:
-        from benchmarks.common import peak_rss_mb
-
-        peak_mb = peak_rss_mb()
+    peak_mb = peak_rss_mb()  # VmHWM since the reset, where there is one
     per_1k = seconds / sample_users * 1000
     return {
         "extra_peak_mb": peak_mb - base_mb,

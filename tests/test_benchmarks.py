@@ -1,0 +1,35 @@
+"""The benchmark suite's own measuring helpers (the timings themselves are not tests)."""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc (Linux)")
+def test_a_subprocess_reports_its_own_peak_memory_not_its_parents() -> None:
+    """The scale section runs each step in a subprocess of the suite: its peak must not include
+    the memory the parent held when it started it (``ru_maxrss`` survives ``exec``)."""
+    held = torch.ones(192 * 2**20)  # 768 MB touched in this (parent) process
+    parent_peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    code = (
+        "import json, pathlib; from benchmarks.common import peak_rss_mb; "
+        "now = [l for l in pathlib.Path('/proc/self/status').read_text().splitlines() "
+        "if l.startswith('VmRSS:')][0].split()[1]; "
+        "print(json.dumps([peak_rss_mb(), int(now) / 1024]))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
+    )
+    child_peak_mb, child_now_mb = json.loads(done.stdout.strip().splitlines()[-1])
+    assert held.sum().item() == held.numel()
+    assert child_now_mb <= child_peak_mb
+    assert child_peak_mb < parent_peak_mb - 512, (child_peak_mb, parent_peak_mb)
