@@ -32,6 +32,11 @@ def test_int4_packing_round_trip() -> None:
     packed = pack_int4(values)
     assert packed.dtype == torch.uint8 and packed.numel() == 4
     assert torch.equal(unpack_int4(packed, 7), values)
+    # every byte value: all 256 (low, high) pairs, odd and even lengths, none
+    pairs = torch.cartesian_prod(torch.arange(-8, 8), torch.arange(-8, 8)).to(torch.int8).flatten()
+    for n in (512, 511, 1, 0):
+        unpacked = unpack_int4(pack_int4(pairs[:n]), n)
+        assert unpacked.dtype == torch.int8 and torch.equal(unpacked, pairs[:n])
     with pytest.raises(ValueError, match="int4"):
         pack_int4(torch.tensor([8]))
 
