@@ -20,7 +20,7 @@ from recsys_compress.compression.codec import (
 )
 from recsys_compress.config import ModelConfig
 from recsys_compress.errors import DataError
-from recsys_compress.export import ARTIFACT_NAME, export_model
+from recsys_compress.export import ARTIFACT_NAME, export_model, load_run_model
 from recsys_compress.models import build_model
 from recsys_compress.train import train
 from tests.conftest import REPO
@@ -50,6 +50,27 @@ def test_codec_is_exact_and_picks_the_smaller_encoding(density: float) -> None:
     stored = sum(t.numel() * t.element_size() for t in entries.values())
     assert stored <= weight.numel() * 4
     assert info["encoding"] == ("dense" if density > 0.9 else "bitmask")
+
+
+@pytest.mark.parametrize("name", ["mf", "neumf"])
+def test_a_run_model_loads_its_saved_tensors_without_drawing_random_weights(
+    tmp_path: Path, name: str
+) -> None:
+    """``load_run_model`` (the export CLI's load, the inference benchmark's dense reference)
+    builds on the meta device: the saved tensors, and the global RNG left untouched."""
+    cfg = ModelConfig(name=name, dim=8)
+    torch.manual_seed(1)
+    saved = build_model(cfg, 30, 20)
+    torch.save(saved.state_dict(), tmp_path / "model.pt")
+    rng = torch.random.get_rng_state()
+    model = load_run_model(tmp_path / "model.pt", cfg, 30, 20, {})
+    assert torch.equal(torch.random.get_rng_state(), rng)
+    loaded = model.state_dict()
+    assert loaded.keys() == saved.state_dict().keys()
+    for key, value in saved.state_dict().items():
+        assert loaded[key].device.type == "cpu" and torch.equal(loaded[key], value), key
+    users = torch.arange(30)
+    assert torch.equal(model.eval().score_all(users), saved.eval().score_all(users))
 
 
 def mf_model(sparsity: float) -> torch.nn.Module:
