@@ -24,12 +24,12 @@ import lightning as L
 import torch
 
 from benchmarks.common import Figure
-from recsys_compress.callbacks import EpochTimer
+from recsys_compress.callbacks import EpochTimer, RandomState
 from recsys_compress.config import TrainConfig, to_train_config
 from recsys_compress.data.datamodule import RecDataModule
 from recsys_compress.models import build_model
 from recsys_compress.module import RecommenderModule, build_optimizer, recommendation_loss
-from recsys_compress.train import build_datamodule, build_trainer
+from recsys_compress.train import build_datamodule, build_trainer, run_checkpoint
 
 RECBOLE_SECONDS = {"bpr_mf": 0.204, "neumf": 1.07}  # per epoch, RecBole 1.2.1, this machine
 
@@ -132,7 +132,11 @@ def compare(cfg: TrainConfig, device: torch.device | None = None) -> tuple[float
     module = RecommenderModule(model, cfg.loss, cfg.optim, cfg.eval)
     timer = EpochTimer()
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = build_trainer(cfg, Path(tmp), [plain, _Synchronize(), timer])
+        # the callbacks of a run without compression (train.fit_and_test): its checkpoints
+        # (last.ckpt every checkpoint_every_n_steps inside the epoch), its random state
+        checkpoint = run_checkpoint(cfg, Path(tmp), module)
+        callbacks = [plain, _Synchronize(), checkpoint, timer, RandomState()]
+        trainer = build_trainer(cfg, Path(tmp), callbacks)
         trainer.limit_val_batches = 0
         trainer.fit(module, datamodule=dm)
     ours = statistics.median(timer.train_seconds[1:])

@@ -266,6 +266,24 @@ class StageResult:
     timer: EpochTimer
 
 
+def run_checkpoint(
+    cfg: TrainConfig, run_dir: Path, module: RecommenderModule
+) -> CompressedModelCheckpoint:
+    """A run's checkpoints: ``best.ckpt`` by the validation metric, ``last.ckpt`` at each
+    epoch's end and every ``trainer.checkpoint_every_n_steps`` optimizer steps."""
+    monitor, mode = cfg.eval.monitor_key(module.explicit)
+    return CompressedModelCheckpoint(
+        dirpath=run_dir / "checkpoints",
+        filename="best",
+        monitor=f"val/{monitor}",
+        mode=mode,
+        save_top_k=1,
+        save_last=True,
+        auto_insert_metric_name=False,
+        every_n_steps=cfg.trainer.checkpoint_every_n_steps,
+    )
+
+
 def fit_and_test(
     cfg: TrainConfig,
     run_dir: Path,
@@ -278,16 +296,7 @@ def fit_and_test(
     checkpoint and evaluate it on validation and test. ``module`` ends with the best weights.
     ``resume``: continue from ``<run_dir>/checkpoints/last.ckpt`` if there is one."""
     monitor, mode = cfg.eval.monitor_key(module.explicit)
-    checkpoint = CompressedModelCheckpoint(
-        dirpath=run_dir / "checkpoints",
-        filename="best",
-        monitor=f"val/{monitor}",
-        mode=mode,
-        save_top_k=1,
-        save_last=True,
-        auto_insert_metric_name=False,
-        every_n_steps=cfg.trainer.checkpoint_every_n_steps,
-    )
+    checkpoint = run_checkpoint(cfg, run_dir, module)
     timer = EpochTimer()
     # Compression acts after each optimizer step, before checkpoints see the weights.
     compression = build_callbacks(cfg.compression) if compress else []
