@@ -65,8 +65,9 @@ def interleaved_medians(
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeat):
-        for name, fn in fns.items():
+    for i in range(repeat):
+        # every other round in reverse, so that no function always runs right after another
+        for name, fn in list(fns.items())[:: -1 if i % 2 else 1]:
             gc.collect()
             start = time.perf_counter()
             fn()
@@ -76,7 +77,7 @@ def interleaved_medians(
 
 def rss_mb(field: str) -> float:
     """A memory figure of this process from ``/proc/self/status`` (``VmRSS``: resident now,
-    ``VmHWM``: the peak of its address space), in MB; OSError where there is none (not Linux)."""
+    ``VmHWM``: its peak resident memory), in MB; OSError where there is none (not Linux)."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024

@@ -92,7 +92,7 @@ def plain_mf(dm: Any, model: Any) -> None:
 def plain_neumf(dm: Any, model: Any, pairs_per_chunk: int = 1 << 18) -> None:
     """Every (user, item) pair through GMF product, MLP tower and predict layer, in user chunks."""
     n_items = model.num_items
-    all_items = torch.arange(n_items)
+    all_items = torch.arange(n_items, device=model.predict.weight.device)  # no host copies
     linears = [m for m in model.mlp.tower if isinstance(m, torch.nn.Linear)]
     rows = max(1, pairs_per_chunk // n_items)
     for batch in dm.test_data.batches:

@@ -9,7 +9,8 @@ Steps (a fresh process each; the trained model is passed on as a state dict file
 ``l1``     200 optimizer steps (quick: 30) with the L1 proximal step (sparse path);
 ``svd``    per-layer truncated SVD at half the parameters (``torch.svd_lowrank`` at this size);
 ``qat``    as many fake-quantised steps, then the conversion to int8;
-``export`` the compressed artifact of the (int8) model.
+``export`` the artifact of the trained model quantised to int8 after training (the QAT step's
+           model is not passed on: the same int8 layout and size).
 """
 
 from __future__ import annotations
@@ -119,8 +120,6 @@ def step(name: str, size: dict[str, int], workdir: Path) -> dict[str, Any]:
             module, train_dataloaders=_random_loader(cfg, steps)
         )
         details["steps"] = steps
-        if name == "qat":
-            torch.save(model.state_dict(), workdir / "qat.pt")
     elif name == "svd":
         from recsys_compress.compression.lowrank import SVDConfig, apply_svd
 
@@ -152,7 +151,10 @@ def step(name: str, size: dict[str, int], workdir: Path) -> dict[str, Any]:
 
 def run(quick: bool) -> list[Figure]:
     size = QUICK if quick else FULL
-    label = "x".join(f"{v:,}" for v in size.values())
+    label = (
+        f"{size['num_users']:,} users x {size['num_items']:,} items x "
+        f"{size['interactions_per_user']} per user"
+    )
     figures = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in ("train", "prune", "l1", "svd", "qat", "export"):
