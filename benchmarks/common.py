@@ -56,6 +56,13 @@ def median_seconds(fn: Callable[[], Any], repeat: int, warmup: int = 1) -> float
     return statistics.median(times)
 
 
+def rotated(names: list[str], round_: int) -> list[str]:
+    """The order of one round of alternated runs: each round starts one name later, so no run
+    always follows the same other one (nor, with three or more, runs twice in a row)."""
+    start = round_ % len(names) if names else 0
+    return names[start:] + names[:start]
+
+
 def interleaved_medians(
     fns: dict[str, Callable[[], Any]], repeat: int, warmup: int = 1
 ) -> dict[str, float]:
@@ -66,8 +73,8 @@ def interleaved_medians(
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
     for i in range(repeat):
-        # every other round in reverse, so that no function always runs right after another
-        for name, fn in list(fns.items())[:: -1 if i % 2 else 1]:
+        for name in rotated(list(fns), i):
+            fn = fns[name]
             gc.collect()
             start = time.perf_counter()
             fn()

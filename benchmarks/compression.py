@@ -26,7 +26,7 @@ from unittest import mock
 import lightning as L
 import torch
 
-from benchmarks.common import Figure, bare_trainer
+from benchmarks.common import Figure, bare_trainer, rotated
 from recsys_compress import ops
 from recsys_compress.compression.pruning import MagnitudePruning, PruneConfig
 from recsys_compress.compression.qat import QATConfig, QuantizationAwareTraining
@@ -81,8 +81,8 @@ class StepTimer(L.Callback):
         self._last = now
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        assert self._start is not None
-        self.epoch_seconds = time.perf_counter() - self._start
+        if self._start is not None:  # else stopped before its first epoch: 0 s
+            self.epoch_seconds = time.perf_counter() - self._start
 
 
 def fit(
@@ -110,7 +110,8 @@ def alternate(
         run()
     times: dict[str, list[float]] = {name: [] for name in runs}
     for i in range(repeat):
-        for name, run in list(runs.items())[:: -1 if i % 2 else 1]:  # order alternated too
+        for name in rotated(list(runs), i):
+            run = runs[name]
             gc.collect()
             times[name].append(run())
     return {name: statistics.median(t) for name, t in times.items()}, times

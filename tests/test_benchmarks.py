@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
 import json
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +18,8 @@ REPO = Path(__file__).resolve().parents[1]
 def test_a_subprocess_reports_its_own_peak_memory_not_its_parents() -> None:
     """The scale section runs each step in a subprocess of the suite: its peak must not include
     the memory the parent held when it started it (``ru_maxrss`` survives ``exec``)."""
+    import resource  # POSIX only
+
     held = torch.ones(192 * 2**20)  # 768 MB touched in this (parent) process
     parent_peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     code = (
@@ -33,3 +35,14 @@ def test_a_subprocess_reports_its_own_peak_memory_not_its_parents() -> None:
     assert held.sum().item() == held.numel()
     assert child_now_mb <= child_peak_mb
     assert child_peak_mb < parent_peak_mb - 512, (child_peak_mb, parent_peak_mb)
+
+
+def test_alternated_runs_start_one_name_later_each_round() -> None:
+    from benchmarks.common import rotated
+
+    names = ["plain", "ours", "other"]
+    rounds = [rotated(names, i) for i in range(4)]
+    assert rounds == [names, ["ours", "other", "plain"], ["other", "plain", "ours"], names]
+    # across a round boundary no name runs twice in a row
+    assert all(a[-1] != b[0] for a, b in itertools.pairwise(rounds))
+    assert rotated([], 3) == []
