@@ -31,6 +31,8 @@ def unpack_int4(packed: torch.Tensor, numel: int) -> torch.Tensor:
     """Inverse of :func:`pack_int4`: int8 tensor of ``numel`` values. Each nibble is moved to
     the top of a signed byte and shifted back down (an arithmetic shift extends its sign): all
     in int8, ~7x faster than widening to int16 and mapping ``> 7`` to ``- 16``."""
+    if packed.dtype != torch.uint8:  # bytes held in a wider (or signed) integer type
+        packed = packed.to(torch.uint8)
     low = (packed << 4).view(torch.int8) >> 4
     high = packed.view(torch.int8) >> 4
     return torch.stack([low, high], dim=1).flatten()[:numel]

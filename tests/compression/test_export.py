@@ -37,6 +37,8 @@ def test_int4_packing_round_trip() -> None:
     for n in (512, 511, 1, 0):
         unpacked = unpack_int4(pack_int4(pairs[:n]), n)
         assert unpacked.dtype == torch.int8 and torch.equal(unpacked, pairs[:n])
+    wide = pack_int4(pairs).to(torch.int64)  # the same bytes in a wider type
+    assert torch.equal(unpack_int4(wide, 512), pairs)
     with pytest.raises(ValueError, match="int4"):
         pack_int4(torch.tensor([8]))
 
