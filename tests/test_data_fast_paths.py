@@ -26,7 +26,7 @@ from recsys_compress.data.sorting import (
     stable_argsort,
     time_key,
 )
-from recsys_compress.data.sources import COLUMNS, read_ml1m
+from recsys_compress.data.sources import COLUMNS, _count_byte, read_ml1m
 from recsys_compress.data.splits import ratio_split
 from recsys_compress.errors import DataError
 
@@ -70,6 +70,18 @@ def test_read_ml1m_names_the_file_and_the_bad_line(tmp_path: Path, bad: str) -> 
     path.write_text("\n".join([*lines[:2], bad, *lines[2:]]) + "\n")
     with pytest.raises(DataError, match=rf"ratings\.dat: line 3 reads '{bad}'\..*pass data\.path"):
         read_ml1m(path)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="a /proc file (Linux)")
+def test_counting_bytes_of_a_file_without_a_memory_map_reads_it(tmp_path: Path) -> None:
+    """``read_ml1m`` counts the ':' over a memory map; a file that reports size 0 but has
+    content (here /proc) cannot be mapped, and is read instead."""
+    path = tmp_path / "ratings.dat"
+    path.write_bytes(b"1::2::3::4\n5::6::7::8\n")
+    assert _count_byte(path, b":") == 12
+    proc = Path("/proc/self/status")
+    assert proc.stat().st_size == 0
+    assert _count_byte(proc, b":") == proc.read_bytes().count(b":") > 10
 
 
 # --- packed sorts ------------------------------------------------------------------------------
