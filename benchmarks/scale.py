@@ -10,7 +10,11 @@ Steps (a fresh process each; the trained model is passed on as a state dict file
 ``svd``    per-layer truncated SVD at half the parameters (``torch.svd_lowrank`` at this size);
 ``qat``    as many fake-quantised steps, then the conversion to int8;
 ``export`` the artifact of the trained model quantised to int8 after training (the QAT step's
-           model is not passed on: the same int8 layout and size).
+           model is not passed on: the same int8 layout and size);
+``load``   that artifact (``load_compressed``, its raw ids included) against the trained
+           ``model.pt`` (``load_run_model``: the same meta-device build), each read 3 times in
+           alternation, the files in the page cache: the inference section's load figure at a
+           size where the bytes, not the fixed costs, decide (target: no slower).
 """
 
 from __future__ import annotations
@@ -144,6 +148,24 @@ def step(name: str, size: dict[str, int], workdir: Path) -> dict[str, Any]:
             np.arange(s.num_items),
             workdir / "model.rcz",
         )
+    elif name == "load":
+        from benchmarks.common import interleaved_medians
+        from recsys_compress.export import load_compressed, load_run_model
+
+        s = cfg.data.synthetic
+        start = time.perf_counter()
+        times = interleaved_medians(
+            {
+                "dense": lambda: load_run_model(state, cfg.model, s.num_users, s.num_items, {}),
+                "artifact": lambda: load_compressed(workdir / "model.rcz"),
+            },
+            repeat=3,
+            warmup=0,
+        )
+        details["artifact_s"], details["dense_s"] = times["artifact"], times["dense"]
+        details["ratio"] = times["artifact"] / times["dense"]
+        details["artifact_bytes"] = (workdir / "model.rcz").stat().st_size
+        details["dense_model_pt_bytes"] = state.stat().st_size
     details["seconds"] = time.perf_counter() - start
     details["peak_rss_mb"] = peak_rss_mb()
     return details
@@ -157,7 +179,7 @@ def run(quick: bool) -> list[Figure]:
     )
     figures = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name in ("train", "prune", "l1", "svd", "qat", "export"):
+        for name in ("train", "prune", "l1", "svd", "qat", "export", "load"):
             args = [sys.executable, "-m", "benchmarks.scale", name, json.dumps(size), tmp]
             done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
             if done.returncode != 0:
@@ -173,6 +195,16 @@ def run(quick: bool) -> list[Figure]:
                     details=result,
                 )
             )
+            if name == "load":
+                figures.append(
+                    Figure(
+                        SECTION,
+                        f"load: int8 artifact / dense model.pt, MF-64 {label}",
+                        result["ratio"],
+                        1.0,
+                        details=result,
+                    )
+                )
     return figures
 
 
