@@ -43,6 +43,20 @@ def test_int4_packing_round_trip() -> None:
         pack_int4(torch.tensor([8]))
 
 
+def test_int4_unpacking_without_the_little_endian_shortcut(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On a big-endian machine the int16 view would swap each pair: the plain path runs."""
+    import types
+
+    from recsys_compress.compression import codec
+
+    pairs = torch.cartesian_prod(torch.arange(-8, 8), torch.arange(-8, 8)).to(torch.int8).flatten()
+    monkeypatch.setattr(codec, "sys", types.SimpleNamespace(byteorder="big"))
+    for n in (512, 511, 0):
+        assert torch.equal(unpack_int4(pack_int4(pairs[:n]), n), pairs[:n])
+
+
 @pytest.mark.parametrize("density", [1.0, 0.5, 0.1, 0.0])
 def test_codec_is_exact_and_picks_the_smaller_encoding(density: float) -> None:
     weight = torch.randn(50, 16)
