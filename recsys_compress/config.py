@@ -566,6 +566,15 @@ class TrainConfig:
             )
         if self.data.feedback == "explicit" and self.data.source == "synthetic":
             raise ConfigError("data=synthetic has no ratings: use data.feedback=implicit.")
+        precision = str(self.trainer.precision)
+        true_precisions = ("16-true", "bf16-true", "64-true", "64")
+        if self.compression.qat is not None and precision in true_precisions:
+            raise ConfigError(
+                f"trainer.precision={precision} with compression qat: fake quantisation keeps "
+                "float32 weights (its tables and scales are float32), and a run would fail at "
+                "its first evaluation. Use trainer.precision=bf16-mixed or 16-mixed (float32 "
+                "weights, half-precision compute), or 32-true."
+            )
 
 
 def to_train_config(cfg: DictConfig | dict) -> TrainConfig:

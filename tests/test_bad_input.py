@@ -187,6 +187,18 @@ def test_bad_trainer_setting_names_the_key(key: str, value: Any) -> None:
         to_train_config(nested(key, value))
 
 
+@pytest.mark.parametrize("precision", ["bf16-true", "16-true", "64-true", 64])
+def test_qat_with_weights_not_in_float32_is_refused_before_training(precision: Any) -> None:
+    """QAT's fake quantisation keeps float32 tables and scales: with half or double weights a
+    run trained its first epoch and then failed at evaluation (a dtype mismatch)."""
+    cfg = {"trainer": {"precision": precision}, "compression": {"qat": {}}}
+    with pytest.raises(ConfigError, match=r"trainer\.precision=.*qat.*bf16-mixed"):
+        to_train_config(cfg)
+    # the mixed precisions keep float32 weights: accepted
+    to_train_config({"trainer": {"precision": "bf16-mixed"}, "compression": {"qat": {}}})
+    to_train_config({"trainer": {"precision": precision}, "compression": {"prune": {}}})
+
+
 @pytest.mark.parametrize(
     ("optim", "key"),
     [
