@@ -68,15 +68,18 @@ def test_codec_is_exact_and_picks_the_smaller_encoding(density: float) -> None:
     assert info["encoding"] == ("dense" if density > 0.9 else "bitmask")
 
 
-@pytest.mark.parametrize("name", ["mf", "neumf"])
+@pytest.mark.parametrize(
+    ("name", "dtype"), [("mf", torch.float32), ("neumf", torch.float32), ("mf", torch.bfloat16)]
+)
 def test_a_run_model_loads_its_saved_tensors_without_drawing_random_weights(
-    tmp_path: Path, name: str
+    tmp_path: Path, name: str, dtype: torch.dtype
 ) -> None:
     """``load_run_model`` (the export CLI's load, the inference benchmark's dense reference)
-    builds on the meta device: the saved tensors, and the global RNG left untouched."""
+    builds on the meta device: the saved tensors, in their dtype (a ``bf16-true`` run's model
+    re-exports in bfloat16, as the run exported it), and the global RNG left untouched."""
     cfg = ModelConfig(name=name, dim=8)
     torch.manual_seed(1)
-    saved = build_model(cfg, 30, 20)
+    saved = build_model(cfg, 30, 20).to(dtype)
     torch.save(saved.state_dict(), tmp_path / "model.pt")
     rng = torch.random.get_rng_state()
     model = load_run_model(tmp_path / "model.pt", cfg, 30, 20, {})
@@ -84,7 +87,8 @@ def test_a_run_model_loads_its_saved_tensors_without_drawing_random_weights(
     loaded = model.state_dict()
     assert loaded.keys() == saved.state_dict().keys()
     for key, value in saved.state_dict().items():
-        assert loaded[key].device.type == "cpu" and torch.equal(loaded[key], value), key
+        assert loaded[key].device.type == "cpu" and loaded[key].dtype == dtype, key
+        assert torch.equal(loaded[key], value), key
     users = torch.arange(30)
     assert torch.equal(model.eval().score_all(users), saved.eval().score_all(users))
 
