@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import Figure, bare_trainer, peak_rss_mb
+from benchmarks.common import Figure, bare_trainer, interleaved_medians, peak_rss_mb
 
 SECTION = "scale"
 ROOT = Path(__file__).resolve().parents[1]
@@ -149,7 +149,6 @@ def step(name: str, size: dict[str, int], workdir: Path) -> dict[str, Any]:
             workdir / "model.rcz",
         )
     elif name == "load":
-        from benchmarks.common import interleaved_medians
         from recsys_compress.export import load_compressed, load_run_model
 
         s = cfg.data.synthetic

@@ -228,6 +228,13 @@ class _SkipInit(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
+def _empty_model(model_cfg: ModelConfig, num_users: int, num_items: int) -> nn.Module:
+    """The model of ``model_cfg`` on the meta device, without random init: one about to
+    receive saved tensors (``load_state_dict(..., assign=True)``)."""
+    with _SkipInit(), torch.device("meta"):
+        return build_model(_plain(model_cfg), num_users, num_items)
+
+
 def load_compressed(path: str | Path) -> CompressedRecommender:
     """Rebuild the model stored in an artifact written by :func:`export_model`.
 
@@ -251,12 +258,8 @@ def load_compressed(path: str | Path) -> CompressedRecommender:
                 "`python -m recsys_compress.export <run dir>`."
             )
         state = {name: decode_tensor(name, tensors, info) for name, info in meta["tensors"].items()}
-        # Built without storage or random init (the load assigns the decoded tensors).
-        with _SkipInit():
-            with torch.device("meta"):
-                model = build_model(
-                    _plain(ModelConfig(**meta["model"])), meta["num_users"], meta["num_items"]
-                )
+        model = _empty_model(ModelConfig(**meta["model"]), meta["num_users"], meta["num_items"])
+        with _SkipInit():  # modules rebuilt by the load draw no random weights either
             load_compressed_state(model, state, meta["structure"], assign=True)
     except DataError:
         raise
@@ -330,9 +333,8 @@ def load_run_model(
     (the saved tensors become its parameters, as :func:`load_compressed` does for an
     artifact): ~2.5 ms for an ML-1M-sized MF-64 against ~8 ms to build it with random weights
     and copy the state in. Errors as :func:`load_run_state`'s."""
-    with _SkipInit():
-        with torch.device("meta"):
-            model = build_model(_plain(model_cfg), num_users, num_items)
+    model = _empty_model(model_cfg, num_users, num_items)
+    with _SkipInit():  # modules rebuilt by the load draw no random weights either
         load_run_state(model, path, structure, assign=True)
     return model
 
