@@ -12,9 +12,10 @@ Steps (a fresh process each; the trained model is passed on as a state dict file
 ``export`` the artifact of the trained model quantised to int8 after training (the QAT step's
            model is not passed on: the same int8 layout and size);
 ``load``   that artifact (``load_compressed``, its raw ids included) against the trained
-           ``model.pt`` (``load_run_model``: the same meta-device build), each read 3 times in
-           alternation, the files in the page cache: the inference section's load figure at a
-           size where the bytes, not the fixed costs, decide (target: no slower).
+           ``model.pt`` (``load_run_model``: the same meta-device build), each read once to
+           warm up, then 5 times in alternation (quick: 15), the files in the page cache: the
+           inference section's load figure at a size where the bytes, not the fixed costs,
+           decide (target: no slower).
 """
 
 from __future__ import annotations
@@ -158,8 +159,7 @@ def step(name: str, size: dict[str, int], workdir: Path) -> dict[str, Any]:
                 "dense": lambda: load_run_model(state, cfg.model, s.num_users, s.num_items, {}),
                 "artifact": lambda: load_compressed(workdir / "model.rcz"),
             },
-            repeat=3,
-            warmup=0,
+            repeat=5 if s.num_users >= FULL["num_users"] else 15,  # quick: ms loads, noisy
         )
         details["artifact_s"], details["dense_s"] = times["artifact"], times["dense"]
         details["ratio"] = times["artifact"] / times["dense"]
