@@ -35,7 +35,7 @@ from recsys_compress.callbacks import estimated_optimizer_steps, optimizer_steps
 from recsys_compress.compression.targets import Target, TargetSpec, select_targets
 from recsys_compress.errors import ConfigError
 from recsys_compress.ops import copy_rows_, flat_chunks, in_groups
-from recsys_compress.optim import RowHookSet, RowStep, add_rows_, coalesced_grad, touched_rows
+from recsys_compress.optim import RowHookSet, RowStep, coalesced_grad, touched_rows
 
 log = logging.getLogger(__name__)
 
@@ -861,10 +861,15 @@ class MagnitudePruning(L.Callback):
     def _add_taylor_rows(
         self, target: Target, rows: torch.Tensor, old: torch.Tensor, grad: torch.Tensor
     ) -> None:
-        """Add ``|w·g|`` of the (unique, sorted) ``rows``, given their weights and gradient."""
+        """Add ``|w·g|`` of the (unique, sorted) ``rows``, given their weights and gradient.
+
+        One ``index_add_``: on torch 2.13's CPU kernel it beats a gather, an add and an
+        ``index_copy_`` of the same rows (4096 random rows of 64: 0.35 against 0.45 ms in a 1M-row
+        table, 0.27 against 0.34 ms in a 100k-row one, 16 against 51 us in a 943-row one; one
+        thread, a timing loop outside the repo), with the same sums: one addition per value."""
         total = self._taylor_sums(target, create=True)
         assert total is not None
-        add_rows_(total, rows, old.mul(grad).abs_())
+        total.index_add_(0, rows, old.mul(grad).abs_())
 
     def _rewind(self) -> None:
         """Lottery ticket: reset surviving weights to their values at ``rewind_step``."""

@@ -30,7 +30,7 @@ from recsys_compress.config import OptimConfig
 from recsys_compress.errors import ConfigError
 from recsys_compress.models.mf import MF
 from recsys_compress.module import RecommenderModule
-from recsys_compress.optim import RowSparseAdam, RowStep, add_rows_, touched_rows
+from recsys_compress.optim import RowSparseAdam, RowStep, touched_rows
 from tests.compression.helpers import tiny_setup, tiny_trainer
 
 
@@ -357,15 +357,6 @@ def test_fake_quant_embedding_gives_sparse_gradients_equal_to_dense_ones() -> No
 
 
 # -- row hooks: the callbacks' per-step work fused into RowSparseAdam's row update --------------
-
-
-def test_add_rows_equals_index_add_for_unique_rows() -> None:
-    gen = torch.Generator().manual_seed(5)
-    table = torch.randn(50, 8, generator=gen)
-    rows = torch.tensor([1, 4, 9, 49])
-    values = torch.randn(4, 8, generator=gen)
-    expected = table.clone().index_add_(0, rows, values, alpha=-0.3)
-    assert torch.equal(add_rows_(table, rows, values, alpha=-0.3), expected)
 
 
 def test_row_hooks_see_the_step_run_in_order_and_can_be_removed() -> None:
