@@ -20,7 +20,12 @@ from recsys_compress.compression.codec import (
 )
 from recsys_compress.config import ModelConfig
 from recsys_compress.errors import DataError
-from recsys_compress.export import ARTIFACT_NAME, export_model, load_run_model
+from recsys_compress.export import (
+    ARTIFACT_NAME,
+    export_model,
+    load_run_model,
+    read_safetensors,
+)
 from recsys_compress.models import build_model
 from recsys_compress.train import train
 from tests.conftest import REPO
@@ -66,6 +71,25 @@ def test_codec_is_exact_and_picks_the_smaller_encoding(density: float) -> None:
     stored = sum(t.numel() * t.element_size() for t in entries.values())
     assert stored <= weight.numel() * 4
     assert info["encoding"] == ("dense" if density > 0.9 else "bitmask")
+
+
+@pytest.mark.parametrize(
+    "dtype",
+    [  # complex128: 16-byte elements, placed by index_copy_
+        *(torch.float32, torch.bfloat16, torch.float16, torch.float64),
+        *(torch.int8, torch.int64, torch.bool, torch.complex128),
+    ],
+)
+def test_sparse_tensors_of_every_dtype_decode_bit_for_bit(dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(3)
+    weight = (torch.randn(37, 11, generator=gen) * 50).to(dtype)
+    weight[torch.rand(37, 11, generator=gen) >= 0.2] = 0
+    weight[0, :3] = torch.tensor([-1, 1, 1]).to(dtype)  # a negative value's sign bit kept
+    entries, info = encode_tensor("w", weight)
+    assert info["encoding"] == "bitmask"
+    decoded = decode_tensor("w", entries, info)
+    assert decoded.dtype == dtype and decoded.shape == weight.shape
+    assert torch.equal(decoded, weight)
 
 
 @pytest.mark.parametrize(
@@ -122,6 +146,41 @@ def test_export_round_trip_scores_ids_and_size(tmp_path: Path) -> None:
     assert recs.tolist() == item_ids[top].tolist()
     with pytest.raises(DataError, match="unknown user ids"):
         loaded.recommend([0])
+
+
+def test_the_artifact_reader_gives_what_safetensors_wrote(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    gen = torch.Generator().manual_seed(4)
+    tensors = {
+        "f32": torch.randn(7, 5, generator=gen),
+        "bf16": torch.randn(3, generator=gen).bfloat16(),
+        "i64": torch.arange(9).reshape(3, 3),
+        "u8": torch.arange(5, dtype=torch.uint8),
+        "flag": torch.tensor([True, False, True]),
+        "scalar": torch.tensor(2.5),
+        "empty": torch.zeros(0, 4),
+    }
+    path = tmp_path / "t.safetensors"
+    save_file(tensors, str(path), metadata={"k": "v"})
+    metadata, read = read_safetensors(path)
+    assert metadata == {"k": "v"}
+    expected = load_file(str(path))
+    assert read.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert read[name].dtype == tensor.dtype and torch.equal(read[name], tensor), name
+    read["f32"][0, 0] = 7.0  # views of one writable buffer, not of the file
+    assert load_file(str(path))["f32"][0, 0] != 7.0
+
+    blob = bytearray(path.read_bytes())
+    size = int.from_bytes(blob[:8], "little")
+    (tmp_path / "long.safetensors").write_bytes((size + len(blob)).to_bytes(8, "little") + blob[8:])
+    with pytest.raises(ValueError, match="a header of"):
+        read_safetensors(tmp_path / "long.safetensors")
+    shifted = blob[8 : 8 + size].replace(b'"shape":[7,5]', b'"shape":[7,6]')
+    (tmp_path / "shape.safetensors").write_bytes(blob[:8] + shifted + blob[8 + size :])
+    with pytest.raises(ValueError, match=r"tensor f32: bytes .* shape \[7, 6\]"):
+        read_safetensors(tmp_path / "shape.safetensors")
 
 
 def test_truncated_or_tampered_artifact_is_a_clear_error(tmp_path: Path) -> None:
