@@ -10,11 +10,11 @@ training loop calls one ``step()`` and the compression callbacks find the usual 
 
 Each random-row access of a large table costs ~0.1-0.2 ms per 4096 rows on CPU (memory latency,
 not arithmetic), so the row update reads every row once and writes it once: a gather, the
-arithmetic on the gathered rows, one ``index_copy_`` (``index_add_`` loops over the rows one
-slice at a time: 0.8 ms for 4096 rows of 64). Compression callbacks that act on the same rows
-after every step (pruning masks, Taylor sums, the L1 proximal step) register a *row hook*
-(:meth:`RowSparseAdam.register_row_hook`) and work on the gathered rows before they are written
-back, instead of gathering and scattering them again.
+arithmetic on the gathered rows, one ``index_copy_`` (Adam needs the old rows, so an
+``index_add_`` of the change would read them a second time). Compression callbacks that act on
+the same rows after every step (pruning masks, Taylor sums, the L1 proximal step) register a
+*row hook* (:meth:`RowSparseAdam.register_row_hook`) and work on the gathered rows before they
+are written back, instead of gathering and scattering them again.
 """
 
 from __future__ import annotations

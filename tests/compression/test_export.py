@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -181,6 +182,20 @@ def test_the_artifact_reader_gives_what_safetensors_wrote(tmp_path: Path) -> Non
     (tmp_path / "shape.safetensors").write_bytes(blob[:8] + shifted + blob[8 + size :])
     with pytest.raises(ValueError, match=r"tensor f32: bytes .* shape \[7, 6\]"):
         read_safetensors(tmp_path / "shape.safetensors")
+
+    # a float32 tensor 1 byte after the header (safetensors' writer aligns; a copy if not)
+    entries = {
+        "b": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]},
+        "f": {"dtype": "F32", "shape": [2], "data_offsets": [1, 9]},
+    }
+    text = json.dumps(entries).encode()
+    text += b" " * (-len(text) % 8)
+    floats = torch.tensor([1.5, -2.0]).numpy().tobytes()
+    (tmp_path / "odd.safetensors").write_bytes(
+        len(text).to_bytes(8, "little") + text + b"\x07" + floats
+    )
+    _, read = read_safetensors(tmp_path / "odd.safetensors")
+    assert read["b"].tolist() == [7] and read["f"].tolist() == [1.5, -2.0]
 
 
 def test_truncated_or_tampered_artifact_is_a_clear_error(tmp_path: Path) -> None:
