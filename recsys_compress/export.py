@@ -261,21 +261,23 @@ _SAFETENSORS_DTYPES = {
 }
 
 
-def read_safetensors(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+def _file_views(path: Path) -> tuple[torch.Tensor, dict[str, str], dict[str, torch.Tensor]]:
     """A safetensors file's metadata and tensors: the file read once into one uint8 tensor,
     every tensor a view of it (no copy per tensor, no memory map left behind).
 
     Against ``safe_open`` (a memory map; ``get_tensor`` views it) and a copy of each tensor into
     memory of its own, this is one read into fresh memory where that was one copy: 0.12 against
-    0.45 ms for an ML-1M-sized artifact, where per-tensor costs decide. At 75 MB the time is the
-    kernel's first touch of the fresh pages (~2.3 us a 4 KB page here), which both pay; the
-    buffer is ``torch.empty`` (a ``bytearray`` is zero-filled first: 80 against 45 ms).
+    0.45 ms for an ML-1M-sized artifact, where per-tensor costs decide. At 75 MB the first touch
+    of the fresh pages decides (~2.3 us a 4 KB page here): a whole load took ~100 ms against
+    ~85 ms through the memory map, whose pages the page cache held. The buffer is
+    ``torch.empty``: a ``bytearray`` is zero-filled first (80 against 45 ms to read 75 MB).
 
     The layout is the format's: an 8-byte little-endian header length, the JSON header (each
     tensor's ``dtype``, ``shape`` and ``data_offsets`` into the bytes after the header, and an
     optional ``__metadata__`` of strings), then the tensors' bytes. A header that does not fit
     the file, or a tensor whose bytes do not fit its dtype and shape, raises ``ValueError``
-    naming it; an unknown dtype raises ``KeyError``."""
+    naming it, as do tensors whose bytes overlap or leave gaps (safetensors' own check); an
+    unknown dtype raises ``KeyError``. Returns the file's bytes too (:func:`_off_the_file`)."""
     with path.open("rb") as handle:
         data = torch.empty(os.fstat(handle.fileno()).st_size, dtype=torch.uint8)
         if handle.readinto(data.numpy()) != len(data):
@@ -291,7 +293,7 @@ def read_safetensors(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor
     if not isinstance(header, dict):
         raise ValueError("the header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
-    tensors = {}
+    tensors, spans = {}, []
     for name, entry in header.items():
         dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
         shape = [int(n) for n in entry["shape"]]
@@ -303,11 +305,39 @@ def read_safetensors(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor
                 f"tensor {name}: bytes {begin} to {end} after the header do not hold a "
                 f"{entry['dtype']} tensor of shape {shape} within the file"
             )
+        spans.append((begin, end))
         view = data[start + begin : start + end]
         if (start + begin) % dtype.itemsize:  # safetensors aligns them; a copy if not
             view = view.clone()
         tensors[name] = view.view(dtype).view(shape)
+    covered = 0
+    for begin, end in sorted(spans):
+        if begin != covered:
+            break
+        covered = end
+    if start + covered != len(raw):
+        raise ValueError("the tensors' bytes overlap or leave gaps between the header and the end")
+    return data, metadata, tensors
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """A safetensors file's metadata and tensors, each a view of one buffer holding the whole
+    file (:func:`_file_views`)."""
+    _, metadata, tensors = _file_views(path)
     return metadata, tensors
+
+
+def _off_the_file(data: torch.Tensor, kept: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``kept`` with its views of ``data`` (a file read by :func:`_file_views`) copied when they
+    are under half of it: a view keeps the whole buffer alive, and where the rest was decoded
+    into new tensors (int4 nibbles, bitmasks and their values, float16-stored scales) that is
+    mostly bytes nothing reads. Views that are most of the file (the dense int8 or float tables
+    of an int8 or SVD artifact) stay views: no second copy of the model."""
+    buffer = data.untyped_storage().data_ptr()
+    views = [k for k, t in kept.items() if t.untyped_storage().data_ptr() == buffer]
+    if 2 * sum(kept[k].nbytes for k in views) >= data.nbytes:
+        return kept
+    return {**kept, **{k: kept[k].clone() for k in views}}
 
 
 def load_compressed(path: str | Path) -> CompressedRecommender:
@@ -318,7 +348,7 @@ def load_compressed(path: str | Path) -> CompressedRecommender:
     """
     path = Path(path)
     try:
-        metadata, tensors = read_safetensors(path)
+        data, metadata, tensors = _file_views(path)
         text = metadata["recsys_compress"]
         meta = unpack_metadata(text)
         if meta.get("format") != FORMAT:
@@ -331,6 +361,9 @@ def load_compressed(path: str | Path) -> CompressedRecommender:
                 "`python -m recsys_compress.export <run dir>`."
             )
         state = {name: decode_tensor(name, tensors, info) for name, info in meta["tensors"].items()}
+        ids = {key: tensors[key] for key in ("::user_ids", "::item_ids") if key in tensors}
+        state = _off_the_file(data, {**state, **ids})
+        ids = {key: state.pop(key) for key in ids}
         model = _empty_model(ModelConfig(**meta["model"]), meta["num_users"], meta["num_items"])
         with _SkipInit():  # modules rebuilt by the load draw no random weights either
             load_compressed_state(model, state, meta["structure"], assign=True)
@@ -351,8 +384,8 @@ def load_compressed(path: str | Path) -> CompressedRecommender:
             "it may be truncated or modified: export it again with "
             "`python -m recsys_compress.export <run dir>`."
         ) from None
-    user_ids = _ids_from(meta["user_ids"], tensors.get("::user_ids"))
-    item_ids = _ids_from(meta["item_ids"], tensors.get("::item_ids"))
+    user_ids = _ids_from(meta["user_ids"], ids.get("::user_ids"))
+    item_ids = _ids_from(meta["item_ids"], ids.get("::item_ids"))
     return CompressedRecommender(model, user_ids, item_ids)
 
 

@@ -197,6 +197,40 @@ def test_the_artifact_reader_gives_what_safetensors_wrote(tmp_path: Path) -> Non
     _, read = read_safetensors(tmp_path / "odd.safetensors")
     assert read["b"].tolist() == [7] and read["f"].tolist() == [1.5, -2.0]
 
+    entries["f"]["data_offsets"] = [0, 8]  # overlapping the first: safetensors refuses it too
+    text = json.dumps(entries).encode()
+    text += b" " * (-len(text) % 8)
+    (tmp_path / "overlap.safetensors").write_bytes(len(text).to_bytes(8, "little") + text + floats)
+    with pytest.raises(ValueError, match="overlap or leave gaps"):
+        read_safetensors(tmp_path / "overlap.safetensors")
+
+
+def test_a_loaded_artifact_keeps_the_file_in_memory_only_where_it_is_the_model(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "a.safetensors"
+
+    def owns(tensor: torch.Tensor) -> bool:
+        return tensor.untyped_storage().nbytes() == tensor.nbytes
+
+    def exported(sparsity: float) -> torch.nn.Module:
+        model = mf_model(sparsity)
+        with torch.no_grad():  # float32 biases (zeros would be stored as float16)
+            model.user_bias.weight.copy_(torch.randn(300, 1, generator=torch.Generator()))
+        export_model(model, ModelConfig(name="mf", dim=32), np.arange(300), np.arange(500), path)
+        return model
+
+    exported(0.0)
+    dense = load_compressed(path).model
+    # the float tables are ~all of the file: they stay views of it, no second copy
+    assert not owns(dense.user_embedding.weight) and not owns(dense.user_bias.weight)
+    model = exported(0.8)
+    pruned = load_compressed(path).model
+    # bitmask tables decode into new memory; the bias, left a view, would pin the whole file
+    assert owns(pruned.user_embedding.weight) and owns(pruned.user_bias.weight)
+    assert torch.equal(pruned.user_bias.weight, model.user_bias.weight)
+    assert torch.equal(pruned.user_embedding.weight, model.user_embedding.weight)
+
 
 def test_truncated_or_tampered_artifact_is_a_clear_error(tmp_path: Path) -> None:
     path = tmp_path / "a.safetensors"
