@@ -94,9 +94,12 @@ def load_compressed_state(
         scheme = QuantScheme(
             spec["bits"], spec["group_size"], spec["symmetric"], spec.get("scale_dtype", "float32")
         )
-        # on the module's device: on a meta model nothing is allocated (at 1M rows the int8
-        # zeros alone were 64 MB of fresh pages, ~40 ms, that the saved tensors then replaced)
-        device = old.weight.device
+        # On a meta model, built on meta when the state holds the integers (at 1M rows the int8
+        # zeros were 64 MB of fresh pages, ~40 ms, that the saved tensors then replaced); on the
+        # CPU when it holds float weights, which the new module quantises on load.
+        device = next(old.parameters()).device
+        if device.type == "meta" and f"{name}.qweight" not in state:
+            device = torch.device("cpu")
         if spec["kind"] == "embedding":
             new: nn.Module = QuantizedEmbedding(
                 old.num_embeddings, old.embedding_dim, scheme, device=device
@@ -261,6 +264,10 @@ _SAFETENSORS_DTYPES = {
 }
 
 
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} in the header: not a number of bytes or elements")
+
+
 def _file_views(path: Path) -> tuple[torch.Tensor, dict[str, str], dict[str, torch.Tensor]]:
     """A safetensors file's metadata and tensors: the file read once into one uint8 tensor,
     every tensor a view of it (no copy per tensor, no memory map left behind).
@@ -279,27 +286,31 @@ def _file_views(path: Path) -> tuple[torch.Tensor, dict[str, str], dict[str, tor
     naming it, as do tensors whose bytes overlap or leave gaps (safetensors' own check); an
     unknown dtype raises ``KeyError``. Returns the file's bytes too (:func:`_off_the_file`)."""
     with path.open("rb") as handle:
-        data = torch.empty(os.fstat(handle.fileno()).st_size, dtype=torch.uint8)
-        if handle.readinto(data.numpy()) != len(data):
+        file_size = os.fstat(handle.fileno()).st_size
+        first = handle.read(8)
+        if len(first) < 8:
+            raise ValueError(f"{len(first)} bytes: shorter than a safetensors header")
+        (size,) = struct.unpack("<Q", first)
+        start = 8 + size
+        if start > file_size:  # checked before anything as large as the file is read
+            raise ValueError(f"a header of {size} bytes in a file of {file_size}")
+        header = json.loads(handle.read(size), parse_constant=_no_constant)
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+        data = torch.empty(file_size, dtype=torch.uint8)
+        handle.seek(0)
+        if handle.readinto(data.numpy()) != file_size:
             raise ValueError("the file changed size while it was read")
-    raw = data.numpy()
-    if len(raw) < 8:
-        raise ValueError(f"{len(raw)} bytes: shorter than a safetensors header")
-    (size,) = struct.unpack_from("<Q", raw)
-    start = 8 + size
-    if start > len(raw):
-        raise ValueError(f"a header of {size} bytes in a file of {len(raw)}")
-    header = json.loads(raw[8:start].tobytes())
-    if not isinstance(header, dict):
-        raise ValueError("the header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
     tensors, spans = {}, []
     for name, entry in header.items():
         dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
-        shape = [int(n) for n in entry["shape"]]
-        begin, end = (int(n) for n in entry["data_offsets"])
+        shape, offsets = list(entry["shape"]), list(entry["data_offsets"])
+        if not all(type(n) is int for n in (*shape, *offsets)) or len(offsets) != 2:
+            raise ValueError(f"tensor {name}: shape and data_offsets must be lists of integers")
+        begin, end = offsets
         count = math.prod(shape)
-        fits = begin >= 0 and min(shape, default=0) >= 0 and start + end <= len(raw)
+        fits = begin >= 0 and min(shape, default=0) >= 0 and start + end <= file_size
         if not fits or end - begin != count * dtype.itemsize:
             raise ValueError(
                 f"tensor {name}: bytes {begin} to {end} after the header do not hold a "
@@ -315,7 +326,7 @@ def _file_views(path: Path) -> tuple[torch.Tensor, dict[str, str], dict[str, tor
         if begin != covered:
             break
         covered = end
-    if start + covered != len(raw):
+    if start + covered != file_size:
         raise ValueError("the tensors' bytes overlap or leave gaps between the header and the end")
     return data, metadata, tensors
 

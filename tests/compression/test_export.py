@@ -205,6 +205,61 @@ def test_the_artifact_reader_gives_what_safetensors_wrote(tmp_path: Path) -> Non
         read_safetensors(tmp_path / "overlap.safetensors")
 
 
+def test_the_artifact_reader_refuses_a_lying_header_before_reading_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def header(text: bytes) -> Path:
+        path = tmp_path / "h.safetensors"
+        path.write_bytes(len(text).to_bytes(8, "little") + text + bytes(8))
+        return path
+
+    for shape, why in [
+        (b"[Infinity]", "Infinity in the header"),
+        (b'"12"', "lists of integers"),
+        (b"[1.5]", "lists of integers"),
+        (b"[true]", "lists of integers"),
+    ]:
+        text = b'{"a":{"dtype":"F32","shape":' + shape + b',"data_offsets":[0,8]}}'
+        with pytest.raises(ValueError, match=why):
+            read_safetensors(header(text))
+    allocated = []
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: allocated.append(a))
+    path = tmp_path / "junk.bin"
+    path.write_bytes((10**9).to_bytes(8, "little") + bytes(64))  # a "header" past the end
+    with pytest.raises(ValueError, match="a header of 1000000000 bytes in a file of 72"):
+        read_safetensors(path)
+    assert allocated == []  # nothing the file's size allocated
+
+
+def test_bitmask_entries_that_do_not_fit_their_shape_are_refused() -> None:
+    weight = torch.tensor([[0.0, 1.5, 0.0, 0.0], [2.0, 0.0, 0.0, 0.0]])
+    entries, info = encode_tensor("w", weight)
+    assert info["encoding"] == "bitmask"
+    with pytest.raises(ValueError, match="1 values for 2 mask bits"):
+        decode_tensor("w", {**entries, "w::values": entries["w::values"][:1]}, info)
+    with pytest.raises(ValueError, match="a mask of 1 bytes for 100000000000000 values"):
+        decode_tensor("w", entries, {**info, "shape": [10**7, 10**7]})
+    with pytest.raises(ValueError, match="not a list of sizes"):
+        decode_tensor("w", entries, {**info, "shape": [-1, 8]})
+
+
+def test_a_dense_model_pt_loads_into_the_quantized_structure_of_its_run(tmp_path: Path) -> None:
+    from recsys_compress.compression.qat import QATConfig, post_training_quantize
+    from recsys_compress.export import describe_structure
+
+    cfg = ModelConfig(name="mf", dim=16)
+    torch.manual_seed(0)
+    dense = build_model(cfg, 40, 30)
+    torch.save(dense.state_dict(), tmp_path / "model.pt")
+    quantized = post_training_quantize(build_model(cfg, 40, 30), QATConfig(bits=8))
+    structure = describe_structure(quantized)
+    # float weights on a meta model: the integer modules quantise them, on the CPU
+    loaded = load_run_model(tmp_path / "model.pt", cfg, 40, 30, structure)
+    reference = post_training_quantize(dense, QATConfig(bits=8))
+    assert loaded.user_embedding.qweight.device.type == "cpu"
+    assert torch.equal(loaded.user_embedding.qweight, reference.user_embedding.qweight)
+
+
 def test_a_loaded_artifact_keeps_the_file_in_memory_only_where_it_is_the_model(
     tmp_path: Path,
 ) -> None:
