@@ -268,9 +268,12 @@ def _no_constant(name: str) -> None:
     raise ValueError(f"{name} in the header: not a number of bytes or elements")
 
 
-def _file_views(path: Path) -> tuple[torch.Tensor, dict[str, str], dict[str, torch.Tensor]]:
-    """A safetensors file's metadata and tensors: the file read once into one uint8 tensor,
-    every tensor a view of it (no copy per tensor, no memory map left behind).
+def read_safetensors(
+    path: Path,
+) -> tuple[torch.Tensor, dict[str, str], dict[str, torch.Tensor]]:
+    """A safetensors file's bytes, metadata and tensors: the file read once into one uint8
+    tensor (returned first, for :func:`_off_the_file`), every tensor a view of it (no copy per
+    tensor, no memory map left behind).
 
     Against ``safe_open`` (a memory map; ``get_tensor`` views it) and a copy of each tensor into
     memory of its own, this is one read into fresh memory where that was one copy: 0.12 against
@@ -284,7 +287,7 @@ def _file_views(path: Path) -> tuple[torch.Tensor, dict[str, str], dict[str, tor
     optional ``__metadata__`` of strings), then the tensors' bytes. A header that does not fit
     the file, or a tensor whose bytes do not fit its dtype and shape, raises ``ValueError``
     naming it, as do tensors whose bytes overlap or leave gaps (safetensors' own check); an
-    unknown dtype raises ``KeyError``. Returns the file's bytes too (:func:`_off_the_file`)."""
+    unknown dtype raises ``KeyError``."""
     with path.open("rb") as handle:
         file_size = os.fstat(handle.fileno()).st_size
         first = handle.read(8)
@@ -331,16 +334,9 @@ def _file_views(path: Path) -> tuple[torch.Tensor, dict[str, str], dict[str, tor
     return data, metadata, tensors
 
 
-def read_safetensors(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
-    """A safetensors file's metadata and tensors, each a view of one buffer holding the whole
-    file (:func:`_file_views`)."""
-    _, metadata, tensors = _file_views(path)
-    return metadata, tensors
-
-
 def _off_the_file(data: torch.Tensor, kept: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``kept`` with its views of ``data`` (a file read by :func:`_file_views`) copied when they
-    are under half of it: a view keeps the whole buffer alive, and where the rest was decoded
+    """``kept`` with its views of ``data`` (a file read by :func:`read_safetensors`) copied when
+    they are under half of it: a view keeps the whole buffer alive, and where the rest was decoded
     into new tensors (int4 nibbles, bitmasks and their values, float16-stored scales) that is
     mostly bytes nothing reads. Views that are most of the file (the dense int8 or float tables
     of an int8 or SVD artifact) stay views: no second copy of the model."""
@@ -359,7 +355,7 @@ def load_compressed(path: str | Path) -> CompressedRecommender:
     """
     path = Path(path)
     try:
-        data, metadata, tensors = _file_views(path)
+        data, metadata, tensors = read_safetensors(path)
         text = metadata["recsys_compress"]
         meta = unpack_metadata(text)
         if meta.get("format") != FORMAT:

@@ -164,7 +164,7 @@ def test_the_artifact_reader_gives_what_safetensors_wrote(tmp_path: Path) -> Non
     }
     path = tmp_path / "t.safetensors"
     save_file(tensors, str(path), metadata={"k": "v"})
-    metadata, read = read_safetensors(path)
+    _, metadata, read = read_safetensors(path)
     assert metadata == {"k": "v"}
     expected = load_file(str(path))
     assert read.keys() == expected.keys()
@@ -194,7 +194,7 @@ def test_the_artifact_reader_gives_what_safetensors_wrote(tmp_path: Path) -> Non
     (tmp_path / "odd.safetensors").write_bytes(
         len(text).to_bytes(8, "little") + text + b"\x07" + floats
     )
-    _, read = read_safetensors(tmp_path / "odd.safetensors")
+    *_, read = read_safetensors(tmp_path / "odd.safetensors")
     assert read["b"].tolist() == [7] and read["f"].tolist() == [1.5, -2.0]
 
     entries["f"]["data_offsets"] = [0, 8]  # overlapping the first: safetensors refuses it too
