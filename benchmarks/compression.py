@@ -217,7 +217,10 @@ def _never(table: torch.Tensor, on: bool = True) -> None:
 
 
 def big_figures(quick: bool) -> list[Figure]:
-    paths = {"sparse": (20 if quick else 120, 1 if quick else 3)}
+    # 5 alternations on the sparse path: with 3, a slow spell of the shared machine during one
+    # method's plain runs moved a ratio by 0.3 (QAT read 0.91x, its plain step 10.2 ms against
+    # 8.0 ms in the other methods' alternations of the same run)
+    paths = {"sparse": (20 if quick else 120, 1 if quick else 5)}
     if not quick:
         paths["dense"] = (9, 3)
     figures = []
