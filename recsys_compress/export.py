@@ -443,8 +443,9 @@ def load_run_model(
 ) -> nn.Module:
     """A run's ``model.pt`` as the model of its config, built without storage or random init
     (the saved tensors become its parameters, as :func:`load_compressed` does for an
-    artifact): ~2.5 ms for an ML-1M-sized MF-64 against ~8 ms to build it with random weights
-    and copy the state in. Errors as :func:`load_run_state`'s."""
+    artifact): 3.3 ms for an ML-1M-sized MF-64 against 8.1 ms to build it with random weights
+    and copy the state in (``python scripts/bench.py``, 2026-12-07). Errors as
+    :func:`load_run_state`'s."""
     model = _empty_model(model_cfg, num_users, num_items)
     with _SkipInit():  # modules rebuilt by the load draw no random weights either
         load_run_state(model, path, structure, assign=True)
