@@ -166,9 +166,11 @@ class L1Proximal(L.Callback):
             torch._foreach_add_(thresholds, epss)  # Adam's denominator
             torch._foreach_reciprocal_(thresholds)
             torch._foreach_mul_(thresholds, lr_strengths)  # = _adam_threshold
-            clamped = torch._foreach_maximum(weights, torch._foreach_neg(thresholds))
-            torch._foreach_minimum_(clamped, thresholds)
-            torch._foreach_sub_(weights, clamped)  # = soft_threshold_
+            # Table by table: its clamp takes both bounds in one pass, where a multi-tensor
+            # maximum and minimum take two (on ML-100K 513 against 553 us a step, medians of 6
+            # alternating 10-epoch runs in one process).
+            for w, t in zip(weights, thresholds, strict=True):
+                soft_threshold_(w, t)
 
     def on_optimizer_step_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict[str, torch.Tensor]
