@@ -169,7 +169,7 @@ class L1Proximal(L.Callback):
             torch._foreach_mul_(thresholds, lr_strengths)  # = _adam_threshold
             # One clamp takes both bounds in one pass, where a multi-tensor maximum and minimum
             # take two (on ML-100K this step took 513 against 553 us, medians of 6 alternating
-            # 10-epoch runs in one process).
+            # 10-epoch runs in one process, a timing script outside the repo).
             for w, t in zip(weights, thresholds, strict=True):
                 soft_threshold_(w, t)
 
