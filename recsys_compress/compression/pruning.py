@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from torch import nn
 
@@ -221,19 +222,42 @@ def _keep_top(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     return _keep_top_pooled([scores], [None], sparsity)[0]
 
 
+def _kth_smallest_per_row(block: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k``-th smallest value of every row of ``block`` (2-D), as a column.
+
+    On the CPU numpy's introselect (``np.partition``), which takes ~0.2 ms for the 1,683 x 64
+    item table of ML-100K, where torch 2.13's ``topk`` along rows takes ~0.7 ms (per-row
+    overhead, both threads) and ``kthvalue`` ~0.8 ms (a timing loop outside the repo); ``topk``
+    on other devices. Both give the same value, so the masks do not depend on the device."""
+    if block.device.type == "cpu":
+        part = np.partition(block.detach().numpy(), k - 1, axis=1)
+        return torch.from_numpy(part[:, k - 1 : k].copy())
+    return torch.topk(block, k, dim=1, largest=False, sorted=True).values[:, k - 1 :]
+
+
 def _keep_top_per_row(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Mask keeping the largest ``round((1 - sparsity) * cols)`` scores of every row, so every
-    user / item (or output neuron) keeps the same number of weights. Rows are ranked a block at a
-    time, so the temporaries stay at a few MB for any table."""
+    """Mask keeping the largest ``round((1 - sparsity) * cols)`` scores of every row exactly,
+    so every user / item (or output neuron) keeps the same number of weights; among equal
+    values at a row's threshold the lower column is pruned first, as in :func:`_keep_top`.
+    Rows are ranked a block at a time, so the temporaries stay at a few MB for any table."""
     if scores.ndim < 2:
         return _keep_top(scores, sparsity)
-    n_prune = min(round(sparsity * scores.shape[1]), scores.shape[1])
+    cols = scores.shape[1]
+    n_prune = min(round(sparsity * cols), cols)
     mask = torch.ones_like(scores, dtype=torch.bool)
-    if n_prune > 0:
-        rows = max(1, ops.CHUNK // scores.shape[1])
-        for block, out in zip(scores.split(rows), mask.split(rows), strict=True):
-            drop = torch.topk(block, n_prune, dim=1, largest=False, sorted=False).indices
-            out.scatter_(1, drop, False)
+    if n_prune == 0:
+        return mask
+    rows = max(1, ops.CHUNK // cols)
+    for block, out in zip(scores.detach().split(rows), mask.split(rows), strict=True):
+        threshold = _kth_smallest_per_row(block, n_prune)
+        torch.gt(block, threshold, out=out)
+        # No row keeps more than cols - n_prune, so the count is short iff a row is: one with
+        # ties at its threshold, whose last ties are kept back.
+        if int(torch.count_nonzero(out)) < out.shape[0] * (cols - n_prune):
+            keep_back = (cols - n_prune) - out.sum(dim=1, keepdim=True)
+            ties = block == threshold
+            from_end = ties.flip(1).cumsum(dim=1).flip(1)  # ties at or after each column
+            out |= ties & (from_end <= keep_back)
     return mask
 
 

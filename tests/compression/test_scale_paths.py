@@ -90,6 +90,28 @@ def test_row_scope_in_blocks_equals_one_topk(monkeypatch: pytest.MonkeyPatch) ->
     assert torch.equal(mask, reference)
 
 
+@pytest.mark.parametrize("sparsity", [0.1, 0.5, 0.75, 1.0])
+def test_row_scope_prunes_exactly_with_ties_lower_column_first(
+    sparsity: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ops, "CHUNK", 16 * 7)  # several blocks of rows
+    gen = torch.Generator().manual_seed(5)
+    scores = torch.randint(0, 4, (40, 16), generator=gen).float()  # ties at every threshold
+    scores[:5, :6] = -1.0  # pruned earlier
+    mask = pruning._keep_top_per_row(scores, sparsity)
+    reference = torch.stack([sort_reference(row, sparsity) for row in scores])
+    assert torch.equal(mask, reference)
+
+
+def test_kth_smallest_per_row_equals_kthvalue() -> None:
+    gen = torch.Generator().manual_seed(6)
+    block = torch.randn(300, 64, generator=gen)
+    block[:, :9] = -1.0
+    for k in (1, 9, 10, 40, 64):
+        expected = torch.kthvalue(block, k, dim=1, keepdim=True).values
+        assert torch.equal(pruning._kth_smallest_per_row(block, k), expected)
+
+
 def test_randomized_svd_error_is_close_to_exact_at_the_default_oversampling() -> None:
     gen = torch.Generator().manual_seed(4)
     w = torch.randn(3000, 16, generator=gen) @ torch.randn(16, 200, generator=gen)
