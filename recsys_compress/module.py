@@ -19,7 +19,7 @@ from recsys_compress.config import EvalConfig, LossConfig, OptimConfig
 from recsys_compress.errors import RecsysCompressError
 from recsys_compress.metrics import FullRankingMetrics, RatingMetrics, SampledRankingMetrics
 from recsys_compress.models.base import Recommender
-from recsys_compress.optim import RowSparseAdam
+from recsys_compress.optim import RowSparseAdam, optimizer_step
 
 log = logging.getLogger(__name__)
 
@@ -270,7 +270,7 @@ class RecommenderModule(L.LightningModule):
         optimizer._on_before_step()  # Lightning's optimizer-step progress (global_step)
         for cb in self._before_step:
             cb.on_before_optimizer_step(self.trainer, self, raw)
-        raw.step()
+        optimizer_step(raw)  # without torch's profiling wrapper when it has nothing to do
         optimizer._on_after_step()
 
     def _check_loss(self, loss: torch.Tensor) -> None:

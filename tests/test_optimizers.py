@@ -7,11 +7,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from recsys_compress.config import OptimConfig
 from recsys_compress.models import MF, NeuMF
 from recsys_compress.module import build_optimizer
-from recsys_compress.optim import RowSparseAdam, adam_denom, sqrt_floor
+from recsys_compress.optim import RowSparseAdam, adam_denom, optimizer_step, sqrt_floor
 
 
 def train(cfg: OptimConfig, steps: int = 30) -> MF:
@@ -91,3 +92,69 @@ def test_adam_denominator_with_a_floor_under_the_root_is_bit_identical(
     assert sqrt_floor(dtype, bias2_sqrt, 0.0) == 0.0
     assert torch.equal(adam_denom(v, bias2_sqrt, 0.0), v.sqrt() / bias2_sqrt)
     assert math.isinf(float((1.0 / adam_denom(v, bias2_sqrt, 0.0)).max()))
+
+
+# -- optimizer_step: torch's step wrapper skipped only when it has nothing to do ------------------
+
+
+def adam_pair() -> tuple[torch.optim.Optimizer, torch.optim.Optimizer, list[torch.Tensor]]:
+    """Two fused Adams over equal parameters with equal gradients."""
+    gen = torch.Generator().manual_seed(7)
+    data = [torch.randn(5, 4, generator=gen), torch.randn(3, generator=gen)]
+    grads = [torch.randn(d.shape, generator=gen) for d in data]
+    optimizers = []
+    for _ in range(2):
+        params = [torch.nn.Parameter(d.clone()) for d in data]
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g.clone()
+        optimizers.append(torch.optim.Adam(params, lr=0.1, fused=True))
+    return optimizers[0], optimizers[1], grads
+
+
+def count_wrapper_runs(optimizer: torch.optim.Optimizer) -> list[int]:
+    """Counts calls of the no-op entry point that only torch's wrapper calls."""
+    calls = [0]
+
+    def entry() -> None:
+        calls[0] += 1
+
+    optimizer._optimizer_step_code = entry  # type: ignore[method-assign]
+    return calls
+
+
+def test_optimizer_step_without_hooks_skips_the_wrapper_with_the_same_update() -> None:
+    ours, reference, _ = adam_pair()
+    calls = count_wrapper_runs(ours)
+    for _ in range(3):
+        optimizer_step(ours)
+        reference.step()
+    assert calls == [0]
+    pairs = zip(ours.param_groups[0]["params"], reference.param_groups[0]["params"], strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
+    assert ours.state[ours.param_groups[0]["params"][0]]["step"] == 3
+
+
+def test_optimizer_step_runs_the_wrapper_for_hooks_and_profilers() -> None:
+    seen: list[str] = []
+    ours, _, _ = adam_pair()
+    calls = count_wrapper_runs(ours)
+    handles = [
+        ours.register_step_pre_hook(lambda *a: seen.append("pre")),
+        ours.register_step_post_hook(lambda *a: seen.append("post")),
+    ]
+    optimizer_step(ours)
+    assert seen == ["pre", "post"] and calls == [1]
+    for handle in handles:
+        handle.remove()
+    handle = register_optimizer_step_post_hook(lambda *a: seen.append("global post"))
+    try:
+        optimizer_step(ours)
+    finally:
+        handle.remove()
+    assert seen[-1] == "global post" and calls == [2]
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        optimizer_step(ours)
+    assert calls == [3]
+    assert any(e.name == "Optimizer.step#Adam.step" for e in prof.events())
+    optimizer_step(ours)  # nothing registered again
+    assert calls == [3]
