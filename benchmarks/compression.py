@@ -2,14 +2,14 @@
 without one (pruning <= 1.1x, L1 proximal <= 1.2x, QAT <= 1.5x).
 
 ML-100K (MF dim 64, batch 4096, BCE with 4 negatives): a 10-epoch run through the real data module
-and Trainer with the default settings of each method, against the same run without it (the
-gradual pruning schedule updates its masks 20 times over the first 75% of the steps). A 1-epoch
-run, whose one epoch holds all 20 mask updates, is reported beside it as pruning's worst case
-(no target). 1M users x 100k items (MF dim 64, ~70M parameters): a fixed
-number of optimizer steps on uniformly random batches of the same shape, the median step after
-the first (a mask update, ~20 per run, is timed apart in the details); on the sparse optimizer
-path (``optim.sparse=true``) and, in the full run, on the dense Adam path. Runs with and without
-the callback alternate in one process (:func:`benchmarks.common.interleaved_medians` style).
+and Trainer with the default settings of each method, against the same run without it (the gradual
+pruning schedule updates its masks 21 times over the first 75% of the steps). A 1-epoch run, whose
+one epoch holds all its 24 mask updates (a 90-step schedule in steps of 4), is reported beside it
+as pruning's worst case (no target). 1M users x 100k items (MF dim 64, ~70M parameters): a fixed
+number of optimizer steps on uniformly random batches of the same shape, the median step after the
+first (a mask update, ~20 per run, is timed apart in the details); on the sparse optimizer path
+(``optim.sparse=true``) and, in the full run, on the dense Adam path. Runs with and without the
+callback alternate in one process (:func:`benchmarks.common.interleaved_medians` style).
 The full run also times the plain dense step with a fresh table-sized gradient every step
 against the kept gradient (:func:`recsys_compress.ops.keep_gradient`, the default; no target).
 """
@@ -148,7 +148,7 @@ def ml100k_figures(quick: bool) -> list[Figure]:
     for method, epochs, target in cases:
         runs = {"none": run("none", epochs), method: run(method, epochs)}
         medians, _ = alternate(runs, 2 if quick else 9)
-        run_kind = f"{epochs}-epoch run" if epochs > 1 else "1-epoch run (all 20 mask updates)"
+        run_kind = f"{epochs}-epoch run" if epochs > 1 else "1-epoch run (all 24 mask updates)"
         figures.append(
             Figure(
                 SECTION,
