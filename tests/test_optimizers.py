@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import math
+import warnings
+from typing import Any
 
 import pytest
 import torch
@@ -158,3 +161,33 @@ def test_optimizer_step_runs_the_wrapper_for_hooks_and_profilers() -> None:
     assert any(e.name == "Optimizer.step#Adam.step" for e in prof.events())
     optimizer_step(ours)  # nothing registered again
     assert calls == [3]
+
+
+def test_optimizer_step_keeps_the_lr_schedulers_record_and_skips_no_override() -> None:
+    ours, _, _ = adam_pair()
+    calls = count_wrapper_runs(ours)
+    scheduler = torch.optim.lr_scheduler.StepLR(ours, step_size=1, gamma=0.5)
+    with warnings.catch_warnings():
+        # "lr_scheduler.step() before optimizer.step()" would mean the record was lost
+        warnings.simplefilter("error")
+        optimizer_step(ours)
+        scheduler.step()
+    assert calls == [0] and ours.param_groups[0]["lr"] == 0.05
+
+    class Overridden(torch.optim.SGD):
+        ran = 0
+
+        # functools.wraps copies torch's "hooked" mark, so torch leaves this step unwrapped
+        @functools.wraps(torch.optim.SGD.step)
+        def step(self, closure: Any = None) -> Any:
+            Overridden.ran += 1
+            return super().step(closure)
+
+    param = torch.nn.Parameter(torch.ones(2))
+    param.grad = torch.ones(2)
+    optimizer_step(Overridden([param], lr=0.5))
+    assert Overridden.ran == 1 and torch.equal(param.detach(), torch.full((2,), 0.5))
+    replaced = torch.optim.SGD([param], lr=0.5)
+    replaced.step = lambda *a: None  # type: ignore[method-assign]  # replaced on the instance
+    optimizer_step(replaced)
+    assert torch.equal(param.detach(), torch.full((2,), 0.5))
