@@ -222,24 +222,34 @@ def _keep_top(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     return _keep_top_pooled([scores], [None], sparsity)[0]
 
 
-def _kth_smallest_per_row(block: torch.Tensor, k: int) -> torch.Tensor:
+def _kth_smallest_per_row(
+    block: torch.Tensor, k: int, use_numpy: bool | None = None
+) -> torch.Tensor:
     """The ``k``-th smallest value of every row of ``block`` (2-D), as a column.
 
-    On the CPU numpy's introselect (``np.partition``), which takes ~0.2 ms for the 1,683 x 64
-    item table of ML-100K, where torch 2.13's ``topk`` along rows takes ~0.7 ms (per-row
-    overhead, both threads) and ``kthvalue`` ~0.8 ms (a timing loop outside the repo); ``topk``
-    on other devices. Both give the same value, so the masks do not depend on the device."""
-    if block.device.type == "cpu":
-        part = np.partition(block.detach().numpy(), k - 1, axis=1)
-        return torch.from_numpy(part[:, k - 1 : k].copy())
-    return torch.topk(block, k, dim=1, largest=False, sorted=True).values[:, k - 1 :]
+    ``use_numpy`` (default: on the CPU) takes numpy's introselect (``np.partition``): the k-th
+    values of ML-100K's 1,682 x 64 item table in ~0.2 ms, where torch 2.13's ``topk`` along rows
+    takes ~0.7 ms (per-row overhead, both threads) and ``kthvalue`` ~0.8 ms (a timing loop
+    outside the repo). Otherwise ``topk``, as on other devices. Both give the same value, so the
+    masks do not depend on the device."""
+    if block.device.type == "cpu" if use_numpy is None else use_numpy:
+        values = block.detach().cpu()
+        if values.dtype not in (torch.float32, torch.float64):
+            values = values.float()  # bfloat16 (no numpy type) and float16: exact in float32
+        part = np.partition(values.numpy(), k - 1, axis=1)
+        return torch.from_numpy(part[:, k - 1 : k].copy()).to(block.device, block.dtype)
+    return torch.topk(block.detach(), k, dim=1, largest=False, sorted=True).values[:, k - 1 :]
 
 
-def _keep_top_per_row(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+def _keep_top_per_row(
+    scores: torch.Tensor, sparsity: float, use_numpy: bool | None = None
+) -> torch.Tensor:
     """Mask keeping the largest ``round((1 - sparsity) * cols)`` scores of every row exactly,
     so every user / item (or output neuron) keeps the same number of weights; among equal
     values at a row's threshold the lower column is pruned first, as in :func:`_keep_top`.
-    Rows are ranked a block at a time, so the temporaries stay at a few MB for any table."""
+    A NaN score is pruned, as in the other scopes (a NaN weight stops training anyway).
+    Rows are ranked a block at a time, so the temporaries stay at a few MB for any table.
+    ``use_numpy``: see :func:`_kth_smallest_per_row`."""
     if scores.ndim < 2:
         return _keep_top(scores, sparsity)
     cols = scores.shape[1]
@@ -249,11 +259,14 @@ def _keep_top_per_row(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
         return mask
     rows = max(1, ops.CHUNK // cols)
     for block, out in zip(scores.detach().split(rows), mask.split(rows), strict=True):
-        threshold = _kth_smallest_per_row(block, n_prune)
+        threshold = _kth_smallest_per_row(block, n_prune, use_numpy)
         torch.gt(block, threshold, out=out)
-        # No row keeps more than cols - n_prune, so the count is short iff a row is: one with
-        # ties at its threshold, whose last ties are kept back.
-        if int(torch.count_nonzero(out)) < out.shape[0] * (cols - n_prune):
+        # No row keeps more than cols - n_prune, so on the CPU the count is short iff a row is
+        # (one with ties at its threshold, whose last ties are kept back); elsewhere the ties
+        # are resolved without the count, which would wait for the device.
+        if out.device.type != "cpu" or int(torch.count_nonzero(out)) < out.shape[0] * (
+            cols - n_prune
+        ):
             keep_back = (cols - n_prune) - out.sum(dim=1, keepdim=True)
             ties = block == threshold
             from_end = ties.flip(1).cumsum(dim=1).flip(1)  # ties at or after each column

@@ -98,18 +98,23 @@ def test_row_scope_prunes_exactly_with_ties_lower_column_first(
     gen = torch.Generator().manual_seed(5)
     scores = torch.randint(0, 4, (40, 16), generator=gen).float()  # ties at every threshold
     scores[:5, :6] = -1.0  # pruned earlier
-    mask = pruning._keep_top_per_row(scores, sparsity)
     reference = torch.stack([sort_reference(row, sparsity) for row in scores])
-    assert torch.equal(mask, reference)
+    for use_numpy in (True, False):  # numpy's partition (the CPU's) and topk (other devices')
+        assert torch.equal(pruning._keep_top_per_row(scores, sparsity, use_numpy), reference)
 
 
-def test_kth_smallest_per_row_equals_kthvalue() -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_kth_smallest_per_row_equals_kthvalue(dtype: torch.dtype) -> None:
     gen = torch.Generator().manual_seed(6)
-    block = torch.randn(300, 64, generator=gen)
+    block = torch.randn(300, 64, generator=gen).to(dtype)
     block[:, :9] = -1.0
     for k in (1, 9, 10, 40, 64):
-        expected = torch.kthvalue(block, k, dim=1, keepdim=True).values
-        assert torch.equal(pruning._kth_smallest_per_row(block, k), expected)
+        expected = torch.kthvalue(block.float(), k, dim=1, keepdim=True).values.to(dtype)
+        for use_numpy in (True, False):
+            found = pruning._kth_smallest_per_row(block, k, use_numpy)
+            assert found.dtype == dtype and torch.equal(found, expected)
+    mask = pruning._keep_top_per_row(block, 0.5)
+    assert torch.equal(mask, torch.stack([sort_reference(row.float(), 0.5) for row in block]))
 
 
 def test_randomized_svd_error_is_close_to_exact_at_the_default_oversampling() -> None:
