@@ -305,7 +305,6 @@ def optimizer_step(optimizer: torch.optim.Optimizer) -> None:
     trace) see no ``Optimizer.step`` label.
     """
     cls_step = type(optimizer).step
-    raw = getattr(cls_step, "__wrapped__", None)
     own = vars(optimizer).get("step")
     scheduled = (
         own is not None
@@ -313,8 +312,7 @@ def optimizer_step(optimizer: torch.optim.Optimizer) -> None:
         and getattr(own, "__wrapped__", None) is cls_step
     )
     if (
-        raw is None
-        or getattr(cls_step, "__code__", None) is not _PROFILED_STEP
+        getattr(cls_step, "__code__", None) is not _PROFILED_STEP
         or (own is not None and not scheduled)
         or optimizer._optimizer_step_pre_hooks
         or optimizer._optimizer_step_post_hooks
@@ -327,4 +325,4 @@ def optimizer_step(optimizer: torch.optim.Optimizer) -> None:
         return
     if scheduled:
         optimizer._opt_called = True  # type: ignore[attr-defined]  # as the scheduler's wrapper
-    raw(optimizer)
+    cls_step.__wrapped__(optimizer)  # torch's wrapper keeps the function it wraps there
