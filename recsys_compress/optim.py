@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
+import numpy as np
 import torch
 from torch.optim import optimizer as torch_optimizer
 from torch.utils.hooks import RemovableHandle
@@ -271,9 +272,88 @@ def coalesced_grad(param: torch.Tensor) -> torch.Tensor:
     grad = param.grad
     assert grad is not None
     if grad.is_sparse and not grad.is_coalesced():
-        grad = grad.coalesce()
+        grad = coalesce_rows(grad)
         param.grad = grad
     return grad
+
+
+@dataclass(frozen=True)
+class _SortedIds:
+    """What :func:`coalesce_rows` derives from a gradient's ids."""
+
+    ids: torch.Tensor  # a copy of the ids
+    rows: torch.Tensor  # the distinct ids, sorted
+    firsts: torch.Tensor  # the position in ``ids`` of each one's first occurrence
+    repeats: torch.Tensor | None = None  # the positions of later occurrences, in order
+    slots: torch.Tensor | None = None  # for each of those, its id's position in ``rows``
+
+
+# The last ids sorted, newest last: an MF batch's user (item) ids index both the user (item)
+# table and its bias table, whose gradients the optimizer takes as users, items, users, items.
+# A tuple, replaced whole, so a reader never sees half of an update.
+_recent_sorts: tuple[_SortedIds, ...] = ()
+_RECENT_SORTS = 4
+
+
+def _sort_ids(ids: torch.Tensor) -> _SortedIds:
+    """Sort ``ids`` (1-D, CPU, >= 0) stably, by one numpy sort of ``id * n + position``: numpy's
+    vectorised sort, where ``torch.sort`` (and numpy's stable sorts) take ~4x as long on 4096
+    ids (~40 against ~190 us)."""
+    global _recent_sorts
+    recent = _recent_sorts
+    for found in reversed(recent):
+        if found.ids.shape == ids.shape and torch.equal(found.ids, ids):
+            return found
+    n = ids.numel()
+    keys = np.sort(ids.numpy() * n + np.arange(n))
+    order = keys % n
+    ids_sorted = keys // n
+    first = np.empty(n, dtype=bool)
+    first[:1] = True
+    np.not_equal(ids_sorted[1:], ids_sorted[:-1], out=first[1:])
+    if first.all():  # no repeats (a batch of 4096 of 1M users holds a handful at most)
+        found = _SortedIds(ids.clone(), torch.from_numpy(ids_sorted), torch.from_numpy(order))
+    else:
+        later = ~first
+        found = _SortedIds(
+            ids.clone(),
+            torch.from_numpy(ids_sorted[first]),
+            torch.from_numpy(order[first]),
+            torch.from_numpy(order[later]),
+            torch.from_numpy(np.cumsum(first)[later] - 1),
+        )
+    _recent_sorts = (*recent[1 - _RECENT_SORTS :], found)
+    return found
+
+
+def coalesce_rows(grad: torch.Tensor) -> torch.Tensor:
+    """``grad.coalesce()`` for a sparse gradient of rows (``nn.Embedding(sparse=True)``'s: one
+    sparse dimension) on CPU: the rows sorted, each row's values summed in the order of the ids
+    (as the dense path's backward sums them, ``index_add_``; torch's coalesce sums three or more
+    repeats of a row in another order, so such a row may differ in the last bits).
+
+    torch's CPU coalesce copies the values a row at a time and sorts with a slow ``sort``:
+    ~0.6 ms for a batch of 4096 ids, ~0.35 ms for a bias table's, four times a step for MF on
+    the sparse path. This takes one numpy sort per batch of ids (an MF step's user and bias
+    tables share it), one gather of the values and, for repeated ids, one ``index_add_`` of
+    their rows. Other gradients (CUDA, several sparse dimensions) go to ``grad.coalesce()``."""
+    if (
+        grad.device.type != "cpu"
+        or grad.sparse_dim() != 1
+        or grad._nnz() == 0
+        or grad.shape[0] * grad._nnz() >= 2**62  # the sort key id * n + position must fit
+    ):
+        return grad.coalesce()
+    sort = _sort_ids(grad._indices()[0])
+    values = grad._values()
+    summed = values.index_select(0, sort.firsts)
+    if sort.repeats is not None:
+        assert sort.slots is not None
+        summed.index_add_(0, sort.slots, values.index_select(0, sort.repeats))
+    indices = sort.rows.view(1, -1)
+    return torch.sparse_coo_tensor(
+        indices, summed, grad.shape, is_coalesced=True, check_invariants=False
+    )
 
 
 def touched_rows(param: torch.Tensor) -> torch.Tensor | None:

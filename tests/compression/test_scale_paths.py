@@ -30,7 +30,7 @@ from recsys_compress.config import OptimConfig
 from recsys_compress.errors import ConfigError
 from recsys_compress.models.mf import MF
 from recsys_compress.module import RecommenderModule
-from recsys_compress.optim import RowSparseAdam, RowStep, touched_rows
+from recsys_compress.optim import RowSparseAdam, RowStep, coalesce_rows, touched_rows
 from tests.compression.helpers import tiny_setup, tiny_trainer
 
 
@@ -164,16 +164,100 @@ def test_sgd_with_sparse_gradients_gives_identical_weights() -> None:
 
 @pytest.mark.parametrize("sparse", [False, True])
 def test_row_sparse_adam_equals_adam_when_every_row_is_in_the_batch(sparse: bool) -> None:
-    """Fused (the default): torch's fused Adam, bit for bit on dense gradients (a sparse
-    gradient sums a row's duplicates in another order than the dense embedding backward);
-    the for-loop arithmetic: torch's Adam up to float rounding."""
+    """Fused (the default): torch's fused Adam, bit for bit, on dense and on sparse gradients
+    (:func:`coalesce_rows` sums a row's repeats in the order of the ids, as the dense embedding
+    backward does; the batches repeat rows up to four times); the for-loop arithmetic: torch's
+    Adam up to float rounding."""
     for ours, theirs in (("row_sparse_fused", "torch_adam_fused"), ("row_sparse", "torch_adam")):
         expected = train_mf(False, theirs).state_dict()
         for name, value in train_mf(sparse, ours).state_dict().items():
-            if sparse or not ours.endswith("fused"):
+            if not ours.endswith("fused"):
                 assert torch.allclose(expected[name], value, rtol=1e-5, atol=1e-7), name
             else:
                 assert torch.equal(expected[name], value), name
+
+
+def dense_order_sums(ids: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distinct ids, sorted, and each one's values summed in the order of the ids."""
+    rows, inverse = torch.unique(ids, sorted=True, return_inverse=True)
+    return rows, values.new_zeros(len(rows), *values.shape[1:]).index_add_(0, inverse, values)
+
+
+@pytest.mark.parametrize(
+    ("num_rows", "dims", "dtype"),
+    [
+        (1_000_000, (8,), torch.float32),  # few repeats
+        (30, (8,), torch.float32),  # every row repeated, up to ~30 times
+        (50, (), torch.float32),  # a bias table's gradient: values of one element
+        (40, (3,), torch.float64),
+        (40, (3,), torch.bfloat16),
+    ],
+)
+def test_coalesce_rows_sums_repeats_in_the_order_of_the_ids(
+    num_rows: int, dims: tuple[int, ...], dtype: torch.dtype
+) -> None:
+    """Sorted distinct rows, each row's values summed in the order of the ids (bit for bit as
+    ``index_add_``, the dense backward), a coalesced tensor equal to torch's ``coalesce`` up to
+    the order of the sums; the input is left as it was."""
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(3):
+        ids = torch.randint(num_rows, (500,), generator=gen)
+        values = torch.randn(500, *dims, generator=gen).to(dtype)
+        grad = torch.sparse_coo_tensor(
+            ids.view(1, -1), values, (num_rows, *dims), check_invariants=True
+        )
+        before = (grad._indices().clone(), grad._values().clone())
+        ours = coalesce_rows(grad)
+        rows, sums = dense_order_sums(ids, values)
+        assert ours.is_coalesced() and ours.shape == grad.shape
+        assert torch.equal(ours.indices()[0], rows)
+        assert torch.equal(ours.values(), sums)
+        theirs = grad.coalesce()
+        assert torch.equal(ours.indices(), theirs.indices())
+        tolerance = 0.1 if dtype == torch.bfloat16 else 1e-5
+        assert torch.allclose(ours.values(), theirs.values(), rtol=tolerance, atol=tolerance)
+        assert torch.equal(grad._indices(), before[0]) and torch.equal(grad._values(), before[1])
+
+
+def test_coalesce_rows_reuses_a_sort_only_for_the_same_ids() -> None:
+    """An MF step's user table and user bias share their ids' sort; other ids of the same
+    length (the next batch, the item table's) get their own, also after several tables."""
+    gen = torch.Generator().manual_seed(6)
+    batches = [torch.randint(1000, (64,), generator=gen) for _ in range(6)]
+    for step in range(2):
+        for ids in batches:
+            for width in (4, 1):  # the table, then its bias
+                values = torch.randn(64, width, generator=gen)
+                grad = torch.sparse_coo_tensor(
+                    ids.view(1, -1), values, (1000, width), check_invariants=True
+                )
+                rows, sums = dense_order_sums(ids, values)
+                ours = coalesce_rows(grad)
+                assert torch.equal(ours.indices()[0], rows), step
+                assert torch.equal(ours.values(), sums), step
+    ids = batches[0].clone()
+    for _ in range(2):  # the second time, the same tensor written in place: a new sort
+        grad = torch.sparse_coo_tensor(
+            ids.view(1, -1), torch.ones(64), (1000,), check_invariants=True
+        )
+        assert torch.equal(coalesce_rows(grad).indices()[0], torch.unique(ids))
+        ids[ids == ids[0]] = 1000 - 1 - ids[0]
+
+
+def test_coalesce_rows_leaves_other_sparse_tensors_to_torch() -> None:
+    """Two sparse dimensions (not a gradient of rows) and empty gradients: torch's coalesce."""
+    grad = torch.sparse_coo_tensor(
+        torch.tensor([[1, 0, 1], [0, 1, 0]]),
+        torch.tensor([3.0, 2.0, 4.0]),
+        (2, 2),
+        check_invariants=True,
+    )
+    ours = coalesce_rows(grad)
+    assert ours.is_coalesced() and torch.equal(ours.to_dense(), torch.tensor([[0, 2.0], [7, 0]]))
+    empty = torch.sparse_coo_tensor(
+        torch.empty(1, 0, dtype=torch.long), torch.empty(0, 3), (5, 3), check_invariants=True
+    )
+    assert coalesce_rows(empty)._nnz() == 0 and coalesce_rows(empty).is_coalesced()
 
 
 def test_fused_row_update_equals_fused_adam_on_the_same_gradients() -> None:
