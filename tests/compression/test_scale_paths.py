@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from recsys_compress import ops
+from recsys_compress import ops, optim
 from recsys_compress.compression import pruning
 from recsys_compress.compression.lowrank import truncated_svd
 from recsys_compress.compression.pruning import MagnitudePruning, PruneConfig
@@ -166,7 +166,7 @@ def test_sgd_with_sparse_gradients_gives_identical_weights() -> None:
 def test_row_sparse_adam_equals_adam_when_every_row_is_in_the_batch(sparse: bool) -> None:
     """Fused (the default): torch's fused Adam, bit for bit, on dense and on sparse gradients
     (:func:`coalesce_rows` sums a row's repeats in the order of the ids, as the dense embedding
-    backward does; the batches repeat rows up to four times); the for-loop arithmetic: torch's
+    backward does; the batches repeat rows up to six times); the for-loop arithmetic: torch's
     Adam up to float rounding."""
     for ours, theirs in (("row_sparse_fused", "torch_adam_fused"), ("row_sparse", "torch_adam")):
         expected = train_mf(False, theirs).state_dict()
@@ -197,8 +197,8 @@ def test_coalesce_rows_sums_repeats_in_the_order_of_the_ids(
     num_rows: int, dims: tuple[int, ...], dtype: torch.dtype
 ) -> None:
     """Sorted distinct rows, each row's values summed in the order of the ids (bit for bit as
-    ``index_add_``, the dense backward), a coalesced tensor equal to torch's ``coalesce`` up to
-    the order of the sums; the input is left as it was."""
+    ``index_add_``, the dense backward's sums in float32 / float64), a coalesced tensor equal to
+    torch's ``coalesce`` up to the order of the sums; the input is left as it was."""
     gen = torch.Generator().manual_seed(5)
     for _ in range(3):
         ids = torch.randint(num_rows, (500,), generator=gen)
@@ -235,6 +235,16 @@ def test_coalesce_rows_reuses_a_sort_only_for_the_same_ids() -> None:
                 ours = coalesce_rows(grad)
                 assert torch.equal(ours.indices()[0], rows), step
                 assert torch.equal(ours.values(), sums), step
+    # a table and its bias share the sort: one index tensor
+    table, bias = (
+        coalesce_rows(
+            torch.sparse_coo_tensor(
+                batches[0].view(1, -1), torch.ones(64, width), (1000, width), check_invariants=True
+            )
+        )
+        for width in (4, 1)
+    )
+    assert table._indices().data_ptr() == bias._indices().data_ptr()
     ids = batches[0].clone()
     for _ in range(2):  # the second time, the same tensor written in place: a new sort
         grad = torch.sparse_coo_tensor(
@@ -242,6 +252,27 @@ def test_coalesce_rows_reuses_a_sort_only_for_the_same_ids() -> None:
         )
         assert torch.equal(coalesce_rows(grad).indices()[0], torch.unique(ids))
         ids[ids == ids[0]] = 1000 - 1 - ids[0]
+
+
+def test_coalesce_rows_takes_strided_values_and_tables_too_tall_for_its_sort_key() -> None:
+    """Values that are a strided view; a table so tall that ``id * n + position`` could overflow
+    int64 goes to torch's coalesce (the sparse tensor allocates nothing of its size)."""
+    gen = torch.Generator().manual_seed(8)
+    ids = torch.randint(20, (50,), generator=gen)
+    wide = torch.randn(50, 6, generator=gen)
+    strided = wide[:, ::2]
+    grad = torch.sparse_coo_tensor(ids.view(1, -1), strided, (20, 3), check_invariants=True)
+    rows, sums = dense_order_sums(ids, strided.contiguous())
+    ours = coalesce_rows(grad)
+    assert torch.equal(ours.indices()[0], rows) and torch.equal(ours.values(), sums)
+    tall = 2**62 // 50 + 1
+    ids = torch.randint(tall, (50,), generator=gen)
+    grad = torch.sparse_coo_tensor(ids.view(1, -1), wide, (tall, 6), check_invariants=True)
+    theirs = grad.coalesce()
+    with mock.patch.object(optim, "_sort_ids", side_effect=AssertionError("sorted a tall table")):
+        ours = coalesce_rows(grad)
+    assert torch.equal(ours.indices(), theirs.indices())
+    assert torch.equal(ours.values(), theirs.values())
 
 
 def test_coalesce_rows_leaves_other_sparse_tensors_to_torch() -> None:
