@@ -254,6 +254,20 @@ def test_coalesce_rows_reuses_a_sort_only_for_the_same_ids() -> None:
         ids[ids == ids[0]] = 1000 - 1 - ids[0]
 
 
+def test_coalesce_rows_keeps_no_sort_of_a_batch_above_its_cache_limit() -> None:
+    """A batch of more ids than ``_CACHED_IDS`` is sorted and summed as any other, and its sort
+    is not kept (each kept sort holds several arrays of the batch's size)."""
+    ids = torch.tensor([3, 1, 3, 2, 1, 3])
+    values = torch.arange(6.0).view(6, 1)
+    grad = torch.sparse_coo_tensor(ids.view(1, -1), values, (4, 1), check_invariants=True)
+    with mock.patch.object(optim, "_CACHED_IDS", 5):
+        kept = optim._recent_sorts
+        ours = coalesce_rows(grad)
+        assert optim._recent_sorts is kept
+    assert ours.indices()[0].tolist() == [1, 2, 3]
+    assert ours.values().flatten().tolist() == [1.0 + 4.0, 3.0, 0.0 + 2.0 + 5.0]
+
+
 def test_coalesce_rows_takes_strided_values_and_tables_too_tall_for_its_sort_key() -> None:
     """Values that are a strided view; a table so tall that ``id * n + position`` could overflow
     int64 goes to torch's coalesce (the sparse tensor allocates nothing of its size)."""
