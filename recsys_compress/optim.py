@@ -41,7 +41,9 @@ class RowStep:
 
     rows: torch.Tensor  # the rows the gradient holds: sorted, unique
     grad: torch.Tensor  # their gradient (duplicates summed)
-    old: torch.Tensor  # their values before the step
+    # their values before the step; None when no hook on the table reads them (every hook
+    # registered with reads_old false, or returning false this step): no copy is made then
+    old: torch.Tensor | None
     new: torch.Tensor  # their values after the step; a hook may change it in place
     exp_avg_sq: torch.Tensor  # their second moments after the step
     bias2_sqrt: float  # sqrt(1 - beta2^t)
@@ -56,6 +58,7 @@ class RowStep:
 
 
 RowHook = Callable[[RowStep], None]
+ReadsOld = bool | Callable[[], bool]
 
 
 class RowSparseAdam(torch.optim.Optimizer):
@@ -89,7 +92,7 @@ class RowSparseAdam(torch.optim.Optimizer):
             "fused": fused,
         }
         super().__init__(params, defaults)
-        self._row_hooks: dict[int, OrderedDict[int, RowHook]] = {}
+        self._row_hooks: dict[int, OrderedDict[int, tuple[RowHook, ReadsOld]]] = {}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -97,14 +100,21 @@ class RowSparseAdam(torch.optim.Optimizer):
             # Saved before the fused row update: resume with the arithmetic the run began with.
             group.setdefault("fused", False)
 
-    def register_row_hook(self, param: torch.Tensor, hook: RowHook) -> RemovableHandle:
+    def register_row_hook(
+        self, param: torch.Tensor, hook: RowHook, reads_old: ReadsOld = True
+    ) -> RemovableHandle:
         """Call ``hook(row_step)`` on every sparse-gradient update of ``param``, after the Adam
         arithmetic and before the rows are written back (hooks run in registration order and
         may change ``row_step.new`` in place). Dense-gradient updates of ``param`` do not call
-        it. Returns a handle whose ``remove()`` unregisters the hook."""
+        it. Returns a handle whose ``remove()`` unregisters the hook.
+
+        ``reads_old``: whether the hook reads ``row_step.old``, or a function asked before each
+        update. The rows are copied before the step only when some hook of ``param`` reads
+        them (~60 us a step for 4096 rows of 64 in training: the L1 proximal step never reads
+        them, pruning only while it sums Taylor scores); otherwise ``old`` is None."""
         hooks = self._row_hooks.setdefault(id(param), OrderedDict())
         handle = RemovableHandle(hooks)
-        hooks[handle.id] = hook
+        hooks[handle.id] = (hook, reads_old)
         return handle
 
     def has_row_hooks(self, param: torch.Tensor) -> bool:
@@ -150,7 +160,8 @@ class RowSparseAdam(torch.optim.Optimizer):
                 exp_avg_sq = state["exp_avg_sq"].index_select(0, rows)
                 new = param.index_select(0, rows)
                 hooks = list(self._row_hooks.get(id(param), {}).values())
-                old = new.clone() if hooks else new
+                reads = any(r() if callable(r) else r for _, r in hooks)
+                old = new.clone() if reads else None
                 _adam_(new, values, exp_avg, exp_avg_sq, state["step"], group, rows=True)
                 copy_rows_(state["exp_avg"], rows, exp_avg)
                 copy_rows_(state["exp_avg_sq"], rows, exp_avg_sq)
@@ -159,7 +170,7 @@ class RowSparseAdam(torch.optim.Optimizer):
                     row_step = RowStep(
                         rows, values, old, new, exp_avg_sq, bias2_sqrt, group["eps"], group["lr"]
                     )
-                    for hook in hooks:
+                    for hook, _ in hooks:
                         hook(row_step)
                 copy_rows_(param, rows, new)
         return loss
@@ -217,16 +228,20 @@ class RowHookSet:
         self._params: set[int] = set()
 
     def register(
-        self, optimizers: Iterable[Any], hooks: list[tuple[torch.Tensor, RowHook]]
+        self,
+        optimizers: Iterable[Any],
+        hooks: list[tuple[torch.Tensor, RowHook]],
+        reads_old: ReadsOld = True,
     ) -> None:
         """Register ``hooks`` (weight, hook) on each RowSparseAdam among ``optimizers`` (torch's
-        or Lightning's wrappers); other optimizers get none."""
+        or Lightning's wrappers), with ``reads_old`` (:meth:`RowSparseAdam.register_row_hook`);
+        other optimizers get none."""
         self.remove()
         for optimizer in optimizers:
             raw = getattr(optimizer, "optimizer", optimizer)
             if isinstance(raw, RowSparseAdam):
                 for param, hook in hooks:
-                    self._handles.append(raw.register_row_hook(param, hook))
+                    self._handles.append(raw.register_row_hook(param, hook, reads_old))
                     self._params.add(id(param))
 
     def remove(self) -> None:

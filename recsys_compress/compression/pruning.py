@@ -410,11 +410,17 @@ class MagnitudePruning(L.Callback):
         new rows by their masks before they are written back. The same values as the
         ``on_before_optimizer_step`` / ``on_optimizer_step_end`` path, which gathers and
         scatters each row twice more."""
-        self._row_hooks.register(optimizers, [(t.weight, self._row_hook(t)) for t in self._targets])
+        hooks = [(t.weight, self._row_hook(t)) for t in self._targets]
+        self._row_hooks.register(optimizers, hooks, reads_old=self._sums_taylor)
+
+    def _sums_taylor(self) -> bool:
+        """Whether this step adds to the Taylor sums (the old weights are read then only)."""
+        return self.cfg.score == "taylor" and not self._masks_final()
 
     def _row_hook(self, target: Target) -> Callable[[RowStep], None]:
         def hook(step: RowStep) -> None:
-            if self.cfg.score == "taylor" and not self._masks_final():
+            if self._sums_taylor():
+                assert step.old is not None  # asked for by reads_old
                 self._add_taylor_rows(target, step.rows, step.old, step.grad)
             mask = self._mask(target.name, step.new.device)
             if mask is not None:
@@ -467,7 +473,7 @@ class MagnitudePruning(L.Callback):
         self._grad_rows = self._gradient_rows()
         # After the last mask update the sums would never be read (a quarter of the steps with
         # the default end_fraction=0.75).
-        if self.cfg.score == "taylor" and not self._masks_final():
+        if self._sums_taylor():
             self.accumulate_taylor(self._grad_rows)
         self._mask_gradient_rows(self._grad_rows)
 

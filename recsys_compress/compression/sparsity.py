@@ -77,7 +77,7 @@ class L1Proximal(L.Callback):
         has just computed, with the step size it used, before they are written back: the same
         values as :meth:`proximal_step` without gathering and scattering the rows again."""
         hooks = [(t.weight, self._row_hook(trainer, t)) for t in self._targets]
-        self._row_hooks.register(trainer.optimizers, hooks)
+        self._row_hooks.register(trainer.optimizers, hooks, reads_old=False)
 
     def _row_hook(self, trainer: L.Trainer, target: Target) -> Callable[[RowStep], None]:
         def hook(step: RowStep) -> None:

@@ -552,6 +552,42 @@ def test_row_hooks_see_the_step_run_in_order_and_can_be_removed() -> None:
     assert len(seen) == 2
 
 
+def test_row_hooks_get_the_old_rows_only_when_one_of_them_reads_them() -> None:
+    torch.manual_seed(0)
+    table = nn.Embedding(10, 4, sparse=True)
+    opt = RowSparseAdam(table.parameters(), lr=0.1)
+    olds: list[torch.Tensor | None] = []
+    wanted = [False]
+
+    def record(step: RowStep) -> None:
+        olds.append(None if step.old is None else step.old.clone())
+
+    def asked() -> bool:
+        return wanted[0]
+
+    def step_on(ids: list[int]) -> torch.Tensor:
+        before = table.weight.detach().clone()
+        opt.zero_grad()
+        table(torch.tensor(ids)).sum().backward()
+        opt.step()
+        return before[sorted(set(ids))]
+
+    handle = opt.register_row_hook(table.weight, record, reads_old=False)
+    step_on([1, 4])
+    assert olds == [None]
+    asking = opt.register_row_hook(table.weight, lambda step: None, reads_old=asked)
+    step_on([3])  # asked, and answered no
+    assert olds[-1] is None
+    wanted[0] = True
+    before = step_on([4, 1, 4])  # the other hook reads them: every hook sees them
+    assert torch.equal(olds[-1], before)
+    asking.remove()
+    handle.remove()
+    opt.register_row_hook(table.weight, record)  # reads_old defaults to True
+    before = step_on([0, 9])
+    assert torch.equal(olds[-1], before)
+
+
 def fit_sparse(
     tmp_path: Path, callback: L.Callback, fused: bool
 ) -> tuple[RecommenderModule, L.Callback]:
@@ -566,17 +602,29 @@ def fit_sparse(
 
 
 @pytest.mark.parametrize("score", ["taylor", "magnitude"])
-def test_pruning_in_the_row_hook_equals_pruning_after_the_step(tmp_path: Path, score: str) -> None:
-    runs = {
-        fused: fit_sparse(
-            tmp_path / str(fused),
-            MagnitudePruning(PruneConfig(sparsity=0.6, score=score, frequency=2)),
-            fused,
-        )
-        for fused in (True, False)
-    }
+def test_pruning_in_the_row_hook_equals_pruning_after_the_step(
+    tmp_path: Path, score: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # (the step's last mask update, whether the hook was handed the old rows), per row update
+    handed: list[tuple[int, bool]] = []
+    callbacks: list[MagnitudePruning] = []
+
+    class Recorded(RowStep):
+        def __init__(self, *args: Any) -> None:
+            super().__init__(*args)
+            handed.append((callbacks[-1].last_update_step, self.old is not None))
+
+    monkeypatch.setattr(optim, "RowStep", Recorded)
+    runs = {}
+    for fused in (True, False):
+        callbacks.append(MagnitudePruning(PruneConfig(sparsity=0.6, score=score, frequency=2)))
+        runs[fused] = fit_sparse(tmp_path / str(fused), callbacks[-1], fused)
     (fused_module, fused_cb), (plain_module, plain_cb) = runs[True], runs[False]
     assert fused_cb.last_update_step > 10  # several mask updates happened
+    # The rows are copied before the step only while Taylor sums are added.
+    final = fused_cb.last_update_step
+    assert handed and all(old == (score == "taylor" and step < final) for step, old in handed)
+    assert (score == "taylor") == any(old for _, old in handed)
     assert not fused_cb._row_hooks  # removed at the end of fit
     for name, value in plain_module.state_dict().items():
         assert torch.equal(fused_module.state_dict()[name], value), name
@@ -590,9 +638,20 @@ def test_pruning_in_the_row_hook_equals_pruning_after_the_step(tmp_path: Path, s
     assert fused_cb._masks_final() and fused_cb._taylor == plain_cb._taylor == {}
 
 
-def test_l1_in_the_row_hook_equals_the_proximal_step_after_it(tmp_path: Path) -> None:
+def test_l1_in_the_row_hook_equals_the_proximal_step_after_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    handed: list[bool] = []  # whether the hook was handed the old rows, per row update
+
+    class Recorded(RowStep):
+        def __init__(self, *args: Any) -> None:
+            super().__init__(*args)
+            handed.append(self.old is not None)
+
+    monkeypatch.setattr(optim, "RowStep", Recorded)
     cfg = L1Config(strength=0.02, warmup_steps=5, targets=TargetSpec(groups=["embedding"]))
     fused, _ = fit_sparse(tmp_path / "fused", L1Proximal(cfg), True)
+    assert handed and not any(handed)  # the proximal step never reads them: not copied
     plain, _ = fit_sparse(tmp_path / "plain", L1Proximal(cfg), False)
     for name, value in plain.state_dict().items():
         assert torch.equal(fused.state_dict()[name], value), name
