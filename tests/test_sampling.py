@@ -16,6 +16,7 @@ from recsys_compress.config import (
     SplitConfig,
     SyntheticConfig,
 )
+from recsys_compress.data import sampling
 from recsys_compress.data.datamodule import (
     RecDataModule,
     TrainBatches,
@@ -114,6 +115,27 @@ def test_sampler_is_deterministic_for_a_seeded_generator():
     c = sampler.sample(query, 30, torch.Generator().manual_seed(124))
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
+
+
+def test_sampler_in_passes_draws_what_one_pass_draws(monkeypatch: pytest.MonkeyPatch) -> None:
+    users, items = random_pairs()
+    sampler = ExclusionSampler(users, items, 40, NUM_ITEMS)
+    query = torch.arange(40).repeat(3)
+    # the arithmetic of the one-pass form, on the whole batch at once
+    uniform = torch.rand((120, 5), generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    free = NUM_ITEMS - sampler.degree[query]
+    rank = torch.minimum(uniform.mul(free.double()[:, None]).long(), (free - 1)[:, None])
+    below = torch.searchsorted(sampler._keys, rank + (query * (NUM_ITEMS + 1))[:, None], right=True)
+    expected = below - sampler.indptr[query][:, None] + rank
+    monkeypatch.setattr(sampling, "USERS_PER_PASS", 7)  # 17 passes, the last of 1 user
+    got = sampler.sample(query, 5, torch.Generator().manual_seed(8))
+    assert torch.equal(got, expected)
+    out = torch.full((120, 5), -1, dtype=torch.int64)
+    assert sampler.sample(query, 5, torch.Generator().manual_seed(8), out=out) is out
+    assert torch.equal(out, expected)
+    for bad in (torch.empty(120, 4, dtype=torch.int64), torch.empty(120, 5), out.t()):
+        with pytest.raises(ValueError, match=r"contiguous int64 tensor of shape \(120, 5\)"):
+            sampler.sample(query, 5, out=bad)
 
 
 def test_sampler_rejects_a_user_with_every_item():
@@ -248,6 +270,24 @@ def test_resume_position_counts_batches_not_lists():
     rest = [b for g in data for b in g]
     assert len(rest) == data.num_batches() - 6
     assert torch.equal(rest[0]["users"], data.epoch_tensors(0)["users"][42:49])
+
+
+@pytest.mark.parametrize("per_call", [1, 4])
+def test_ddp_ranks_share_each_batch_and_drop_a_last_batch_smaller_than_the_world(per_call):
+    data = train_batches("bce")
+    total = data.num_samples()
+    data.batch_size = next(b for b in range(5, total) if 0 < total % b < 3)
+    data.batches_per_call = per_call
+    whole = [b for g in data for b in g]
+    assert len(whole[-1]["users"]) < 3  # the last batch has fewer rows than three ranks
+    shares = []
+    for rank in range(3):
+        data.shard = (rank, 3)
+        shares.append([b for g in data for b in g])
+    assert all(len(s) == len(whole) - 1 for s in shares)  # the short last batch is dropped
+    for i, batch in enumerate(whole[:-1]):
+        for key, value in batch.items():
+            assert torch.equal(torch.cat([s[i][key] for s in shares]), value)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -14,6 +14,10 @@ import torch
 from recsys_compress.data.sorting import sorted_unique
 from recsys_compress.errors import DataError
 
+# Users whose draws :meth:`ExclusionSampler.sample` turns into items in one pass of its
+# element-wise ops (a few MB of temporaries at a few negatives each).
+USERS_PER_PASS = 1 << 17
+
 
 class ExclusionSampler:
     """Draws items uniformly from those a user has NOT interacted with (in the given pairs)."""
@@ -43,14 +47,35 @@ class ExclusionSampler:
             )
 
     def sample(
-        self, users: torch.Tensor, k: int, generator: torch.Generator | None = None
+        self,
+        users: torch.Tensor,
+        k: int,
+        generator: torch.Generator | None = None,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``[len(users), k]`` items, each uniform over the user's non-excluded items."""
+        """``[len(users), k]`` items, each uniform over the user's non-excluded items.
+
+        ``out``: a contiguous int64 ``[len(users), k]`` tensor to write them into. The uniform
+        draws are made into its memory in one call (the same numbers as a float64
+        ``torch.rand``) and turned into items :data:`USERS_PER_PASS` users at a time, so the
+        temporaries stay small (at 8M users x 4 negatives the one-pass form held four
+        ``[8M, 4]`` tensors, ~1 GB, at once)."""
         users = users.long()
-        free = self.num_items - self.degree[users]
-        uniform = torch.rand((len(users), k), generator=generator, dtype=torch.float64)
-        rank = uniform.mul_(free.to(torch.float64)[:, None]).long()
-        rank = torch.minimum(rank, (free - 1)[:, None], out=rank)
-        query = rank + (users * (self.num_items + 1))[:, None]
-        below = torch.searchsorted(self._keys, query, right=True)
-        return below.sub_(self.indptr[users][:, None]).add_(rank)
+        shape = (len(users), k)
+        if out is None:
+            out = torch.empty(shape, dtype=torch.int64)
+        if out.shape != shape or out.dtype != torch.int64 or not out.is_contiguous():
+            raise ValueError(f"out must be a contiguous int64 tensor of shape {shape}")
+        # float64 and int64 share a size: each row's draws are read before its items overwrite them
+        uniform = torch.rand(
+            shape, generator=generator, dtype=torch.float64, out=out.view(torch.float64)
+        )
+        for start in range(0, len(users), USERS_PER_PASS):
+            part = users[start : start + USERS_PER_PASS]
+            free = self.num_items - self.degree[part]
+            rank = uniform[start : start + len(part)].mul(free.to(torch.float64)[:, None]).long()
+            rank = torch.minimum(rank, (free - 1)[:, None], out=rank)
+            query = rank + (part * (self.num_items + 1))[:, None]
+            below = torch.searchsorted(self._keys, query, right=True)
+            out[start : start + len(part)] = below.sub_(self.indptr[part][:, None]).add_(rank)
+        return out
