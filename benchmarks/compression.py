@@ -11,7 +11,8 @@ first (a mask update, ~20 per run, is timed apart in the details); on the sparse
 (``optim.sparse=true``) and, in the full run, on the dense Adam path. Runs with and without the
 callback alternate in one process (:func:`benchmarks.common.interleaved_medians` style).
 The full run also times the plain dense step with a fresh table-sized gradient every step
-against the kept gradient (:func:`recsys_compress.ops.keep_gradient`, the default; no target).
+against the kept gradient (:func:`recsys_compress.ops.keep_gradient`, the default; no target),
+and every run the plain sparse step of ``optim=rowwise_adagrad`` against ``sparse_adam``'s.
 """
 
 from __future__ import annotations
@@ -174,10 +175,11 @@ def random_batches(steps: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
     ]
 
 
-def big_module(sparse: bool) -> RecommenderModule:
+def big_module(sparse: bool, optimizer: str = "adam") -> RecommenderModule:
     torch.manual_seed(0)
     model = MF(BIG_USERS, BIG_ITEMS, DIM)
-    optim = OptimConfig(name="adam", sparse=sparse, embedding_weight_decay=0.0)
+    lr = 0.03 if optimizer == "rowwise_adagrad" else 0.002
+    optim = OptimConfig(name=optimizer, lr=lr, sparse=sparse, embedding_weight_decay=0.0)
     return RecommenderModule(model, LossConfig(name="bce"), optim, EvalConfig())
 
 
@@ -187,13 +189,14 @@ def big_run(
     batches: list[dict[str, torch.Tensor]],
     details: dict[str, Any],
     kept: bool = True,
+    optimizer: str = "adam",
 ) -> Callable[[], float]:
     """A fresh 1M x 100k model trained on ``batches``; returns the median step after the first
     (which holds the one-time work: the spectral basis, the first masks). ``kept=False``: a
     fresh dense gradient every step, as before kept gradients."""
 
     def one() -> float:
-        module = big_module(sparse)
+        module = big_module(sparse, optimizer)
         with mock.patch.object(ops, "keep_gradient", ops.keep_gradient if kept else _never):
             timer, callback = fit(
                 module, batches, method, EPOCH_STEPS, max_steps=len(batches), max_epochs=1
@@ -242,6 +245,25 @@ def big_figures(quick: bool) -> list[Figure]:
                 )
             )
             gc.collect()
+    steps, repeat = paths["sparse"]
+    batches = random_batches(steps)
+    runs = {
+        name: big_run("none", True, batches, {}, optimizer=name)
+        for name in ("adam", "rowwise_adagrad")
+    }
+    medians, _ = alternate(runs, repeat)
+    figures.append(
+        Figure(
+            SECTION,
+            "plain sparse step, 1M x 100k MF-64: optim=rowwise_adagrad / optim=sparse_adam",
+            medians["rowwise_adagrad"] / medians["adam"],
+            details={
+                "rowwise_adagrad_step_ms": 1e3 * medians["rowwise_adagrad"],
+                "sparse_adam_step_ms": 1e3 * medians["adam"],
+            },
+        )
+    )
+    gc.collect()
     if not quick:
         batches = random_batches(paths["dense"][0])
         runs = {kept: big_run("none", False, batches, {}, kept) for kept in (False, True)}

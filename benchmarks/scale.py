@@ -5,6 +5,8 @@ on that model. Each step runs in its own subprocess, so its peak RSS is its own;
 
 Steps (a fresh process each; the trained model is passed on as a state dict file):
 ``train``  the epoch (data generation, split and negative sampling included);
+``train_rowwise``  the same epoch with ``optim=rowwise_adagrad`` (one accumulator per row
+           instead of Adam's two moment tables; its model is not passed on);
 ``prune``  global magnitude masks at 80% over both tables (the exact radix threshold);
 ``l1``     200 optimizer steps (quick: 30) with the L1 proximal step (sparse path);
 ``svd``    per-layer truncated SVD at half the parameters (``torch.svd_lowrank`` at this size);
@@ -39,7 +41,16 @@ FULL = {"num_users": 1_000_000, "num_items": 100_000, "interactions_per_user": 1
 QUICK = {"num_users": 50_000, "num_items": 5_000, "interactions_per_user": 5}
 
 
-def _config(size: dict[str, int]) -> Any:
+SPARSE_ADAM = {"name": "adam", "sparse": True, "embedding_weight_decay": 0.0}
+ROWWISE_ADAGRAD = {
+    "name": "rowwise_adagrad",
+    "lr": 0.03,
+    "sparse": True,
+    "embedding_weight_decay": 0,
+}
+
+
+def _config(size: dict[str, int], optim: dict[str, Any] = SPARSE_ADAM) -> Any:
     from recsys_compress.config import to_train_config
 
     return to_train_config(
@@ -47,7 +58,7 @@ def _config(size: dict[str, int]) -> Any:
             "data": {"name": "synthetic", "source": "synthetic", "synthetic": size},
             "model": {"name": "mf", "dim": 64},
             "loss": {"name": "bce", "num_negatives": 4},
-            "optim": {"name": "adam", "sparse": True, "embedding_weight_decay": 0.0},
+            "optim": optim,
             "trainer": {"batch_size": 4096, "progress_bar": False, "max_epochs": 1},
             "logger": {"name": "none"},
         }
@@ -81,12 +92,12 @@ def step(name: str, size: dict[str, int], workdir: Path) -> dict[str, Any]:
     """Run one step in this process; returns its seconds and details."""
     from recsys_compress.module import RecommenderModule
 
-    cfg = _config(size)
+    cfg = _config(size, ROWWISE_ADAGRAD if name == "train_rowwise" else SPARSE_ADAM)
     steps = 200 if size["num_users"] >= FULL["num_users"] else 30
     state = workdir / "model.pt"
     start = time.perf_counter()
     details: dict[str, Any] = {}
-    if name == "train":
+    if name in ("train", "train_rowwise"):
         from recsys_compress.train import build_datamodule
 
         dm = build_datamodule(cfg)
@@ -99,7 +110,8 @@ def step(name: str, size: dict[str, int], workdir: Path) -> dict[str, Any]:
         details["epoch_s"] = time.perf_counter() - fit_start
         details["steps"] = trainer.global_step
         details["train_loss"] = float(trainer.callback_metrics.get("train/loss", float("nan")))
-        torch.save(model.state_dict(), state)
+        if name == "train":  # the model the other steps start from
+            torch.save(model.state_dict(), state)
     elif name == "prune":
         from recsys_compress.compression.pruning import MagnitudePruning, PruneConfig
         from recsys_compress.compression.targets import select_targets
@@ -178,7 +190,7 @@ def run(quick: bool) -> list[Figure]:
     )
     figures = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name in ("train", "prune", "l1", "svd", "qat", "export", "load"):
+        for name in ("train", "train_rowwise", "prune", "l1", "svd", "qat", "export", "load"):
             args = [sys.executable, "-m", "benchmarks.scale", name, json.dumps(size), tmp]
             done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
             if done.returncode != 0:

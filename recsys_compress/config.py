@@ -33,7 +33,7 @@ MODELS = ("mf", "gmf", "mlp", "neumf")
 LOSSES = ("bce", "bpr", "mse")
 SPLITS = ("loo", "ratio", "temporal")
 PROTOCOLS = ("full", "sampled")
-OPTIMIZERS = ("adam", "adamw", "sgd", "adagrad")
+OPTIMIZERS = ("adam", "adamw", "sgd", "adagrad", "rowwise_adagrad")
 SCHEDULERS = ("none", "step", "cosine", "exponential")
 
 
@@ -234,6 +234,8 @@ class OptimConfig:
     ``sparse``: embedding tables get sparse gradients (only the rows a batch reads) and the
     optimizer updates only those rows, so a step's cost follows the batch, not the table (Adam:
     :class:`~recsys_compress.optim.RowSparseAdam`; SGD and Adagrad take sparse gradients as is).
+    ``rowwise_adagrad`` (:class:`~recsys_compress.optim.RowWiseAdagrad`, sparse only): Adagrad
+    with one accumulator per table row, TorchRec's usual optimizer for large tables.
     ``fused``: torch's fused optimizer kernels (one pass per parameter; with ``sparse``, fused
     Adam on the batch's rows; results differ from the for-loop implementation by float rounding
     only); false reproduces runs of versions before it.
@@ -260,6 +262,12 @@ class OptimConfig:
         _at_least("optim.momentum", self.momentum, 0.0)
         _at_least("optim.step_size", self.step_size, 1)
         _in_range("optim.gamma", self.gamma, 0.0, 1.0)
+        if self.name == "rowwise_adagrad" and not self.sparse:
+            raise ConfigError(
+                "optim.name=rowwise_adagrad keeps one accumulator per row of the sparse "
+                "gradients of embedding tables: set optim.sparse=true (optim=rowwise_adagrad "
+                "does), or use optim.name=adagrad for dense gradients."
+            )
         if self.sparse:
             self._check_sparse()
 

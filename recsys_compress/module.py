@@ -19,7 +19,7 @@ from recsys_compress.config import EvalConfig, LossConfig, OptimConfig
 from recsys_compress.errors import RecsysCompressError
 from recsys_compress.metrics import FullRankingMetrics, RatingMetrics, SampledRankingMetrics
 from recsys_compress.models.base import Recommender
-from recsys_compress.optim import RowSparseAdam, optimizer_step
+from recsys_compress.optim import RowSparseAdam, RowWiseAdagrad, optimizer_step
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +107,8 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
             m.sparse = cfg.sparse
     if cfg.name == "adam" and cfg.sparse:
         return RowSparseAdam(groups, lr=cfg.lr, fused=cfg.fused)
+    if cfg.name == "rowwise_adagrad":
+        return RowWiseAdagrad(groups, lr=cfg.lr)
     # torch's fused kernels take dense gradients only.
     fused = {"fused": True} if cfg.fused and not cfg.sparse else {}
     if cfg.name == "adam":

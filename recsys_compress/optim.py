@@ -23,7 +23,7 @@ import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, partial
 from typing import Any
 
 import numpy as np
@@ -36,8 +36,9 @@ from recsys_compress.ops import copy_rows_
 
 @dataclass
 class RowStep:
-    """One sparse-gradient update of a table's rows, as :class:`RowSparseAdam` hands it to the
-    table's row hooks before it writes ``new`` back."""
+    """One sparse-gradient update of a table's rows, as a row-update optimizer
+    (:class:`RowSparseAdam`, :class:`RowWiseAdagrad`) hands it to the table's row hooks before
+    it writes ``new`` back."""
 
     rows: torch.Tensor  # the rows the gradient holds: sorted, unique
     grad: torch.Tensor  # their gradient (duplicates summed)
@@ -45,23 +46,60 @@ class RowStep:
     # registered with reads_old false, or returning false this step): no copy is made then
     old: torch.Tensor | None
     new: torch.Tensor  # their values after the step; a hook may change it in place
-    exp_avg_sq: torch.Tensor  # their second moments after the step
-    bias2_sqrt: float  # sqrt(1 - beta2^t)
-    eps: float
     lr: float
+    divisor: Callable[[], torch.Tensor]  # computes ``denom``
 
     @cached_property
     def denom(self) -> torch.Tensor:
-        """Adam's ``sqrt(v) / sqrt(1 - beta2^t) + eps`` for the rows: step size ``lr / denom``
-        (computed when a hook asks)."""
-        return adam_denom(self.exp_avg_sq, self.bias2_sqrt, self.eps)
+        """The optimizer's divisor of the gradient term for the rows, broadcastable to
+        ``new``: the step size of each weight is ``lr / denom`` (Adam: ``sqrt(v) /
+        sqrt(1 - beta2^t) + eps``; row-wise Adagrad: ``sqrt(s) + eps``, one per row). Computed
+        when a hook asks."""
+        return self.divisor()
 
 
 RowHook = Callable[[RowStep], None]
 ReadsOld = bool | Callable[[], bool]
 
 
-class RowSparseAdam(torch.optim.Optimizer):
+class RowUpdateOptimizer(torch.optim.Optimizer):
+    """An optimizer that updates only the rows of a sparse gradient, gathering them once and
+    writing them back once, with row hooks (:meth:`register_row_hook`) run on the gathered
+    rows in between."""
+
+    def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
+        super().__init__(params, defaults)
+        self._row_hooks: dict[int, OrderedDict[int, tuple[RowHook, ReadsOld]]] = {}
+
+    def register_row_hook(
+        self, param: torch.Tensor, hook: RowHook, reads_old: ReadsOld = True
+    ) -> RemovableHandle:
+        """Call ``hook(row_step)`` on every sparse-gradient update of ``param``, after the
+        optimizer's arithmetic and before the rows are written back (hooks run in registration
+        order and may change ``row_step.new`` in place). Dense-gradient updates of ``param`` do
+        not call it. Returns a handle whose ``remove()`` unregisters the hook.
+
+        ``reads_old``: whether the hook reads ``row_step.old``, or a function asked before each
+        update. The rows are copied before the step only when some hook of ``param`` reads
+        them (~60 us a step for 4096 rows of 64 in training: the L1 proximal step never reads
+        them, pruning only while it sums Taylor scores); otherwise ``old`` is None."""
+        hooks = self._row_hooks.setdefault(id(param), OrderedDict())
+        handle = RemovableHandle(hooks)
+        hooks[handle.id] = (hook, reads_old)
+        return handle
+
+    def has_row_hooks(self, param: torch.Tensor) -> bool:
+        """Whether ``param``'s sparse-gradient updates call row hooks."""
+        return bool(self._row_hooks.get(id(param)))
+
+    def _row_hooks_of(self, param: torch.Tensor) -> tuple[list[RowHook], bool]:
+        """``param``'s hooks, and whether one of them reads the old rows this update."""
+        hooks = list(self._row_hooks.get(id(param), {}).values())
+        reads = any(r() if callable(r) else r for _, r in hooks)
+        return [hook for hook, _ in hooks], reads
+
+
+class RowSparseAdam(RowUpdateOptimizer):
     """Adam (Kingma & Ba, with torch's bias correction and ``eps`` placement) that updates only
     the rows of a sparse gradient; dense gradients get the dense update.
 
@@ -92,34 +130,12 @@ class RowSparseAdam(torch.optim.Optimizer):
             "fused": fused,
         }
         super().__init__(params, defaults)
-        self._row_hooks: dict[int, OrderedDict[int, tuple[RowHook, ReadsOld]]] = {}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         for group in self.param_groups:
             # Saved before the fused row update: resume with the arithmetic the run began with.
             group.setdefault("fused", False)
-
-    def register_row_hook(
-        self, param: torch.Tensor, hook: RowHook, reads_old: ReadsOld = True
-    ) -> RemovableHandle:
-        """Call ``hook(row_step)`` on every sparse-gradient update of ``param``, after the Adam
-        arithmetic and before the rows are written back (hooks run in registration order and
-        may change ``row_step.new`` in place). Dense-gradient updates of ``param`` do not call
-        it. Returns a handle whose ``remove()`` unregisters the hook.
-
-        ``reads_old``: whether the hook reads ``row_step.old``, or a function asked before each
-        update. The rows are copied before the step only when some hook of ``param`` reads
-        them (~60 us a step for 4096 rows of 64 in training: the L1 proximal step never reads
-        them, pruning only while it sums Taylor scores); otherwise ``old`` is None."""
-        hooks = self._row_hooks.setdefault(id(param), OrderedDict())
-        handle = RemovableHandle(hooks)
-        hooks[handle.id] = (hook, reads_old)
-        return handle
-
-    def has_row_hooks(self, param: torch.Tensor) -> bool:
-        """Whether ``param``'s sparse-gradient updates call row hooks."""
-        return bool(self._row_hooks.get(id(param)))
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:  # type: ignore[override]
@@ -159,18 +175,16 @@ class RowSparseAdam(torch.optim.Optimizer):
                 exp_avg = state["exp_avg"].index_select(0, rows)
                 exp_avg_sq = state["exp_avg_sq"].index_select(0, rows)
                 new = param.index_select(0, rows)
-                hooks = list(self._row_hooks.get(id(param), {}).values())
-                reads = any(r() if callable(r) else r for _, r in hooks)
+                hooks, reads = self._row_hooks_of(param)
                 old = new.clone() if reads else None
                 _adam_(new, values, exp_avg, exp_avg_sq, state["step"], group, rows=True)
                 copy_rows_(state["exp_avg"], rows, exp_avg)
                 copy_rows_(state["exp_avg_sq"], rows, exp_avg_sq)
                 if hooks:
                     bias2_sqrt = math.sqrt(1.0 - group["betas"][1] ** float(state["step"]))
-                    row_step = RowStep(
-                        rows, values, old, new, exp_avg_sq, bias2_sqrt, group["eps"], group["lr"]
-                    )
-                    for hook, _ in hooks:
+                    divisor = partial(adam_denom, exp_avg_sq, bias2_sqrt, group["eps"])
+                    row_step = RowStep(rows, values, old, new, group["lr"], divisor)
+                    for hook in hooks:
                         hook(row_step)
                 copy_rows_(param, rows, new)
         return loss
@@ -219,6 +233,93 @@ def _adam_(
         param.addcdiv_(exp_avg, denom, value=-lr / bias1)
 
 
+class RowWiseAdagrad(RowUpdateOptimizer):
+    """Adagrad with one accumulator per embedding row for sparse gradients (TorchRec's and
+    FBGEMM's ``EXACT_ROWWISE_ADAGRAD``, the usual optimizer of large recommender tables):
+
+        s[r] += mean_j g[r, j]^2,    w[r] -= lr * g[r] / (sqrt(s[r]) + eps)
+
+    for the rows ``r`` a batch holds, duplicates summed first. Its state is one number per row
+    (4 MB for a 1M-row table, where Adam keeps two tables of the weights' size: 512 MB at
+    1M x 64), and a step reads and writes one row of weights and one number per row held.
+    Dense gradients (MLP layers, the global bias) get torch's element-wise Adagrad arithmetic
+    (``torch.optim.Adagrad`` without learning-rate decay). ``weight_decay`` (L2 added to the
+    gradient) is refused for sparse gradients, as in :class:`RowSparseAdam`.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 0.01,
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+    ) -> None:
+        super().__init__(params, {"lr": lr, "eps": eps, "weight_decay": weight_decay})
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, eps, decay = group["lr"], group["eps"], group["weight_decay"]
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                grad, state = param.grad, self.state[param]
+                # The accumulator's shape is fixed by the first gradient: one per row for a
+                # sparse one, one per weight for a dense one.
+                row_wise = grad.is_sparse and param.dim() >= 2
+                if not state:
+                    shape = param.shape[:1] if row_wise else param.shape
+                    state["sum"] = torch.zeros(shape, dtype=param.dtype, device=param.device)
+                total = state["sum"]
+                if not grad.is_sparse:
+                    if total.shape != param.shape:
+                        raise RuntimeError(_MIXED_GRADIENTS)
+                    if decay:
+                        grad = grad.add(param, alpha=decay)
+                    total.addcmul_(grad, grad, value=1.0)
+                    param.addcdiv_(grad, total.sqrt().add_(eps), value=-lr)
+                    continue
+                if decay:
+                    raise RuntimeError(
+                        "RowWiseAdagrad: weight_decay is not supported for sparse gradients "
+                        "(set optim.embedding_weight_decay=0 with optim.sparse=true)."
+                    )
+                if not row_wise or total.shape != param.shape[:1]:
+                    raise RuntimeError(_MIXED_GRADIENTS)
+                grad = coalesced_grad(param)
+                rows, values = grad.indices()[0], grad.values()
+                if rows.numel() == 0:
+                    continue
+                row_total = total.index_select(0, rows).add_(values.square().flatten(1).mean(1))
+                total.index_copy_(0, rows, row_total)
+                denom = row_total.sqrt_().add_(eps).view(-1, *([1] * (param.dim() - 1)))
+                new = param.index_select(0, rows)
+                hooks, reads = self._row_hooks_of(param)
+                old = new.clone() if reads else None
+                new.addcdiv_(values, denom, value=-lr)
+                if hooks:
+                    row_step = RowStep(rows, values, old, new, lr, partial(_same, denom))
+                    for hook in hooks:
+                        hook(row_step)
+                copy_rows_(param, rows, new)
+        return loss
+
+
+_MIXED_GRADIENTS = (
+    "RowWiseAdagrad: a parameter received a sparse gradient after a dense one or the other "
+    "way round (its accumulator is one per row for sparse gradients, one per weight for dense "
+    "ones): keep each embedding table's sparse setting fixed through training."
+)
+
+
+def _same(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
 class RowHookSet:
     """The row hooks one callback keeps on every :class:`RowSparseAdam` of a run: which weights
     they cover, and their removal (a later ``fit`` registers afresh)."""
@@ -233,13 +334,13 @@ class RowHookSet:
         hooks: list[tuple[torch.Tensor, RowHook]],
         reads_old: ReadsOld = True,
     ) -> None:
-        """Register ``hooks`` (weight, hook) on each RowSparseAdam among ``optimizers`` (torch's
-        or Lightning's wrappers), with ``reads_old`` (:meth:`RowSparseAdam.register_row_hook`);
-        other optimizers get none."""
+        """Register ``hooks`` (weight, hook) on each :class:`RowUpdateOptimizer` among
+        ``optimizers`` (torch's or Lightning's wrappers), with ``reads_old``
+        (:meth:`RowUpdateOptimizer.register_row_hook`); other optimizers get none."""
         self.remove()
         for optimizer in optimizers:
             raw = getattr(optimizer, "optimizer", optimizer)
-            if isinstance(raw, RowSparseAdam):
+            if isinstance(raw, RowUpdateOptimizer):
                 for param, hook in hooks:
                     self._handles.append(raw.register_row_hook(param, hook, reads_old))
                     self._params.add(id(param))

@@ -13,9 +13,16 @@ import torch.nn.functional as F
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from recsys_compress.config import OptimConfig
+from recsys_compress.errors import ConfigError
 from recsys_compress.models import MF, NeuMF
 from recsys_compress.module import build_optimizer
-from recsys_compress.optim import RowSparseAdam, adam_denom, optimizer_step, sqrt_floor
+from recsys_compress.optim import (
+    RowSparseAdam,
+    RowWiseAdagrad,
+    adam_denom,
+    optimizer_step,
+    sqrt_floor,
+)
 
 
 def train(cfg: OptimConfig, steps: int = 30) -> MF:
@@ -191,3 +198,91 @@ def test_optimizer_step_keeps_the_lr_schedulers_record_and_skips_no_override() -
     replaced.step = lambda *a: None  # type: ignore[method-assign]  # replaced on the instance
     optimizer_step(replaced)
     assert torch.equal(param.detach(), torch.full((2,), 0.5))
+
+
+# -- RowWiseAdagrad ---------------------------------------------------------------------------
+
+
+def rowwise_reference(
+    table: torch.Tensor, batches: list[tuple[torch.Tensor, torch.Tensor]], lr: float, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-wise Adagrad written out a row at a time: ``(weights, accumulators)`` after
+    ``batches`` of (ids, per-id gradient rows; repeated ids summed)."""
+    weights, sums = table.clone().double(), torch.zeros(len(table), dtype=torch.float64)
+    for ids, grads in batches:
+        for row in sorted(set(ids.tolist())):
+            g = grads[ids == row].double().sum(0)
+            sums[row] += float((g * g).mean())
+            weights[row] -= lr * g / (math.sqrt(float(sums[row])) + eps)
+    return weights, sums
+
+
+def test_rowwise_adagrad_updates_only_the_batch_rows_with_one_accumulator_each() -> None:
+    torch.manual_seed(0)
+    table = torch.nn.Embedding(12, 5, sparse=True)
+    start = table.weight.detach().clone()
+    opt = RowWiseAdagrad(table.parameters(), lr=0.1, eps=1e-8)
+    gen = torch.Generator().manual_seed(3)
+    batches = []
+    for ids in ([3, 7, 3, 0], [7, 7, 11], [0, 3]):
+        ids_t = torch.tensor(ids)
+        upstream = torch.randn(len(ids), 5, generator=gen)
+        opt.zero_grad()
+        (table(ids_t) * upstream).sum().backward()
+        opt.step()
+        batches.append((ids_t, upstream))
+    weights, sums = rowwise_reference(start, batches, 0.1, 1e-8)
+    state = opt.state[table.weight]
+    assert set(state) == {"sum"} and state["sum"].shape == (12,)  # one number per row
+    torch.testing.assert_close(state["sum"].double(), sums, rtol=1e-6, atol=0)
+    torch.testing.assert_close(table.weight.detach().double(), weights, rtol=1e-5, atol=1e-7)
+    untouched = [1, 2, 4, 5, 6, 8, 9, 10]
+    assert torch.equal(table.weight[untouched], start[untouched])
+    assert not state["sum"][untouched].any()
+    assert not torch.equal(table.weight[[0, 3, 7, 11]], start[[0, 3, 7, 11]])
+
+
+def test_rowwise_adagrad_gives_dense_gradients_torch_adagrad() -> None:
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(6, 3) for _ in range(2)]
+    layers[1].load_state_dict(layers[0].state_dict())
+    ours = RowWiseAdagrad(layers[0].parameters(), lr=0.05, eps=1e-8, weight_decay=0.01)
+    torch_adagrad = torch.optim.Adagrad(
+        layers[1].parameters(), lr=0.05, eps=1e-8, weight_decay=0.01, foreach=False
+    )
+    x = torch.randn(16, 6)
+    for _ in range(4):
+        for layer, opt in zip(layers, (ours, torch_adagrad), strict=True):
+            opt.zero_grad()
+            layer(x).square().mean().backward()
+            opt.step()
+    for a, b in zip(layers[0].parameters(), layers[1].parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_rowwise_adagrad_refuses_mixed_gradients_and_table_weight_decay() -> None:
+    table = torch.nn.Embedding(4, 2, sparse=True)
+    opt = RowWiseAdagrad(table.parameters(), weight_decay=0.1)
+    table(torch.tensor([1])).sum().backward()
+    with pytest.raises(RuntimeError, match="weight_decay is not supported for sparse"):
+        opt.step()
+    opt = RowWiseAdagrad(table.parameters())
+    opt.step()  # one accumulator per row from now on
+    table.sparse = False
+    opt.zero_grad()
+    table(torch.tensor([1])).sum().backward()
+    with pytest.raises(RuntimeError, match="sparse gradient after a dense one or the other"):
+        opt.step()
+
+
+def test_rowwise_adagrad_config_trains_mf_and_needs_the_sparse_path() -> None:
+    cfg = OptimConfig(name="rowwise_adagrad", lr=0.05, sparse=True, embedding_weight_decay=0.0)
+    model = MF(6, 7, 4)
+    assert isinstance(build_optimizer(model, cfg), RowWiseAdagrad)
+    assert model.user_embedding.sparse and model.item_embedding.sparse
+    trained = train(cfg)
+    torch.manual_seed(0)
+    start = MF(20, 30, 8)
+    assert (trained.user_embedding.weight - start.user_embedding.weight).abs().max() > 1e-2
+    with pytest.raises(ConfigError, match=r"optim.name=rowwise_adagrad .* set optim.sparse=true"):
+        OptimConfig(name="rowwise_adagrad")

@@ -22,7 +22,14 @@ import torch
 from recsys_compress.compression.targets import Target, TargetSpec, select_targets
 from recsys_compress.errors import ConfigError
 from recsys_compress.ops import copy_rows_, flat_chunks, in_groups
-from recsys_compress.optim import RowHookSet, RowStep, adam_denom, sqrt_floor, touched_rows
+from recsys_compress.optim import (
+    RowHookSet,
+    RowStep,
+    RowWiseAdagrad,
+    adam_denom,
+    sqrt_floor,
+    touched_rows,
+)
 
 KEY = "compression.l1"
 
@@ -104,11 +111,13 @@ class L1Proximal(L.Callback):
     def _adam_terms(self, trainer: L.Trainer) -> dict[int, tuple[float, Any]]:
         """``id(param) -> (lr, adam)`` for every target, where ``adam`` is ``(exp_avg_sq,
         sqrt(1 - beta2^t), eps)`` for Adam-type optimizers (their step size per coordinate is
-        ``lr / (sqrt(v) / sqrt(1 - beta2^t) + eps)``, the preconditioned proximal step) and None
-        for others (step size ``lr``)."""
+        ``lr / (sqrt(v) / sqrt(1 - beta2^t) + eps)``, the preconditioned proximal step),
+        ``(row_sums, eps)`` for :class:`RowWiseAdagrad`'s per-row accumulators (step size
+        ``lr / (sqrt(s) + eps)`` per row) and None for others (step size ``lr``)."""
         wanted = {id(t.weight) for t in self._targets}
         terms: dict[int, tuple[float, Any]] = {}
         for optimizer in trainer.optimizers:
+            row_wise = isinstance(getattr(optimizer, "optimizer", optimizer), RowWiseAdagrad)
             for group in optimizer.param_groups:
                 for param in group["params"]:
                     if id(param) not in wanted:
@@ -118,6 +127,8 @@ class L1Proximal(L.Callback):
                     if "exp_avg_sq" in state and "betas" in group:
                         bias2 = math.sqrt(1.0 - group["betas"][1] ** float(state["step"]))
                         adam = (state["exp_avg_sq"], bias2, group["eps"])
+                    elif row_wise and "sum" in state and state["sum"].shape == param.shape[:1]:
+                        adam = (state["sum"], group["eps"])
                     terms[id(param)] = (float(group["lr"]), adam)
         return terms
 
@@ -143,6 +154,16 @@ class L1Proximal(L.Callback):
             weight = t.weight.detach()
             if adam is None:
                 soft_threshold_(weight, lr * strength, rows)
+                continue
+            if len(adam) == 2:  # RowWiseAdagrad's per-row accumulators
+                if rows is None:  # they come with sparse gradients only: no row moved
+                    continue
+                sums, eps = adam
+                values = weight.index_select(0, rows)
+                denom = sums.index_select(0, rows).sqrt_().add_(eps)
+                denom = denom.view(-1, *([1] * (weight.dim() - 1)))
+                soft_threshold_(values, _adam_threshold(denom, lr * strength, True))
+                copy_rows_(weight, rows, values)
                 continue
             v, bias2, eps = adam
             if rows is not None:

@@ -365,6 +365,39 @@ def test_row_sparse_adam_resumed_from_its_state_dict_trains_on_identically(fused
         assert torch.equal(opt2.state[resumed.weight][key], opt.state[table.weight][key]), key
 
 
+def test_rowwise_adagrad_resumed_from_its_state_dict_trains_on_identically() -> None:
+    import io
+
+    gen = torch.Generator().manual_seed(3)
+    steps = [
+        (torch.randint(10, (6,), generator=gen), torch.randn(6, 4, generator=gen)) for _ in range(6)
+    ]
+
+    def train(table: nn.Embedding, opt: optim.RowWiseAdagrad, part: list) -> None:
+        for ids, target in part:
+            opt.zero_grad()
+            ((table(ids) - target) ** 2).sum().backward()
+            opt.step()
+
+    torch.manual_seed(0)
+    table = nn.Embedding(10, 4, sparse=True)
+    opt = optim.RowWiseAdagrad(table.parameters(), lr=0.1)
+    train(table, opt, steps[:3])
+    buffer = io.BytesIO()
+    torch.save({"weight": table.weight.detach().clone(), "opt": opt.state_dict()}, buffer)
+    train(table, opt, steps[3:])
+    buffer.seek(0)
+    saved = torch.load(buffer)
+    resumed = nn.Embedding(10, 4, sparse=True)
+    with torch.no_grad():
+        resumed.weight.copy_(saved["weight"])
+    opt2 = optim.RowWiseAdagrad(resumed.parameters(), lr=0.1)
+    opt2.load_state_dict(saved["opt"])
+    train(resumed, opt2, steps[3:])
+    assert torch.equal(resumed.weight, table.weight)
+    assert torch.equal(opt2.state[resumed.weight]["sum"], opt.state[table.weight]["sum"])
+
+
 def test_row_sparse_adam_unfused_keeps_the_lazy_adam_arithmetic() -> None:
     """``fused=False`` (``optim.fused=false``) updates rows with the same float operations as
     before the fused kernel, so earlier sparse runs reproduce bit for bit."""
@@ -588,12 +621,23 @@ def test_row_hooks_get_the_old_rows_only_when_one_of_them_reads_them() -> None:
     assert torch.equal(olds[-1], before)
 
 
+SPARSE_OPTIMIZERS = {
+    "adam": {"name": "adam", "sparse": True, "embedding_weight_decay": 0.0},
+    "rowwise_adagrad": {
+        "name": "rowwise_adagrad",
+        "lr": 0.05,
+        "sparse": True,
+        "embedding_weight_decay": 0.0,
+    },
+}
+
+
 def fit_sparse(
-    tmp_path: Path, callback: L.Callback, fused: bool
+    tmp_path: Path, callback: L.Callback, fused: bool, optimizer: str = "adam"
 ) -> tuple[RecommenderModule, L.Callback]:
     """A few epochs of MF on the sparse path with ``callback``; ``fused=False`` keeps the
-    callback off RowSparseAdam's row hooks (its ``on_optimizer_step_end`` path instead)."""
-    dm, module = tiny_setup(optim={"name": "adam", "sparse": True, "embedding_weight_decay": 0.0})
+    callback off the optimizer's row hooks (its ``on_optimizer_step_end`` path instead)."""
+    dm, module = tiny_setup(optim=SPARSE_OPTIMIZERS[optimizer])
     if not fused:
         callback.register_row_hooks = lambda *args: None  # type: ignore[method-assign]
     trainer = tiny_trainer(tmp_path, [callback], max_epochs=3)
@@ -601,9 +645,12 @@ def fit_sparse(
     return module, callback
 
 
-@pytest.mark.parametrize("score", ["taylor", "magnitude"])
+@pytest.mark.parametrize(
+    ("score", "optimizer"),
+    [("taylor", "adam"), ("magnitude", "adam"), ("taylor", "rowwise_adagrad")],
+)
 def test_pruning_in_the_row_hook_equals_pruning_after_the_step(
-    tmp_path: Path, score: str, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, score: str, optimizer: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # (the step's last mask update, whether the hook was handed the old rows), per row update
     handed: list[tuple[int, bool]] = []
@@ -618,7 +665,7 @@ def test_pruning_in_the_row_hook_equals_pruning_after_the_step(
     runs = {}
     for fused in (True, False):
         callbacks.append(MagnitudePruning(PruneConfig(sparsity=0.6, score=score, frequency=2)))
-        runs[fused] = fit_sparse(tmp_path / str(fused), callbacks[-1], fused)
+        runs[fused] = fit_sparse(tmp_path / str(fused), callbacks[-1], fused, optimizer)
     (fused_module, fused_cb), (plain_module, plain_cb) = runs[True], runs[False]
     assert fused_cb.last_update_step > 10  # several mask updates happened
     # The rows are copied before the step only while Taylor sums are added.
@@ -638,8 +685,9 @@ def test_pruning_in_the_row_hook_equals_pruning_after_the_step(
     assert fused_cb._masks_final() and fused_cb._taylor == plain_cb._taylor == {}
 
 
+@pytest.mark.parametrize("optimizer", ["adam", "rowwise_adagrad"])
 def test_l1_in_the_row_hook_equals_the_proximal_step_after_it(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, optimizer: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     handed: list[bool] = []  # whether the hook was handed the old rows, per row update
 
@@ -650,9 +698,9 @@ def test_l1_in_the_row_hook_equals_the_proximal_step_after_it(
 
     monkeypatch.setattr(optim, "RowStep", Recorded)
     cfg = L1Config(strength=0.02, warmup_steps=5, targets=TargetSpec(groups=["embedding"]))
-    fused, _ = fit_sparse(tmp_path / "fused", L1Proximal(cfg), True)
+    fused, _ = fit_sparse(tmp_path / "fused", L1Proximal(cfg), True, optimizer)
     assert handed and not any(handed)  # the proximal step never reads them: not copied
-    plain, _ = fit_sparse(tmp_path / "plain", L1Proximal(cfg), False)
+    plain, _ = fit_sparse(tmp_path / "plain", L1Proximal(cfg), False, optimizer)
     for name, value in plain.state_dict().items():
         assert torch.equal(fused.state_dict()[name], value), name
     zeros = int((fused.model.user_embedding.weight == 0).sum())
