@@ -208,6 +208,8 @@ def test_qat_with_weights_not_in_float32_is_refused_before_training(precision: A
             {"sparse": True, "name": "sgd", "momentum": 0.9, "embedding_weight_decay": 0.0},
             "optim.momentum",
         ),
+        ({"name": "rowwise_adagrad"}, "optim.sparse=true"),  # row-wise needs sparse gradients
+        ({"name": "rowwise_adagrad", "sparse": True}, "optim.embedding_weight_decay"),
     ],
 )
 def test_sparse_optimizer_without_support_names_the_key(optim: dict[str, Any], key: str) -> None:
