@@ -98,6 +98,54 @@ class RowUpdateOptimizer(torch.optim.Optimizer):
         reads = any(r() if callable(r) else r for _, r in hooks)
         return [hook for hook, _ in hooks], reads
 
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is not None:
+                    self._update(param, group)
+        return loss
+
+    def _update(self, param: torch.Tensor, group: dict[str, Any]) -> None:
+        """One step of ``param`` (whose gradient is set) with its group's settings."""
+        raise NotImplementedError
+
+    def _write_rows(
+        self,
+        param: torch.Tensor,
+        rows: torch.Tensor,
+        values: torch.Tensor,
+        old: torch.Tensor | None,
+        new: torch.Tensor,
+        lr: float,
+        divisor: Callable[[], torch.Tensor],
+        hooks: list[RowHook],
+    ) -> None:
+        """Hand the updated ``rows`` to ``param``'s row hooks, then write them back."""
+        if hooks:
+            row_step = RowStep(rows, values, old, new, lr, divisor)
+            for hook in hooks:
+                hook(row_step)
+        copy_rows_(param, rows, new)
+
+    def _sparse_rows(
+        self, param: torch.Tensor, group: dict[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``param``'s sparse gradient as (sorted unique rows, their summed values), None when
+        it holds no row. Weight decay is refused here: it would need every row each step."""
+        if group["weight_decay"]:
+            raise RuntimeError(
+                f"{type(self).__name__}: weight_decay is not supported for sparse gradients "
+                "(set optim.embedding_weight_decay=0 with optim.sparse=true)."
+            )
+        grad = coalesced_grad(param)
+        rows = grad.indices()[0]
+        return None if rows.numel() == 0 else (rows, grad.values())
+
 
 class RowSparseAdam(RowUpdateOptimizer):
     """Adam (Kingma & Ba, with torch's bias correction and ``eps`` placement) that updates only
@@ -137,57 +185,36 @@ class RowSparseAdam(RowUpdateOptimizer):
             # Saved before the fused row update: resume with the arithmetic the run began with.
             group.setdefault("fused", False)
 
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            decay = group["weight_decay"]
-            for param in group["params"]:
-                if param.grad is None:
-                    continue
-                state = self.state[param]
-                if not state:
-                    # The fused kernel takes the step on the parameter's device (as torch's
-                    # Adam(fused=True) keeps it); the for-loop arithmetic reads it on the CPU.
-                    device = param.device if group["fused"] else None
-                    state["step"] = torch.zeros((), dtype=torch.float32, device=device)
-                    state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(
-                        param, memory_format=torch.preserve_format
-                    )
-                state["step"] += 1
-                grad = param.grad
-                if not grad.is_sparse:
-                    _adam_(param, grad, state["exp_avg"], state["exp_avg_sq"], state["step"], group)
-                    continue
-                if decay:
-                    raise RuntimeError(
-                        "RowSparseAdam: weight_decay is not supported for sparse gradients "
-                        "(set optim.embedding_weight_decay=0 with optim.sparse=true)."
-                    )
-                grad = coalesced_grad(param)
-                rows, values = grad.indices()[0], grad.values()
-                if rows.numel() == 0:
-                    continue
-                exp_avg = state["exp_avg"].index_select(0, rows)
-                exp_avg_sq = state["exp_avg_sq"].index_select(0, rows)
-                new = param.index_select(0, rows)
-                hooks, reads = self._row_hooks_of(param)
-                old = new.clone() if reads else None
-                _adam_(new, values, exp_avg, exp_avg_sq, state["step"], group, rows=True)
-                copy_rows_(state["exp_avg"], rows, exp_avg)
-                copy_rows_(state["exp_avg_sq"], rows, exp_avg_sq)
-                if hooks:
-                    bias2_sqrt = math.sqrt(1.0 - group["betas"][1] ** float(state["step"]))
-                    divisor = partial(adam_denom, exp_avg_sq, bias2_sqrt, group["eps"])
-                    row_step = RowStep(rows, values, old, new, group["lr"], divisor)
-                    for hook in hooks:
-                        hook(row_step)
-                copy_rows_(param, rows, new)
-        return loss
+    def _update(self, param: torch.Tensor, group: dict[str, Any]) -> None:
+        state = self.state[param]
+        if not state:
+            # The fused kernel takes the step on the parameter's device (as torch's
+            # Adam(fused=True) keeps it); the for-loop arithmetic reads it on the CPU.
+            device = param.device if group["fused"] else None
+            state["step"] = torch.zeros((), dtype=torch.float32, device=device)
+            state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        state["step"] += 1
+        grad = param.grad
+        assert grad is not None
+        if not grad.is_sparse:
+            _adam_(param, grad, state["exp_avg"], state["exp_avg_sq"], state["step"], group)
+            return
+        found = self._sparse_rows(param, group)
+        if found is None:
+            return
+        rows, values = found
+        exp_avg = state["exp_avg"].index_select(0, rows)
+        exp_avg_sq = state["exp_avg_sq"].index_select(0, rows)
+        new = param.index_select(0, rows)
+        hooks, reads = self._row_hooks_of(param)
+        old = new.clone() if reads else None
+        _adam_(new, values, exp_avg, exp_avg_sq, state["step"], group, rows=True)
+        copy_rows_(state["exp_avg"], rows, exp_avg)
+        copy_rows_(state["exp_avg_sq"], rows, exp_avg_sq)
+        bias2_sqrt = math.sqrt(1.0 - group["betas"][1] ** float(state["step"]))
+        divisor = partial(adam_denom, exp_avg_sq, bias2_sqrt, group["eps"])
+        self._write_rows(param, rows, values, old, new, group["lr"], divisor, hooks)
 
 
 def _adam_(
@@ -256,57 +283,39 @@ class RowWiseAdagrad(RowUpdateOptimizer):
     ) -> None:
         super().__init__(params, {"lr": lr, "eps": eps, "weight_decay": weight_decay})
 
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            lr, eps, decay = group["lr"], group["eps"], group["weight_decay"]
-            for param in group["params"]:
-                if param.grad is None:
-                    continue
-                grad, state = param.grad, self.state[param]
-                # The accumulator's shape is fixed by the first gradient: one per row for a
-                # sparse one, one per weight for a dense one.
-                row_wise = grad.is_sparse and param.dim() >= 2
-                if not state:
-                    shape = param.shape[:1] if row_wise else param.shape
-                    state["sum"] = torch.zeros(shape, dtype=param.dtype, device=param.device)
-                total = state["sum"]
-                if not grad.is_sparse:
-                    if total.shape != param.shape:
-                        raise RuntimeError(_MIXED_GRADIENTS)
-                    if decay:
-                        grad = grad.add(param, alpha=decay)
-                    total.addcmul_(grad, grad, value=1.0)
-                    param.addcdiv_(grad, total.sqrt().add_(eps), value=-lr)
-                    continue
-                if decay:
-                    raise RuntimeError(
-                        "RowWiseAdagrad: weight_decay is not supported for sparse gradients "
-                        "(set optim.embedding_weight_decay=0 with optim.sparse=true)."
-                    )
-                if not row_wise or total.shape != param.shape[:1]:
-                    raise RuntimeError(_MIXED_GRADIENTS)
-                grad = coalesced_grad(param)
-                rows, values = grad.indices()[0], grad.values()
-                if rows.numel() == 0:
-                    continue
-                row_total = total.index_select(0, rows).add_(values.square().flatten(1).mean(1))
-                total.index_copy_(0, rows, row_total)
-                denom = row_total.sqrt_().add_(eps).view(-1, *([1] * (param.dim() - 1)))
-                new = param.index_select(0, rows)
-                hooks, reads = self._row_hooks_of(param)
-                old = new.clone() if reads else None
-                new.addcdiv_(values, denom, value=-lr)
-                if hooks:
-                    row_step = RowStep(rows, values, old, new, lr, partial(_same, denom))
-                    for hook in hooks:
-                        hook(row_step)
-                copy_rows_(param, rows, new)
-        return loss
+    def _update(self, param: torch.Tensor, group: dict[str, Any]) -> None:
+        lr, eps, decay = group["lr"], group["eps"], group["weight_decay"]
+        grad, state = param.grad, self.state[param]
+        assert grad is not None
+        # The accumulator's shape is fixed by the first gradient: one per row for a sparse
+        # one, one per weight for a dense one.
+        row_wise = grad.is_sparse and param.dim() >= 2
+        if not state:
+            shape = param.shape[:1] if row_wise else param.shape
+            state["sum"] = torch.zeros(shape, dtype=param.dtype, device=param.device)
+        total = state["sum"]
+        if not grad.is_sparse:
+            if total.shape != param.shape:
+                raise RuntimeError(_MIXED_GRADIENTS)
+            if decay:
+                grad = grad.add(param, alpha=decay)
+            total.addcmul_(grad, grad, value=1.0)
+            param.addcdiv_(grad, total.sqrt().add_(eps), value=-lr)
+            return
+        if not row_wise or total.shape != param.shape[:1]:
+            raise RuntimeError(_MIXED_GRADIENTS)
+        found = self._sparse_rows(param, group)
+        if found is None:
+            return
+        rows, values = found
+        row_total = total.index_select(0, rows).add_(values.square().flatten(1).mean(1))
+        total.index_copy_(0, rows, row_total)
+        denom = row_total.sqrt_().add_(eps).view(-1, *([1] * (param.dim() - 1)))
+        new = param.index_select(0, rows)
+        hooks, reads = self._row_hooks_of(param)
+        old = new.clone() if reads else None
+        new.addcdiv_(values, denom, value=-lr)
+        self._write_rows(param, rows, values, old, new, lr, partial(_same, denom), hooks)
 
 
 _MIXED_GRADIENTS = (
