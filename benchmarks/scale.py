@@ -50,7 +50,7 @@ ROWWISE_ADAGRAD = {
 }
 
 
-def _config(size: dict[str, int], optim: dict[str, Any] = SPARSE_ADAM) -> Any:
+def _config(size: dict[str, int], optim: dict[str, Any] | None = None) -> Any:
     from recsys_compress.config import to_train_config
 
     return to_train_config(
@@ -58,7 +58,7 @@ def _config(size: dict[str, int], optim: dict[str, Any] = SPARSE_ADAM) -> Any:
             "data": {"name": "synthetic", "source": "synthetic", "synthetic": size},
             "model": {"name": "mf", "dim": 64},
             "loss": {"name": "bce", "num_negatives": 4},
-            "optim": optim,
+            "optim": optim or SPARSE_ADAM,
             "trainer": {"batch_size": 4096, "progress_bar": False, "max_epochs": 1},
             "logger": {"name": "none"},
         }

@@ -275,7 +275,8 @@ class OptimConfig:
         if self.name == "adamw":
             raise ConfigError(
                 "optim.sparse=true does not support optim.name=adamw (its decoupled weight decay "
-                "changes every row every step): use optim.name=adam, sgd or adagrad."
+                "changes every row every step): use optim.name=adam, sgd, adagrad or "
+                "rowwise_adagrad."
             )
         if self.embedding_weight_decay > 0:
             raise ConfigError(
@@ -582,6 +583,13 @@ class TrainConfig:
                 "float32 weights (its tables and scales are float32), and a run would fail at "
                 "its first evaluation. Use trainer.precision=bf16-mixed or 16-mixed (float32 "
                 "weights, half-precision compute), or 32-true."
+            )
+        if self.optim.name == "rowwise_adagrad" and precision in ("16-true", "bf16-true"):
+            raise ConfigError(
+                f"trainer.precision={precision} with optim.name=rowwise_adagrad: its per-row "
+                "sums of squared gradients would be kept in half precision, where they stall "
+                "(bf16) or underflow to a zero step divisor (float16). Use "
+                "trainer.precision=bf16-mixed or 16-mixed (float32 weights and state), or 32-true."
             )
 
 

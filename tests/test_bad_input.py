@@ -199,6 +199,16 @@ def test_qat_with_weights_not_in_float32_is_refused_before_training(precision: A
     to_train_config({"trainer": {"precision": precision}, "compression": {"prune": {}}})
 
 
+@pytest.mark.parametrize("precision", ["bf16-true", "16-true"])
+def test_rowwise_adagrad_with_half_precision_state_is_refused(precision: str) -> None:
+    optim = {"name": "rowwise_adagrad", "sparse": True, "embedding_weight_decay": 0.0}
+    cfg = {"trainer": {"precision": precision}, "optim": optim}
+    with pytest.raises(ConfigError, match=r"trainer\.precision=.*rowwise_adagrad.*bf16-mixed"):
+        to_train_config({**cfg, "compression": {}})
+    # float32 weights and state: accepted
+    to_train_config({"trainer": {"precision": "bf16-mixed"}, "optim": optim, "compression": {}})
+
+
 @pytest.mark.parametrize(
     ("optim", "key"),
     [

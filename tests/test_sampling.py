@@ -133,7 +133,8 @@ def test_sampler_in_passes_draws_what_one_pass_draws(monkeypatch: pytest.MonkeyP
     out = torch.full((120, 5), -1, dtype=torch.int64)
     assert sampler.sample(query, 5, torch.Generator().manual_seed(8), out=out) is out
     assert torch.equal(out, expected)
-    for bad in (torch.empty(120, 4, dtype=torch.int64), torch.empty(120, 5), out.t()):
+    strided = torch.empty(5, 120, dtype=torch.int64).t()  # the right shape, not contiguous
+    for bad in (torch.empty(120, 4, dtype=torch.int64), torch.empty(120, 5), strided):
         with pytest.raises(ValueError, match=r"contiguous int64 tensor of shape \(120, 5\)"):
             sampler.sample(query, 5, out=bad)
 
@@ -273,7 +274,9 @@ def test_resume_position_counts_batches_not_lists():
 
 
 @pytest.mark.parametrize("per_call", [1, 4])
-def test_ddp_ranks_share_each_batch_and_drop_a_last_batch_smaller_than_the_world(per_call):
+def test_ddp_ranks_share_each_batch_and_drop_a_last_batch_smaller_than_the_world(
+    per_call: int,
+) -> None:
     data = train_batches("bce")
     total = data.num_samples()
     data.batch_size = next(b for b in range(5, total) if 0 < total % b < 3)

@@ -356,7 +356,7 @@ class MagnitudePruning(L.Callback):
         self._taylor: dict[str, torch.Tensor] = {}
         self._taylor_spare: dict[str, torch.Tensor] = {}  # zeroed sums for reuse
         # Weights whose sparse-gradient updates run this callback's row hook (optim.sparse with
-        # RowSparseAdam): Taylor sums and masks are done there, on the rows the optimizer holds.
+        # a RowUpdateOptimizer): Taylor sums and masks are done there, on the rows it holds.
         self._row_hooks = RowHookSet()
         self._float_masks: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._taylor_lists: _StepLists | None = None
@@ -405,7 +405,7 @@ class MagnitudePruning(L.Callback):
         self._optimizers = []
 
     def register_row_hooks(self, optimizers: list[Any]) -> None:
-        """On the sparse path (:class:`RowSparseAdam`), do the per-step work on the rows the
+        """On the sparse path (a :class:`RowUpdateOptimizer`), do the per-step work on the rows the
         optimizer has gathered: add ``|w·g|`` of the old rows to the Taylor sums and multiply the
         new rows by their masks before they are written back. The same values as the
         ``on_before_optimizer_step`` / ``on_optimizer_step_end`` path, which gathers and
@@ -760,8 +760,8 @@ class MagnitudePruning(L.Callback):
 
         ``only_touched`` (after an optimizer step): a weight whose gradient is sparse
         (``optim.sparse``) is masked only in the rows that gradient holds, the only rows the
-        optimizer changed, so the cost follows the batch; with :class:`RowSparseAdam` the row
-        hook has done that already (:meth:`register_row_hooks`).
+        optimizer changed, so the cost follows the batch; with a :class:`RowUpdateOptimizer` the
+        row hook has done that already (:meth:`register_row_hooks`).
         """
         skip = self._grad_rows if only_touched else {}
         if only_touched and not skip and self._apply_dense_masks():

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import lightning as L
 import torch
@@ -27,6 +27,7 @@ from recsys_compress.optim import (
     RowStep,
     RowWiseAdagrad,
     adam_denom,
+    rowwise_denom,
     sqrt_floor,
     touched_rows,
 )
@@ -80,7 +81,7 @@ class L1Proximal(L.Callback):
         self._row_hooks.remove()
 
     def register_row_hooks(self, trainer: L.Trainer) -> None:
-        """On the sparse path (:class:`RowSparseAdam`), soft-threshold the rows the optimizer
+        """On the sparse path (a :class:`RowUpdateOptimizer`), soft-threshold the rows the optimizer
         has just computed, with the step size it used, before they are written back: the same
         values as :meth:`proximal_step` without gathering and scattering the rows again."""
         hooks = [(t.weight, self._row_hook(trainer, t)) for t in self._targets]
@@ -112,8 +113,9 @@ class L1Proximal(L.Callback):
         """``id(param) -> (lr, adam)`` for every target, where ``adam`` is ``(exp_avg_sq,
         sqrt(1 - beta2^t), eps)`` for Adam-type optimizers (their step size per coordinate is
         ``lr / (sqrt(v) / sqrt(1 - beta2^t) + eps)``, the preconditioned proximal step),
-        ``(row_sums, eps)`` for :class:`RowWiseAdagrad`'s per-row accumulators (step size
-        ``lr / (sqrt(s) + eps)`` per row) and None for others (step size ``lr``)."""
+        :class:`_RowSums` for :class:`RowWiseAdagrad`'s per-row accumulators (step size
+        ``lr / (sqrt(s) + eps)`` per row) and None for others (step size ``lr``: SGD, and
+        Adagrad's element-wise state, also RowWiseAdagrad's for dense layers)."""
         wanted = {id(t.weight) for t in self._targets}
         terms: dict[int, tuple[float, Any]] = {}
         for optimizer in trainer.optimizers:
@@ -128,7 +130,7 @@ class L1Proximal(L.Callback):
                         bias2 = math.sqrt(1.0 - group["betas"][1] ** float(state["step"]))
                         adam = (state["exp_avg_sq"], bias2, group["eps"])
                     elif row_wise and "sum" in state and state["sum"].shape == param.shape[:1]:
-                        adam = (state["sum"], group["eps"])
+                        adam = _RowSums(state["sum"], group["eps"])
                     terms[id(param)] = (float(group["lr"]), adam)
         return terms
 
@@ -138,8 +140,8 @@ class L1Proximal(L.Callback):
 
         A weight with a sparse gradient (``optim.sparse``) is shrunk in the rows that gradient
         holds only: the optimizer moved no other row, so their step size was 0 (with
-        :class:`RowSparseAdam` its row hook has done it). A dense table is shrunk a chunk at a
-        time, so its temporaries stay small whatever its size.
+        a :class:`RowUpdateOptimizer` its row hook has done it). A dense table is shrunk a
+        chunk at a time, so its temporaries stay small whatever its size.
         """
         if scale == 0.0:
             return
@@ -155,13 +157,11 @@ class L1Proximal(L.Callback):
             if adam is None:
                 soft_threshold_(weight, lr * strength, rows)
                 continue
-            if len(adam) == 2:  # RowWiseAdagrad's per-row accumulators
+            if isinstance(adam, _RowSums):
                 if rows is None:  # they come with sparse gradients only: no row moved
                     continue
-                sums, eps = adam
                 values = weight.index_select(0, rows)
-                denom = sums.index_select(0, rows).sqrt_().add_(eps)
-                denom = denom.view(-1, *([1] * (weight.dim() - 1)))
+                denom = rowwise_denom(adam.sums.index_select(0, rows), adam.eps, weight.dim())
                 soft_threshold_(values, _adam_threshold(denom, lr * strength, True))
                 copy_rows_(weight, rows, values)
                 continue
@@ -217,6 +217,13 @@ class L1Proximal(L.Callback):
             with torch.no_grad():
                 for t in self._targets:
                     t.weight.masked_fill_(t.weight.abs() < self.cfg.final_threshold, 0.0)
+
+
+class _RowSums(NamedTuple):
+    """:class:`RowWiseAdagrad`'s per-row accumulators of a table, with its ``eps``."""
+
+    sums: torch.Tensor
+    eps: float
 
 
 def _adam_threshold(denom: torch.Tensor, lr_strength: float, in_place: bool) -> torch.Tensor:

@@ -373,7 +373,11 @@ def test_rowwise_adagrad_resumed_from_its_state_dict_trains_on_identically() -> 
         (torch.randint(10, (6,), generator=gen), torch.randn(6, 4, generator=gen)) for _ in range(6)
     ]
 
-    def train(table: nn.Embedding, opt: optim.RowWiseAdagrad, part: list) -> None:
+    def train(
+        table: nn.Embedding,
+        opt: optim.RowWiseAdagrad,
+        part: list[tuple[torch.Tensor, torch.Tensor]],
+    ) -> None:
         for ids, target in part:
             opt.zero_grad()
             ((table(ids) - target) ** 2).sum().backward()
