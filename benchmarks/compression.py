@@ -8,7 +8,8 @@ one epoch holds all its 24 mask updates (a 90-step schedule in steps of 4), is r
 as pruning's worst case (no target). 1M users x 100k items (MF dim 64, ~70M parameters): a fixed
 number of optimizer steps on uniformly random batches of the same shape, the median step after the
 first (a mask update, ~20 per run, is timed apart in the details); on the sparse optimizer path
-(``optim.sparse=true``) and, in the full run, on the dense Adam path. Runs with and without the
+(``optim.sparse=true``: Adam and, in the full run, row-wise Adagrad) and, in the full run, on the
+dense Adam path. Runs with and without the
 callback alternate in one process (:func:`benchmarks.common.interleaved_medians` style).
 The full run also times the plain dense step with a fresh table-sized gradient every step
 against the kept gradient (:func:`recsys_compress.ops.keep_gradient`, the default; no target),
@@ -223,29 +224,33 @@ def big_figures(quick: bool) -> list[Figure]:
     # 5 alternations on the sparse path: with 3, a slow spell of the shared machine during one
     # method's plain runs moved a ratio by 0.3 (QAT read 0.91x, its plain step 10.2 ms against
     # 8.0 ms in the other methods' alternations of the same run)
-    paths = {"sparse": (20 if quick else 120, 1 if quick else 5)}
+    # path: (steps, alternations, optimizer, sparse gradients, label)
+    paths = {"sparse": (20 if quick else 120, 1 if quick else 5, "adam", True, "sparse Adam")}
     if not quick:
-        paths["dense"] = (9, 3)
+        paths["rowwise"] = (120, 5, "rowwise_adagrad", True, "row-wise Adagrad")
+        paths["dense"] = (9, 3, "adam", False, "dense Adam")
     figures = []
-    for path, (steps, repeat) in paths.items():
+    for steps, repeat, optimizer, sparse, label in paths.values():
         batches = random_batches(steps)
         for method, target in TARGETS.items():
             details: dict[str, Any] = {"steps": steps}
-            sparse = path == "sparse"
-            runs = {m: big_run(m, sparse, batches, details) for m in ("none", method)}
+            runs = {
+                m: big_run(m, sparse, batches, details, optimizer=optimizer)
+                for m in ("none", method)
+            }
             medians, _ = alternate(runs, repeat)
             details |= {"plain_step_ms": 1e3 * medians["none"], "step_ms": 1e3 * medians[method]}
             figures.append(
                 Figure(
                     SECTION,
-                    f"{method} step / plain step, 1M x 100k MF-64 {path} Adam",
+                    f"{method} step / plain step, 1M x 100k MF-64 {label}",
                     medians[method] / medians["none"],
                     target,
                     details=details,
                 )
             )
             gc.collect()
-    steps, repeat = paths["sparse"]
+    steps, repeat = paths["sparse"][:2]
     batches = random_batches(steps)
     runs = {
         name: big_run("none", True, batches, {}, optimizer=name)
