@@ -9,8 +9,8 @@ as pruning's worst case (no target). 1M users x 100k items (MF dim 64, ~70M para
 number of optimizer steps on uniformly random batches of the same shape, the median step after the
 first (a mask update, ~20 per run, is timed apart in the details); on the sparse optimizer path
 (``optim.sparse=true``: Adam and, in the full run, row-wise Adagrad) and, in the full run, on the
-dense Adam path. Runs with and without the
-callback alternate in one process (:func:`benchmarks.common.interleaved_medians` style).
+dense Adam path. Runs with and without the callback alternate in one process
+(:func:`benchmarks.common.interleaved_medians` style).
 The full run also times the plain dense step with a fresh table-sized gradient every step
 against the kept gradient (:func:`recsys_compress.ops.keep_gradient`, the default; no target),
 and every run the plain sparse step of ``optim=rowwise_adagrad`` against ``sparse_adam``'s.
