@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from omegaconf import OmegaConf
 
 
 @dataclass
@@ -103,6 +104,17 @@ def peak_rss_mb() -> float:
     except OSError:
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return rss / (1 << 20) if sys.platform == "darwin" else rss / 1024
+
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def optim_preset(name: str) -> dict[str, Any]:
+    """The ``optim=<name>`` config group (``conf/optim/<name>.yaml``) as a dict: a benchmark of an
+    optimizer path runs the settings a user selects with it (its learning rate included)."""
+    preset = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "optim" / f"{name}.yaml"))
+    assert isinstance(preset, dict)
+    return {str(key): value for key, value in preset.items()}
 
 
 def bare_trainer(**kwargs: Any) -> L.Trainer:

@@ -28,7 +28,7 @@ from unittest import mock
 import lightning as L
 import torch
 
-from benchmarks.common import Figure, bare_trainer, rotated
+from benchmarks.common import Figure, bare_trainer, optim_preset, rotated
 from recsys_compress import ops
 from recsys_compress.compression.pruning import MagnitudePruning, PruneConfig
 from recsys_compress.compression.qat import QATConfig, QuantizationAwareTraining
@@ -177,10 +177,15 @@ def random_batches(steps: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
 
 
 def big_module(sparse: bool, optimizer: str = "adam") -> RecommenderModule:
+    """MF at 1M x 100k; ``optimizer`` (adam or rowwise_adagrad) with ``sparse`` takes the
+    settings of its config group (``optim=sparse_adam`` / ``optim=rowwise_adagrad``), without
+    it dense Adam with no table weight decay."""
     torch.manual_seed(0)
     model = MF(BIG_USERS, BIG_ITEMS, DIM)
-    lr = 0.03 if optimizer == "rowwise_adagrad" else 0.002
-    optim = OptimConfig(name=optimizer, lr=lr, sparse=sparse, embedding_weight_decay=0.0)
+    if sparse:
+        optim = OptimConfig(**optim_preset("sparse_adam" if optimizer == "adam" else optimizer))
+    else:
+        optim = OptimConfig(name=optimizer, sparse=False, embedding_weight_decay=0.0)
     return RecommenderModule(model, LossConfig(name="bce"), optim, EvalConfig())
 
 

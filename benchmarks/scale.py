@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import Figure, bare_trainer, interleaved_medians, peak_rss_mb
+from benchmarks.common import Figure, bare_trainer, interleaved_medians, optim_preset, peak_rss_mb
 
 SECTION = "scale"
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,13 +41,8 @@ FULL = {"num_users": 1_000_000, "num_items": 100_000, "interactions_per_user": 1
 QUICK = {"num_users": 50_000, "num_items": 5_000, "interactions_per_user": 5}
 
 
-SPARSE_ADAM = {"name": "adam", "sparse": True, "embedding_weight_decay": 0.0}
-ROWWISE_ADAGRAD = {
-    "name": "rowwise_adagrad",
-    "lr": 0.03,
-    "sparse": True,
-    "embedding_weight_decay": 0,
-}
+SPARSE_ADAM = optim_preset("sparse_adam")
+ROWWISE_ADAGRAD = optim_preset("rowwise_adagrad")
 
 
 def _config(size: dict[str, int], optim: dict[str, Any] | None = None) -> Any:

@@ -46,3 +46,17 @@ def test_alternated_runs_start_one_name_later_each_round() -> None:
     # across a round boundary no name runs twice in a row
     assert all(a[-1] != b[0] for a, b in itertools.pairwise(rounds))
     assert rotated([], 3) == []
+
+
+@pytest.mark.parametrize("name", ["sparse_adam", "rowwise_adagrad"])
+def test_optimizer_presets_are_the_settings_optim_group_selects(name: str) -> None:
+    """The 1M x 100k benchmarks run ``optim=<name>`` as a user's run composes it."""
+    from hydra import compose, initialize_config_dir
+
+    from benchmarks.common import CONF_DIR, optim_preset
+    from recsys_compress.config import OptimConfig, to_train_config
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        composed = to_train_config(compose("train", overrides=[f"optim={name}"])).optim
+    assert OptimConfig(**optim_preset(name)) == composed
+    assert composed.sparse
