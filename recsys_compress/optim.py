@@ -321,7 +321,7 @@ class RowWiseAdagrad(RowUpdateOptimizer):
         hooks, reads = self._row_hooks_of(param)
         old = new.clone() if reads else None
         new.addcdiv_(values, denom, value=-lr)
-        self._write_rows(param, rows, values, old, new, lr, partial(_same, denom), hooks)
+        self._write_rows(param, rows, values, old, new, lr, lambda: denom, hooks)
 
 
 def rowwise_denom(
@@ -338,10 +338,6 @@ _MIXED_GRADIENTS = (
     "way round (its accumulator is one per row for sparse gradients, one per weight for dense "
     "ones): keep each embedding table's sparse setting fixed through training."
 )
-
-
-def _same(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor
 
 
 class RowHookSet:
