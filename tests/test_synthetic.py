@@ -37,3 +37,29 @@ def test_candidate_path_is_seeded() -> None:
     c = synthetic_interactions(200, 20_000, 5, seed=2)
     assert np.array_equal(a.item.to_numpy(), b.item.to_numpy())
     assert not np.array_equal(a.item.to_numpy(), c.item.to_numpy())
+
+
+def _candidate_reference(num_users: int, num_items: int, per_user: int, seed: int) -> np.ndarray:
+    """The candidate path written out with torch's fancy indexing and row sort, one user chunk."""
+    generator = torch.Generator().manual_seed(seed)
+    users = torch.randn(num_users, 8, generator=generator)
+    items = torch.randn(num_items, 8, generator=generator)
+    rank_of_item = torch.randperm(num_items, generator=generator)
+    item_of_rank = torch.argsort(rank_of_item)
+    span = 2.0 * np.sqrt(num_items + 1) - 2.0
+    draws = torch.rand((num_users, synthetic.CANDIDATES), generator=generator, dtype=torch.float64)
+    ranks = ((draws * span / 2 + 1.0) ** 2).long() - 1
+    pool = item_of_rank[ranks.clamp(max=num_items - 1)].sort(dim=1).values
+    logits = torch.einsum("ud,ucd->uc", users, items[pool])
+    repeated = torch.zeros_like(pool, dtype=torch.bool)
+    repeated[:, 1:] = pool[:, 1:] == pool[:, :-1]
+    logits[repeated] = float("-inf")
+    uniform = torch.rand(logits.shape, generator=generator).clamp(1e-12, 1.0)
+    picks = torch.topk(logits - torch.log(-torch.log(uniform)), per_user, dim=1).indices
+    return pool.gather(1, picks).reshape(-1).numpy()
+
+
+def test_candidate_path_equals_the_straightforward_form() -> None:
+    """numpy's row sort and ``index_select`` (the fast gathers) pick the same items."""
+    frame = synthetic_interactions(500, 30_000, 6, seed=4)
+    assert np.array_equal(frame.item.to_numpy(), _candidate_reference(500, 30_000, 6, seed=4))
