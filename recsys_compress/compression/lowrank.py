@@ -55,9 +55,14 @@ log = logging.getLogger(__name__)
 KEY = "compression.svd"
 METHODS = ("per_layer", "joint_dot_product")
 USER_TABLE, ITEM_TABLE = "*user_embedding*", "*item_embedding*"
-# torch.svd_lowrank is used (when ``randomized`` is None) above either size.
+# When ``randomized`` is None: torch.svd_lowrank above RANDOMIZED_MIN_DIM on both sides; the exact
+# SVD through the small side's Gram matrix (:func:`gram_svd`) for larger matrices than
+# RANDOMIZED_MIN_NUMEL elements with a side of at most RANDOMIZED_MIN_DIM (embedding tables);
+# LAPACK's SVD below.
 RANDOMIZED_MIN_DIM = 512
 RANDOMIZED_MIN_NUMEL = 5_000_000
+# Rows of a tall matrix (columns of a wide one) per pass of gram_svd and of the error sum.
+ROWS_PER_PASS = 1 << 16
 
 
 @dataclass
@@ -147,10 +152,66 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
 
 
 def use_randomized(n: int, d: int, randomized: bool | None) -> bool:
-    """``randomized`` if set, else True for large matrices (``min(n,d) > 512`` or ``n*d > 5e6``)."""
+    """``randomized`` if set, else True for matrices larger than 512 on both sides."""
     if randomized is not None:
         return randomized
-    return min(n, d) > RANDOMIZED_MIN_DIM or n * d > RANDOMIZED_MIN_NUMEL
+    return min(n, d) > RANDOMIZED_MIN_DIM
+
+
+def use_gram(n: int, d: int, randomized: bool | None) -> bool:
+    """Whether :func:`truncated_svd` takes :func:`gram_svd`: ``randomized`` unset and a matrix
+    of over 5e6 elements with a side of at most 512 (a large embedding table)."""
+    return randomized is None and min(n, d) <= RANDOMIZED_MIN_DIM and n * d > RANDOMIZED_MIN_NUMEL
+
+
+def _slices(n: int) -> list[slice]:
+    return [slice(start, start + ROWS_PER_PASS) for start in range(0, n, ROWS_PER_PASS)]
+
+
+def _gram_eigh(tall: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Singular values (descending) and right singular vectors of a tall ``[n, d]`` matrix from
+    ``tallᵀ tall``, summed in float64 over passes of :data:`ROWS_PER_PASS` rows."""
+    gram = torch.zeros(tall.shape[1], tall.shape[1], dtype=torch.float64, device=tall.device)
+    for rows in _slices(tall.shape[0]):
+        part = tall[rows].to(torch.float64)
+        gram.addmm_(part.T, part)
+    eigenvalues, vectors = torch.linalg.eigh(gram)  # ascending
+    return eigenvalues.flip(0).clamp_(min=0.0).sqrt_(), vectors.flip(1)
+
+
+def gram_svd(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(U_r, S_r, Vh_r)`` of ``weight``, exact, from the eigenvectors of its ``d x d`` Gram
+    matrix (``d``: the small side), then ``U_r = W V_r / S_r`` a pass at a time.
+
+    For an ``[n, d]`` table with ``n >> d`` (``d <= 512``) this is one pass over the table for
+    the Gram matrix (in float64) and one for ``U_r``, which is the only large thing it allocates:
+    LAPACK's SVD holds ``U`` (``n x d``) and its workspace, ``torch.svd_lowrank`` several
+    ``n x (r + oversample)`` blocks and still approximates. A singular value of 0 gets a zero
+    column in ``U_r`` (its term is 0 either way). Squaring the matrix squares its condition
+    number, which float64 absorbs for a float32 weight (the largest retained ``S_r[0] / S_r[-1]``
+    it resolves is ~1e6)."""
+    w = weight.detach()
+    wide = w.shape[0] < w.shape[1]
+    tall = w.T if wide else w
+    s, v = _gram_eigh(tall)
+    s, v = s[:rank], v[:, :rank]
+    inverse = torch.where(s > 0, 1.0 / s, torch.zeros_like(s))
+    projection = (v * inverse).to(_compute_dtype(weight))
+    u = torch.empty(tall.shape[0], rank, dtype=projection.dtype, device=w.device)
+    for rows in _slices(tall.shape[0]):
+        torch.mm(tall[rows].to(projection.dtype), projection, out=u[rows])
+    s, vh = s.to(u.dtype), v.T.to(u.dtype)
+    return (vh.T, s, u.T) if wide else (u, s, vh)
+
+
+def singular_values(weight: torch.Tensor) -> torch.Tensor:
+    """All singular values of ``weight`` (descending), through the Gram matrix where
+    :func:`truncated_svd` takes :func:`gram_svd`."""
+    w = weight.detach()
+    n, d = w.shape
+    if use_gram(n, d, None):
+        return _gram_eigh(w.T if n < d else w)[0].to(_compute_dtype(w))
+    return torch.linalg.svdvals(w.to(_compute_dtype(w)))
 
 
 def truncated_svd(
@@ -160,16 +221,31 @@ def truncated_svd(
     oversample: int = 10,
     niter: int = 2,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(U_r, S_r, Vh_r)`` of ``weight`` (exact, or ``torch.svd_lowrank`` with ``rank +
-    oversample`` columns and ``niter`` power iterations when that is smaller than the matrix)."""
+    """``(U_r, S_r, Vh_r)`` of ``weight``: exact (:func:`gram_svd` for a large table, else
+    LAPACK's), or ``torch.svd_lowrank`` with ``rank + oversample`` columns and ``niter`` power
+    iterations when that is smaller than the matrix (see :func:`use_randomized`)."""
+    n, d = weight.shape
+    if use_gram(n, d, randomized):
+        return gram_svd(weight, rank)
     w = weight.detach().to(_compute_dtype(weight))
-    n, d = w.shape
     q = min(n, d, rank + oversample)
     if use_randomized(n, d, randomized) and q < min(n, d):
         u, s, v = torch.svd_lowrank(w, q=q, niter=niter)
         return u[:, :rank], s[:rank], v[:, :rank].T
     u, s, vh = torch.linalg.svd(w, full_matrices=False)
     return u[:, :rank], s[:rank], vh[:rank]
+
+
+def relative_error(weight: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> float:
+    """``||W - left right||_F / ||W||_F`` (0 for a zero ``W``), a pass of
+    :data:`ROWS_PER_PASS` rows at a time: never a ``W``-sized temporary."""
+    w = weight.detach()
+    residual = total = 0.0
+    for rows in _slices(w.shape[0]):
+        part = w[rows].to(left.dtype)
+        total += float(torch.linalg.vector_norm(part).square())
+        residual += float(torch.linalg.vector_norm(part - left[rows] @ right).square())
+    return math.sqrt(residual / total) if total > 0 else 0.0
 
 
 def balanced_factors(
@@ -180,14 +256,15 @@ def balanced_factors(
     niter: int = 2,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """``left = U_r sqrt(S_r)``, ``right = sqrt(S_r) V_rᵀ`` and the relative error
-    ``||W - left right||_F / ||W||_F``."""
+    ``||W - left right||_F / ||W||_F`` (:func:`relative_error`)."""
     u, s, vh = truncated_svd(weight, rank, randomized, oversample, niter)
     root = s.sqrt()
-    left, right = u * root, root[:, None] * vh
-    w = weight.detach().to(left.dtype)
-    norm = torch.linalg.matrix_norm(w)
-    error = torch.linalg.matrix_norm(w - left @ right) / norm if norm > 0 else norm
-    return left.to(weight.dtype), right.to(weight.dtype), float(error)
+    # in place where U is a tensor of its own (gram_svd's), not a view of a wider U
+    left = u.mul_(root) if u.is_contiguous() else u * root
+    right = root[:, None] * vh
+    del u
+    error = relative_error(weight, left, right)
+    return left.to(weight.dtype), right.to(weight.dtype), error
 
 
 def _own_params(module: nn.Module) -> int:
@@ -242,16 +319,10 @@ class _Factorised(nn.Module):
         left, right = self.factors()
         return left @ right
 
-    @torch.no_grad()
-    def _set_from_svd(
-        self, weight: torch.Tensor, randomized: bool | None, oversample: int, niter: int
-    ) -> float:
-        """Fill the factors from the truncated SVD of ``weight``; returns the relative error."""
-        left, right, error = balanced_factors(weight, self.rank, randomized, oversample, niter)
-        self._set_factors(left, right)
-        return error
-
     def _set_factors(self, left: torch.Tensor, right: torch.Tensor) -> None:
+        """Make ``left`` and ``right`` (the :func:`balanced_factors`) the factors' weights,
+        copied only where not contiguous: :meth:`from_module` builds the module on the meta
+        device."""
         raise NotImplementedError
 
 
@@ -293,8 +364,8 @@ class LowRankEmbedding(_Factorised):
         return factor_matrix(self.left), factor_matrix(self.right).T
 
     def _set_factors(self, left: torch.Tensor, right: torch.Tensor) -> None:
-        self.left.weight.copy_(left)
-        self.right.weight.copy_(right.T)
+        self.left.weight = nn.Parameter(left.contiguous())  # LAPACK's U is column-major
+        self.right.weight = nn.Parameter(right.T.contiguous())
 
     @classmethod
     @torch.no_grad()
@@ -308,8 +379,9 @@ class LowRankEmbedding(_Factorised):
     ) -> tuple[LowRankEmbedding, dict[str, Any]]:
         """The rank-``rank`` truncated SVD of ``module.weight``, and its info dict."""
         n, d = module.weight.shape
-        new = cls(n, d, rank, **_factory(module))
-        error = new._set_from_svd(module.weight, randomized, oversample, niter)
+        left, right, error = balanced_factors(module.weight, rank, randomized, oversample, niter)
+        new = cls(n, d, rank, device="meta", dtype=left.dtype)  # no placeholder values drawn
+        new._set_factors(left, right)
         return new, _info(rank, error, module, new)
 
     def extra_repr(self) -> str:
@@ -358,8 +430,8 @@ class LowRankLinear(_Factorised):
         return factor_matrix(self.left), factor_matrix(self.right)
 
     def _set_factors(self, left: torch.Tensor, right: torch.Tensor) -> None:
-        self.left.weight.copy_(left)
-        self.right.weight.copy_(right)
+        self.left.weight = nn.Parameter(left.contiguous())  # LAPACK's U is column-major
+        self.right.weight = nn.Parameter(right.contiguous())
 
     @classmethod
     @torch.no_grad()
@@ -373,10 +445,11 @@ class LowRankLinear(_Factorised):
     ) -> tuple[LowRankLinear, dict[str, Any]]:
         """The rank-``rank`` truncated SVD of ``module.weight`` (bias copied), and its info."""
         has_bias = module.bias is not None
-        new = cls(module.in_features, module.out_features, rank, has_bias, **_factory(module))
-        error = new._set_from_svd(module.weight, randomized, oversample, niter)
+        left, right, error = balanced_factors(module.weight, rank, randomized, oversample, niter)
+        new = cls(module.in_features, module.out_features, rank, has_bias, "meta", left.dtype)
+        new._set_factors(left, right)
         if has_bias:
-            new.left.bias.copy_(module.bias)
+            new.left.bias = nn.Parameter(module.bias.detach().clone())
         return new, _info(rank, error, module, new)
 
     def extra_repr(self) -> str:
@@ -907,9 +980,7 @@ def _layer_rank(cfg: SVDConfig, group: str, weight: torch.Tensor) -> int:
     if cfg.param_ratio is not None:
         return rank_for_param_ratio(n, d, cfg.param_ratio)
     assert cfg.energy is not None
-    return rank_for_energy(
-        torch.linalg.svdvals(weight.detach().to(_compute_dtype(weight))), cfg.energy
-    )
+    return rank_for_energy(singular_values(weight), cfg.energy)
 
 
 @torch.no_grad()
@@ -1157,14 +1228,18 @@ __all__ = [
     "factorised_layer",
     "factorize_module",
     "find_dot_product",
+    "gram_svd",
     "joint_factors",
     "jointly_reduce_dot_product",
     "lowrank_ranks",
     "match_state_dict",
     "rank_for_energy",
     "rank_for_param_ratio",
+    "relative_error",
     "replaced_by_svd",
     "rotate_to_spectral_basis",
     "select_layer_targets",
+    "singular_values",
     "truncated_svd",
+    "use_gram",
 ]

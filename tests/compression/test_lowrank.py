@@ -12,6 +12,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
+from recsys_compress.compression import lowrank
 from recsys_compress.compression.accounting import layer_stats, size_summary
 from recsys_compress.compression.lowrank import (
     LowRankEmbedding,
@@ -593,3 +594,72 @@ def test_factors_of_a_table_get_the_embedding_weight_decay() -> None:
     factors = [*model.user_embedding.parameters(), *model.item_embedding.parameters()]
     assert len(factors) == 4 and all(decay[id(p)] == 1e-3 for p in factors)
     assert len(decay) == len(list(model.parameters()))  # each parameter in exactly one group
+
+
+# -- large tables: the exact SVD through the Gram matrix ------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(3000, 24), (24, 3000)])
+def test_gram_svd_equals_lapack_truncation(shape: tuple[int, int], monkeypatch) -> None:
+    """U_r S_r Vh_r of the Gram path is LAPACK's truncation (tall and wide), passes included."""
+    monkeypatch.setattr(lowrank, "ROWS_PER_PASS", 700)  # several passes, the last one short
+    sigmas = [10.0 * 0.7**i for i in range(24)]
+    weight = matrix_with_spectrum(*shape, sigmas, seed=2).float()
+    u, s, vh = lowrank.gram_svd(weight, 6)
+    assert u.shape == (shape[0], 6) and s.shape == (6,) and vh.shape == (6, shape[1])
+    assert torch.allclose(s.double(), torch.tensor(sigmas[:6], dtype=torch.float64), rtol=1e-5)
+    lu, ls, lvh = torch.linalg.svd(weight.double(), full_matrices=False)
+    expected = (lu[:, :6] * ls[:6]) @ lvh[:6]
+    assert torch.allclose(((u * s) @ vh).double(), expected, atol=1e-5)
+    assert torch.allclose((u.T @ u).double(), torch.eye(6, dtype=torch.float64), atol=1e-5)
+    assert torch.allclose(lowrank.singular_values(weight).double()[:6], ls[:6], rtol=1e-5)
+
+
+def test_gram_svd_of_a_rank_deficient_table_has_no_nan() -> None:
+    weight = torch.zeros(500, 16)
+    weight[:, :3] = torch.randn(500, 3, generator=torch.Generator().manual_seed(5))
+    u, s, vh = lowrank.gram_svd(weight, 8)
+    assert torch.isfinite(u).all() and torch.isfinite(s).all()
+    assert torch.allclose((u * s) @ vh, weight, atol=1e-5)  # ranks 4-8 are zero columns
+
+
+def test_large_tables_take_the_gram_path(monkeypatch) -> None:
+    """Above RANDOMIZED_MIN_NUMEL with a side <= 512 the auto choice is the exact Gram path (not
+    torch.svd_lowrank); randomized=True / False keep svd_lowrank / LAPACK."""
+    monkeypatch.setattr(lowrank, "RANDOMIZED_MIN_NUMEL", 10_000)
+    calls: list[str] = []
+    gram, lowrank_svd = lowrank.gram_svd, torch.svd_lowrank
+    monkeypatch.setattr(lowrank, "gram_svd", lambda w, r: calls.append("gram") or gram(w, r))
+    monkeypatch.setattr(
+        torch, "svd_lowrank", lambda *a, **k: calls.append("randomized") or lowrank_svd(*a, **k)
+    )
+    weight = matrix_with_spectrum(2000, 32, [0.6**i for i in range(32)], seed=6).float()
+    for randomized, path in ((None, "gram"), (True, "randomized"), (False, None)):
+        calls.clear()
+        *_, error = balanced_factors(weight, 8, randomized=randomized)
+        assert calls == ([path] if path else [])
+        assert error == pytest.approx(eckart_young(weight, 8), rel=1e-3 if randomized else 1e-5)
+    assert lowrank.use_randomized(600, 600, None) and not lowrank.use_gram(600, 600, None)
+    assert not lowrank.use_gram(2000, 4, None)  # 8,000 elements: LAPACK
+
+
+def test_relative_error_sums_passes_as_the_whole_matrix(monkeypatch) -> None:
+    gen = torch.Generator().manual_seed(7)
+    weight, left, right = (torch.randn(*s, generator=gen) for s in ((1000, 12), (1000, 3), (3, 12)))
+    direct = torch.linalg.matrix_norm(weight - left @ right) / torch.linalg.matrix_norm(weight)
+    monkeypatch.setattr(lowrank, "ROWS_PER_PASS", 300)
+    assert lowrank.relative_error(weight, left, right) == pytest.approx(float(direct), rel=1e-6)
+    assert lowrank.relative_error(torch.zeros(5, 4), left[:5], right[:, :4]) == 0.0
+
+
+def test_from_module_builds_no_placeholders_and_owns_contiguous_factors() -> None:
+    emb = nn.Embedding(40, 12)
+    lin = nn.Linear(12, 30)
+    for module in (emb, lin):
+        low, _ = lowrank.factorize_module(module, 4)
+        for param in low.parameters():
+            assert param.device.type == "cpu" and param.is_contiguous()
+        dense = low.dense_weight()
+        best = lowrank.truncated_svd(module.weight, 4)
+        assert torch.allclose(dense, (best[0] * best[1]) @ best[2], atol=1e-5)
+    assert torch.equal(lowrank.factorize_module(lin, 4)[0].bias, lin.bias)
