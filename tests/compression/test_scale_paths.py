@@ -881,3 +881,43 @@ def test_a_frozen_table_trains_beside_kept_gradients(tmp_path: Path) -> None:
     tiny_trainer(tmp_path, [], max_epochs=1).fit(module, datamodule=dm)
     assert torch.equal(frozen, before) and frozen not in ops._TABLES
     assert not torch.equal(module.model.item_embedding.weight, items)
+
+
+@pytest.mark.parametrize("scope", ["global", "group", "layer"])
+def test_pooled_masks_from_score_blocks_equal_the_materialised_ranking(
+    scope: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """update_masks ranks unstructured scores a block of rows at a time (BlockScores): the masks
+    equal a stable sort of the whole tables' normalised scores, with ties and earlier masks."""
+    monkeypatch.setattr(ops, "CHUNK", 8 * 7)  # blocks of 7 rows, uneven last blocks
+    model = MF(50, 30, 8, use_bias=False)
+    gen = torch.Generator().manual_seed(9)
+    with torch.no_grad():  # ties at every threshold, and different scales per table
+        model.user_embedding.weight.copy_(torch.randint(-4, 5, (50, 8), generator=gen) * 3.0)
+        model.item_embedding.weight.copy_(torch.randint(-4, 5, (30, 8), generator=gen) * 1.0)
+    cb = MagnitudePruning(
+        PruneConfig(sparsity=0.6, scope=scope, score="magnitude", schedule="one_shot", basis="none")
+    )
+    cb._targets = select_targets(model, cb.cfg.targets, "compression.prune.targets")
+    cb._root = model
+    names = [t.name for t in cb._targets]
+    tables = [t.weight.detach().clone() for t in cb._targets]
+    previous: list[torch.Tensor] | None = None
+    for sparsity in (0.4, 0.6):
+        monkeypatch.setattr(cb, "target_sparsity", lambda step, group, s=sparsity: s)
+        scores = [w.abs() for w in tables]
+        if previous is not None:  # pruned-for-good weights score -1
+            scores = [torch.where(m, s, -1.0) for s, m in zip(scores, previous, strict=True)]
+        if scope == "layer":
+            expected = [sort_reference(s, sparsity) for s in scores]
+        else:
+            rms = [pruning._alive_rms(s).clamp_min(1e-30) for s in scores]
+            flat = torch.cat(
+                [torch.where(s >= 0, s / r, s).flatten() for s, r in zip(scores, rms, strict=True)]
+            )
+            keep = sort_reference(flat, sparsity).split([s.numel() for s in scores])
+            expected = [k.view_as(s) for k, s in zip(keep, scores, strict=True)]
+        cb.update_masks(0)
+        for name, mask in zip(names, expected, strict=True):
+            assert torch.equal(cb.masks[name], mask), (scope, sparsity, name)
+        previous = expected
