@@ -22,6 +22,7 @@ divided by their RMS before one threshold is chosen, and no layer is pruned to 1
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -170,8 +171,15 @@ def kth_smallest(chunks: Callable[[], Iterator[torch.Tensor]], k: int) -> tuple[
     below = torch.cumsum(high, 0)
     prefix = int(torch.searchsorted(below, torch.tensor([k]))[0])
     rank = k - (int(below[prefix - 1]) if prefix else 0)
+    # The chosen bin as a closed float interval (the keys keep float order): the second pass
+    # keys only the values inside it (bins holding NaN keys are keyed whole)
+    lowest, highest = _from_key(prefix << 16), _from_key((prefix << 16) | 0xFFFF)
+    in_range = not (math.isnan(lowest) or math.isnan(highest))
     low = torch.zeros(1 << 16, dtype=torch.int64)
     for chunk in chunks():
+        if in_range:
+            values = chunk.float()
+            chunk = values[(values >= lowest) & (values <= highest)]
         keys = _sortable_keys(chunk)
         keys = keys[(keys >> 16) == prefix]
         low += torch.bincount(keys & 0xFFFF, minlength=1 << 16).cpu()

@@ -61,8 +61,11 @@ def test_radix_threshold_equals_the_sort_based_one(
 
 def test_kth_smallest_is_exact_on_signed_values() -> None:
     values = torch.randn(10_001, generator=torch.Generator().manual_seed(1)) * 1e3
+    values[:300] = 0.0  # signed zeros count as one value, and a bin's neighbours nearby
+    values[300:600] = -0.0
+    values[600:700] = torch.tensor(1e-42).nextafter(torch.tensor(1.0))  # subnormal
     ordered = torch.sort(values).values
-    for k in (1, 17, 5000, 10_001):
+    for k in (1, 17, 2500, 5000, 5100, 10_001):
         value, smaller = pruning.kth_smallest(lambda: iter(values.split(777)), k)
         assert value == float(ordered[k - 1])
         assert smaller == int((values < value).sum())
