@@ -3,13 +3,17 @@
 on that model. Each step runs in its own subprocess, so its peak RSS is its own; the target is
 24 GB for every step. Quick: 50k users x 5k items x 250k interactions.
 
-Steps (a fresh process each; the trained model is passed on as a state dict file):
-``train``  the epoch (data generation, split and negative sampling included);
+Steps (a fresh process each; the trained model is passed on as a state dict file, loaded as a
+run's ``model.pt`` is, so a step's peak holds one copy of the model, not two):
+``train``  the epoch (data generation, split and negative sampling included; details: the time
+           to the first step, mostly the epoch's shuffle and negatives, and the median seconds
+           of an optimizer step);
 ``train_rowwise``  the same epoch with ``optim=rowwise_adagrad`` (one accumulator per row
            instead of Adam's two moment tables; its model is not passed on);
 ``prune``  global magnitude masks at 80% over both tables (the exact radix threshold);
 ``l1``     200 optimizer steps (quick: 30) with the L1 proximal step (sparse path);
-``svd``    per-layer truncated SVD at half the parameters (``torch.svd_lowrank`` at this size);
+``svd``    per-layer truncated SVD at half the parameters (exact, through the Gram matrix, at
+           this size: ``lowrank.gram_svd``);
 ``qat``    as many fake-quantised steps, then the conversion to int8;
 ``export`` the artifact of the trained model quantised to int8 after training (the QAT step's
            model is not passed on: the same int8 layout and size);
@@ -23,6 +27,7 @@ Steps (a fresh process each; the trained model is passed on as a state dict file
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -30,6 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
 
 from benchmarks.common import Figure, bare_trainer, interleaved_medians, optim_preset, peak_rss_mb
@@ -60,14 +66,47 @@ def _config(size: dict[str, int], optim: dict[str, Any] | None = None) -> Any:
     )
 
 
-def _model(cfg: Any, state: Path) -> Any:
+def _model(cfg: Any, state: Path | None = None) -> Any:
+    """A fresh model, or the one saved at ``state``, loaded as a run's ``model.pt`` is (no
+    random init, the file's tensors become the parameters): a step's peak is its own work's,
+    not a second copy of the model."""
+    from recsys_compress.export import load_run_model
     from recsys_compress.models import build_model
 
     s = cfg.data.synthetic
-    model = build_model(cfg.model, s.num_users, s.num_items)
-    if state.exists():
-        model.load_state_dict(torch.load(state))
-    return model
+    if state is None:
+        return build_model(cfg.model, s.num_users, s.num_items)
+    return load_run_model(state, cfg.model, s.num_users, s.num_items, {})
+
+
+class _StepTimes(L.Callback):
+    """The time from the epoch's start to its first step (the epoch's shuffle and negatives, the
+    first call's batches) and each Lightning step's seconds per optimizer step in it."""
+
+    def __init__(self) -> None:
+        self.epoch_start = self.step_start = 0.0
+        self.to_first_step: float | None = None
+        self.per_step: list[float] = []
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.epoch_start = time.perf_counter()
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self.step_start = time.perf_counter()
+        if self.to_first_step is None:
+            self.to_first_step = self.step_start - self.epoch_start
+
+    def on_train_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        self.per_step.append((time.perf_counter() - self.step_start) / len(batch))
 
 
 def _random_loader(cfg: Any, steps: int) -> Any:
@@ -87,6 +126,8 @@ def step(name: str, size: dict[str, int], workdir: Path) -> dict[str, Any]:
     """Run one step in this process; returns its seconds and details."""
     from recsys_compress.module import RecommenderModule
 
+    size = dict(size)
+    train_steps = size.pop("train_steps", -1)  # -1: the whole epoch
     cfg = _config(size, ROWWISE_ADAGRAD if name == "train_rowwise" else SPARSE_ADAM)
     steps = 200 if size["num_users"] >= FULL["num_users"] else 30
     state = workdir / "model.pt"
@@ -97,12 +138,15 @@ def step(name: str, size: dict[str, int], workdir: Path) -> dict[str, Any]:
 
         dm = build_datamodule(cfg)
         details["data_s"] = time.perf_counter() - start
-        model = _model(cfg, workdir / "none")
+        model = _model(cfg)
         module = RecommenderModule(model, cfg.loss, cfg.optim, cfg.eval)
-        trainer = bare_trainer(max_epochs=1)
+        times = _StepTimes()
+        trainer = bare_trainer(max_epochs=1, max_steps=train_steps, callbacks=[times])
         fit_start = time.perf_counter()
         trainer.fit(module, datamodule=dm)
         details["epoch_s"] = time.perf_counter() - fit_start
+        details["to_first_step_s"] = times.to_first_step
+        details["step_ms"] = 1000 * statistics.median(times.per_step)
         details["steps"] = trainer.global_step
         details["train_loss"] = float(trainer.callback_metrics.get("train/loss", float("nan")))
         if name == "train":  # the model the other steps start from
@@ -177,23 +221,28 @@ def step(name: str, size: dict[str, int], workdir: Path) -> dict[str, Any]:
     return details
 
 
-def run(quick: bool) -> list[Figure]:
-    size = QUICK if quick else FULL
+STEPS = ("train", "train_rowwise", "prune", "l1", "svd", "qat", "export", "load")
+
+
+def run_steps(section: str, size: dict[str, int]) -> list[Figure]:
+    """Every step of :data:`STEPS` at ``size`` (synthetic sizes, and ``train_steps``: the
+    optimizer steps the two training steps run, -1 or absent for the whole epoch), each in its
+    own process: one peak-RSS figure per step, and the load ratio."""
     label = (
         f"{size['num_users']:,} users x {size['num_items']:,} items x "
         f"{size['interactions_per_user']} per user"
     )
     figures = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name in ("train", "train_rowwise", "prune", "l1", "svd", "qat", "export", "load"):
+        for name in STEPS:
             args = [sys.executable, "-m", "benchmarks.scale", name, json.dumps(size), tmp]
             done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
             if done.returncode != 0:
-                raise RuntimeError(f"scale step {name} failed:\n{done.stderr[-3000:]}")
+                raise RuntimeError(f"{section} step {name} failed:\n{done.stderr[-3000:]}")
             result = json.loads(done.stdout.strip().splitlines()[-1])
             figures.append(
                 Figure(
-                    SECTION,
+                    section,
                     f"{name}: peak RSS, MF-64 {label}",
                     result["peak_rss_mb"],
                     LIMIT_MB,
@@ -204,7 +253,7 @@ def run(quick: bool) -> list[Figure]:
             if name == "load":
                 figures.append(
                     Figure(
-                        SECTION,
+                        section,
                         f"load: int8 artifact / dense model.pt, MF-64 {label}",
                         result["ratio"],
                         1.0,
@@ -212,6 +261,10 @@ def run(quick: bool) -> list[Figure]:
                     )
                 )
     return figures
+
+
+def run(quick: bool) -> list[Figure]:
+    return run_steps(SECTION, QUICK if quick else FULL)
 
 
 if __name__ == "__main__":
