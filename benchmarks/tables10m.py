@@ -1,10 +1,10 @@
-"""Tables of 10M rows (opt-in: ``python scripts/bench.py --only tables10m``, ~10 minutes): the
+"""Tables of 10M rows (opt-in: ``python scripts/bench.py --only tables10m``, ~7.5 minutes): the
 scale section's steps (:mod:`benchmarks.scale`) on MF-64 with 10M users x 1M items x 50M
-interactions (a 2.56 GB user table, 2.8 GB of model), each in its own process, target 24 GB of
+interactions (a 2.56 GB user table, 2.86 GB of model), each in its own process, target 24 GB of
 peak RSS each. The two training steps run 2,000 optimizer steps of the first epoch, not all
-~49,000 of it (~5 minutes each on 2 cores); their details give the time to the first step (the
-epoch's shuffle and 200M negatives) and the median time of an optimizer step. Quick: the scale
-section's quick size, 200 steps.
+~49,000 of it (~6 minutes each at ~7 ms a step on 2 cores); their details give the time to the
+first step (the epoch's shuffle of 200M rows and its 160M negative draws) and the median time of
+an optimizer step. Quick: the scale section's quick size, 200 steps.
 """
 
 from __future__ import annotations

@@ -56,11 +56,11 @@ KEY = "compression.svd"
 METHODS = ("per_layer", "joint_dot_product")
 USER_TABLE, ITEM_TABLE = "*user_embedding*", "*item_embedding*"
 # When ``randomized`` is None: torch.svd_lowrank above RANDOMIZED_MIN_DIM on both sides; the exact
-# SVD through the small side's Gram matrix (:func:`gram_svd`) for larger matrices than
-# RANDOMIZED_MIN_NUMEL elements with a side of at most RANDOMIZED_MIN_DIM (embedding tables);
-# LAPACK's SVD below.
+# SVD through the small side's Gram matrix (:func:`gram_svd`) for float32 / half matrices of more
+# than GRAM_MIN_NUMEL elements with a side of at most RANDOMIZED_MIN_DIM (embedding tables);
+# LAPACK's SVD otherwise.
 RANDOMIZED_MIN_DIM = 512
-RANDOMIZED_MIN_NUMEL = 5_000_000
+GRAM_MIN_NUMEL = 5_000_000
 # Rows of a tall matrix (columns of a wide one) per pass of gram_svd and of the error sum.
 ROWS_PER_PASS = 1 << 16
 
@@ -158,10 +158,16 @@ def use_randomized(n: int, d: int, randomized: bool | None) -> bool:
     return min(n, d) > RANDOMIZED_MIN_DIM
 
 
-def use_gram(n: int, d: int, randomized: bool | None) -> bool:
+def use_gram(n: int, d: int, randomized: bool | None, dtype: torch.dtype = torch.float32) -> bool:
     """Whether :func:`truncated_svd` takes :func:`gram_svd`: ``randomized`` unset and a matrix
-    of over 5e6 elements with a side of at most 512 (a large embedding table)."""
-    return randomized is None and min(n, d) <= RANDOMIZED_MIN_DIM and n * d > RANDOMIZED_MIN_NUMEL
+    of over 5e6 elements with a side of at most 512 (a large embedding table), not float64 (whose
+    digits the squared condition number would halve; LAPACK keeps them)."""
+    return (
+        randomized is None
+        and dtype != torch.float64
+        and min(n, d) <= RANDOMIZED_MIN_DIM
+        and n * d > GRAM_MIN_NUMEL
+    )
 
 
 def _slices(n: int) -> list[slice]:
@@ -186,16 +192,20 @@ def gram_svd(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tenso
     For an ``[n, d]`` table with ``n >> d`` (``d <= 512``) this is one pass over the table for
     the Gram matrix (in float64) and one for ``U_r``, which is the only large thing it allocates:
     LAPACK's SVD holds ``U`` (``n x d``) and its workspace, ``torch.svd_lowrank`` several
-    ``n x (r + oversample)`` blocks and still approximates. A singular value of 0 gets a zero
-    column in ``U_r`` (its term is 0 either way). Squaring the matrix squares its condition
-    number, which float64 absorbs for a float32 weight (the largest retained ``S_r[0] / S_r[-1]``
-    it resolves is ~1e6)."""
+    ``n x (r + oversample)`` blocks and still approximates. A singular value at the Gram
+    matrix's roundoff (at most ``S[0] * sqrt(d * eps)``, float64's ``eps``: the directions a
+    rank-deficient table lacks) gets a zero column in ``U_r``: its direction is noise, and its
+    term is ~0 either way. Squaring the matrix squares its condition number,
+    which float64 absorbs for a float32 weight. ``rank`` is capped at the small side, as
+    LAPACK's truncation is."""
     w = weight.detach()
     wide = w.shape[0] < w.shape[1]
     tall = w.T if wide else w
+    rank = min(rank, tall.shape[1])
     s, v = _gram_eigh(tall)
+    cutoff = float(s[0]) * math.sqrt(tall.shape[1] * torch.finfo(torch.float64).eps)
     s, v = s[:rank], v[:, :rank]
-    inverse = torch.where(s > 0, 1.0 / s, torch.zeros_like(s))
+    inverse = torch.where(s > cutoff, 1.0 / s, torch.zeros_like(s))
     projection = (v * inverse).to(_compute_dtype(weight))
     u = torch.empty(tall.shape[0], rank, dtype=projection.dtype, device=w.device)
     for rows in _slices(tall.shape[0]):
@@ -206,10 +216,10 @@ def gram_svd(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tenso
 
 def singular_values(weight: torch.Tensor) -> torch.Tensor:
     """All singular values of ``weight`` (descending), through the Gram matrix where
-    :func:`truncated_svd` takes :func:`gram_svd`."""
+    :func:`truncated_svd` with ``randomized`` unset takes :func:`gram_svd` (the energy rank)."""
     w = weight.detach()
     n, d = w.shape
-    if use_gram(n, d, None):
+    if use_gram(n, d, None, w.dtype):
         return _gram_eigh(w.T if n < d else w)[0].to(_compute_dtype(w))
     return torch.linalg.svdvals(w.to(_compute_dtype(w)))
 
@@ -225,7 +235,7 @@ def truncated_svd(
     LAPACK's), or ``torch.svd_lowrank`` with ``rank + oversample`` columns and ``niter`` power
     iterations when that is smaller than the matrix (see :func:`use_randomized`)."""
     n, d = weight.shape
-    if use_gram(n, d, randomized):
+    if use_gram(n, d, randomized, weight.dtype):
         return gram_svd(weight, rank)
     w = weight.detach().to(_compute_dtype(weight))
     q = min(n, d, rank + oversample)
@@ -238,8 +248,11 @@ def truncated_svd(
 
 def relative_error(weight: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> float:
     """``||W - left right||_F / ||W||_F`` (0 for a zero ``W``), a pass of
-    :data:`ROWS_PER_PASS` rows at a time: never a ``W``-sized temporary."""
+    :data:`ROWS_PER_PASS` rows (columns of a wide ``W``) at a time: never a ``W``-sized
+    temporary."""
     w = weight.detach()
+    if w.shape[0] < w.shape[1]:  # ||A||_F = ||Aᵀ||_F: pass over the long side
+        w, left, right = w.T, right.T, left.T
     residual = total = 0.0
     for rows in _slices(w.shape[0]):
         part = w[rows].to(left.dtype)
@@ -259,7 +272,8 @@ def balanced_factors(
     ``||W - left right||_F / ||W||_F`` (:func:`relative_error`)."""
     u, s, vh = truncated_svd(weight, rank, randomized, oversample, niter)
     root = s.sqrt()
-    # in place where U is a tensor of its own (gram_svd's), not a view of a wider U
+    # in place where U is contiguous (gram_svd's of a tall table: U_r is all it allocated); a
+    # column slice of a wider U, or a transposed one, gets a product of its own
     left = u.mul_(root) if u.is_contiguous() else u * root
     right = root[:, None] * vh
     del u
@@ -322,7 +336,8 @@ class _Factorised(nn.Module):
     def _set_factors(self, left: torch.Tensor, right: torch.Tensor) -> None:
         """Make ``left`` and ``right`` (the :func:`balanced_factors`) the factors' weights,
         copied only where not contiguous: :meth:`from_module` builds the module on the meta
-        device."""
+        device. New Parameters replace the old ones, so this is for a module no optimizer holds
+        yet."""
         raise NotImplementedError
 
 

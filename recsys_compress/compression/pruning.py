@@ -203,7 +203,8 @@ class BlockScores:
         return self.shape.numel()
 
     def full(self) -> torch.Tensor:
-        """All the scores at once (scopes that rank rows of a layer that is not 2-D)."""
+        """All the scores at once: ``scope=row`` when it cannot rank in blocks (a fixed
+        ``threshold``, or another target that is not 2-D)."""
         return torch.cat(list(self.blocks())).view(self.shape)
 
 

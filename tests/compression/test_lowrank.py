@@ -603,6 +603,7 @@ def test_factors_of_a_table_get_the_embedding_weight_decay() -> None:
 def test_gram_svd_equals_lapack_truncation(shape: tuple[int, int], monkeypatch) -> None:
     """U_r S_r Vh_r of the Gram path is LAPACK's truncation (tall and wide), passes included."""
     monkeypatch.setattr(lowrank, "ROWS_PER_PASS", 700)  # several passes, the last one short
+    monkeypatch.setattr(lowrank, "GRAM_MIN_NUMEL", 10_000)  # singular_values' Gram branch too
     sigmas = [10.0 * 0.7**i for i in range(24)]
     weight = matrix_with_spectrum(*shape, sigmas, seed=2).float()
     u, s, vh = lowrank.gram_svd(weight, 6)
@@ -611,22 +612,32 @@ def test_gram_svd_equals_lapack_truncation(shape: tuple[int, int], monkeypatch) 
     lu, ls, lvh = torch.linalg.svd(weight.double(), full_matrices=False)
     expected = (lu[:, :6] * ls[:6]) @ lvh[:6]
     assert torch.allclose(((u * s) @ vh).double(), expected, atol=1e-5)
-    assert torch.allclose((u.T @ u).double(), torch.eye(6, dtype=torch.float64), atol=1e-5)
+    assert torch.allclose(u.double().T @ u.double(), torch.eye(6, dtype=torch.float64), atol=1e-5)
     assert torch.allclose(lowrank.singular_values(weight).double()[:6], ls[:6], rtol=1e-5)
+    assert lowrank.use_gram(*shape, None) and not lowrank.use_gram(*shape, None, torch.float64)
+    u, s, vh = lowrank.gram_svd(weight, 100)  # capped at the small side, as LAPACK's
+    assert s.shape == (24,) and torch.allclose((u * s) @ vh, weight, atol=1e-4)
 
 
-def test_gram_svd_of_a_rank_deficient_table_has_no_nan() -> None:
-    weight = torch.zeros(500, 16)
-    weight[:, :3] = torch.randn(500, 3, generator=torch.Generator().manual_seed(5))
-    u, s, vh = lowrank.gram_svd(weight, 8)
-    assert torch.isfinite(u).all() and torch.isfinite(s).all()
-    assert torch.allclose((u * s) @ vh, weight, atol=1e-5)  # ranks 4-8 are zero columns
+def test_gram_svd_of_a_rank_deficient_table_gives_zero_columns_not_noise() -> None:
+    gen = torch.Generator().manual_seed(5)
+    for weight in (
+        torch.cat([torch.randn(500, 3, generator=gen), torch.zeros(500, 13)], dim=1),
+        torch.randn(500, 3, generator=gen) @ torch.randn(3, 16, generator=gen),  # rotated
+    ):
+        u, s, vh = lowrank.gram_svd(weight, 8)
+        assert torch.isfinite(u).all() and torch.isfinite(s).all()
+        assert torch.allclose((u * s) @ vh, weight, atol=1e-4)
+        assert torch.allclose(
+            u[:, :3].double().T @ u[:, :3].double(), torch.eye(3).double(), atol=1e-5
+        )
+        assert torch.equal(u[:, 3:], torch.zeros(500, 5))  # roundoff directions dropped
 
 
 def test_large_tables_take_the_gram_path(monkeypatch) -> None:
-    """Above RANDOMIZED_MIN_NUMEL with a side <= 512 the auto choice is the exact Gram path (not
+    """Above GRAM_MIN_NUMEL with a side <= 512 the auto choice is the exact Gram path (not
     torch.svd_lowrank); randomized=True / False keep svd_lowrank / LAPACK."""
-    monkeypatch.setattr(lowrank, "RANDOMIZED_MIN_NUMEL", 10_000)
+    monkeypatch.setattr(lowrank, "GRAM_MIN_NUMEL", 10_000)
     calls: list[str] = []
     gram, lowrank_svd = lowrank.gram_svd, torch.svd_lowrank
     monkeypatch.setattr(lowrank, "gram_svd", lambda w, r: calls.append("gram") or gram(w, r))
@@ -649,17 +660,27 @@ def test_relative_error_sums_passes_as_the_whole_matrix(monkeypatch) -> None:
     direct = torch.linalg.matrix_norm(weight - left @ right) / torch.linalg.matrix_norm(weight)
     monkeypatch.setattr(lowrank, "ROWS_PER_PASS", 300)
     assert lowrank.relative_error(weight, left, right) == pytest.approx(float(direct), rel=1e-6)
+    # a wide matrix passes over its columns: the same value
+    assert lowrank.relative_error(weight.T, right.T, left.T) == pytest.approx(
+        float(direct), rel=1e-6
+    )
     assert lowrank.relative_error(torch.zeros(5, 4), left[:5], right[:, :4]) == 0.0
 
 
-def test_from_module_builds_no_placeholders_and_owns_contiguous_factors() -> None:
-    emb = nn.Embedding(40, 12)
-    lin = nn.Linear(12, 30)
-    for module in (emb, lin):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_from_module_draws_no_placeholders_and_owns_contiguous_factors(
+    dtype: torch.dtype, monkeypatch
+) -> None:
+    torch.manual_seed(0)
+    modules = [nn.Embedding(40, 12, dtype=dtype), nn.Linear(12, 30, dtype=dtype)]
+    monkeypatch.setattr(lowrank, "GRAM_MIN_NUMEL", 400)  # the float32 table: the Gram path
+    for module in [*modules, nn.Embedding(3000, 12, dtype=dtype)]:
+        rng = torch.get_rng_state()
         low, _ = lowrank.factorize_module(module, 4)
+        assert torch.equal(torch.get_rng_state(), rng)  # no placeholder weights drawn
         for param in low.parameters():
             assert param.device.type == "cpu" and param.is_contiguous()
-        dense = low.dense_weight()
+            assert param.dtype == dtype and param.requires_grad
         best = lowrank.truncated_svd(module.weight, 4)
-        assert torch.allclose(dense, (best[0] * best[1]) @ best[2], atol=1e-5)
-    assert torch.equal(lowrank.factorize_module(lin, 4)[0].bias, lin.bias)
+        assert torch.allclose(low.dense_weight(), (best[0] * best[1]) @ best[2], atol=1e-5)
+    assert torch.equal(lowrank.factorize_module(modules[1], 4)[0].bias, modules[1].bias)

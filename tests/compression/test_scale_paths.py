@@ -29,6 +29,7 @@ from recsys_compress.compression.targets import TargetSpec, select_targets
 from recsys_compress.config import OptimConfig
 from recsys_compress.errors import ConfigError
 from recsys_compress.models.mf import MF
+from recsys_compress.models.ncf import NeuMF
 from recsys_compress.module import RecommenderModule
 from recsys_compress.optim import RowSparseAdam, RowStep, coalesce_rows, touched_rows
 from tests.compression.helpers import tiny_setup, tiny_trainer
@@ -891,36 +892,43 @@ def test_pooled_masks_from_score_blocks_equal_the_materialised_ranking(
     scope: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """update_masks ranks unstructured scores a block of rows at a time (BlockScores): the masks
-    equal a stable sort of the whole tables' normalised scores, with ties and earlier masks."""
-    monkeypatch.setattr(ops, "CHUNK", 8 * 7)  # blocks of 7 rows, uneven last blocks
-    model = MF(50, 30, 8, use_bias=False)
+    equal a stable sort of the whole layers' normalised scores, pooled by scope (NeuMF: an
+    embedding and a linear group), with ties and earlier masks."""
+    monkeypatch.setattr(ops, "CHUNK", 8 * 7)  # blocks of a few rows, uneven last blocks
+    model = NeuMF(50, 30, 8, 8, [16, 8])
     gen = torch.Generator().manual_seed(9)
-    with torch.no_grad():  # ties at every threshold, and different scales per table
-        model.user_embedding.weight.copy_(torch.randint(-4, 5, (50, 8), generator=gen) * 3.0)
-        model.item_embedding.weight.copy_(torch.randint(-4, 5, (30, 8), generator=gen) * 1.0)
+    with torch.no_grad():  # ties at every threshold, and different scales per layer
+        for i, p in enumerate(model.parameters()):
+            p.copy_(torch.randint(-4, 5, p.shape, generator=gen) * (1.0 + i))
     cb = MagnitudePruning(
         PruneConfig(sparsity=0.6, scope=scope, score="magnitude", schedule="one_shot", basis="none")
     )
     cb._targets = select_targets(model, cb.cfg.targets, "compression.prune.targets")
     cb._root = model
-    names = [t.name for t in cb._targets]
-    tables = [t.weight.detach().clone() for t in cb._targets]
-    previous: list[torch.Tensor] | None = None
+    assert {t.group for t in cb._targets} == {"embedding", "linear"}
+    weights = {t.name: t.weight.detach().clone() for t in cb._targets}
+    pools: dict[str, list[str]] = {}
+    for t in cb._targets:
+        pool = {"global": "all", "group": t.group, "layer": t.name}[scope]
+        pools.setdefault(pool, []).append(t.name)
+    previous: dict[str, torch.Tensor] = {}
     for sparsity in (0.4, 0.6):
         monkeypatch.setattr(cb, "target_sparsity", lambda step, group, s=sparsity: s)
-        scores = [w.abs() for w in tables]
-        if previous is not None:  # pruned-for-good weights score -1
-            scores = [torch.where(m, s, -1.0) for s, m in zip(scores, previous, strict=True)]
-        if scope == "layer":
-            expected = [sort_reference(s, sparsity) for s in scores]
-        else:
-            rms = [pruning._alive_rms(s).clamp_min(1e-30) for s in scores]
-            flat = torch.cat(
-                [torch.where(s >= 0, s / r, s).flatten() for s, r in zip(scores, rms, strict=True)]
-            )
-            keep = sort_reference(flat, sparsity).split([s.numel() for s in scores])
-            expected = [k.view_as(s) for k, s in zip(keep, scores, strict=True)]
+        scores = {n: w.abs() for n, w in weights.items()}
+        for name, mask in previous.items():  # pruned-for-good weights score -1
+            scores[name] = torch.where(mask, scores[name], -1.0)
+        expected: dict[str, torch.Tensor] = {}
+        for names in pools.values():
+            if scope == "layer":
+                expected[names[0]] = sort_reference(scores[names[0]], sparsity)
+                continue
+            normed = []
+            for n in names:
+                rms = pruning._alive_rms(scores[n]).clamp_min(1e-30)
+                normed.append(torch.where(scores[n] >= 0, scores[n] / rms, scores[n]).flatten())
+            keep = sort_reference(torch.cat(normed), sparsity).split([x.numel() for x in normed])
+            expected.update({n: k.view_as(scores[n]) for n, k in zip(names, keep, strict=True)})
         cb.update_masks(0)
-        for name, mask in zip(names, expected, strict=True):
+        for name, mask in expected.items():
             assert torch.equal(cb.masks[name], mask), (scope, sparsity, name)
         previous = expected
