@@ -10,7 +10,8 @@ factors (:func:`select_layer_targets` gives each factor its layer's group and na
 
 ``joint_dot_product``: for a model scoring ``<p_u, q_i>`` (MF) or ``hᵀ(p_u ⊙ q_i)`` (GMF), the
 score matrix ``P Qᵀ`` is what matters, not each table. :func:`jointly_reduce_dot_product` finds its
-best rank-r approximation from two thin QRs and one small SVD, and returns ordinary tables of
+best rank-r approximation from the two tables' Gram matrices and one small SVD
+(:func:`joint_transforms`), and returns ordinary tables of
 dimension ``r`` (a real dimension reduction).
 
 When: :class:`SVDLowRank` replaces the modules at the start of epoch ``at_epoch`` (0: before
@@ -174,15 +175,27 @@ def _slices(n: int) -> list[slice]:
     return [slice(start, start + ROWS_PER_PASS) for start in range(0, n, ROWS_PER_PASS)]
 
 
-def _gram_eigh(tall: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Singular values (descending) and right singular vectors of a tall ``[n, d]`` matrix from
-    ``tallᵀ tall``, summed in float64 over passes of :data:`ROWS_PER_PASS` rows."""
+def _gram_eigh(
+    tall: torch.Tensor, column_scale: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Singular values (descending) and right singular vectors of a tall ``[n, d]`` matrix
+    (times ``diag(column_scale)``, if given) from ``tallᵀ tall``, summed in float64 over passes
+    of :data:`ROWS_PER_PASS` rows."""
     gram = torch.zeros(tall.shape[1], tall.shape[1], dtype=torch.float64, device=tall.device)
     for rows in _slices(tall.shape[0]):
         part = tall[rows].to(torch.float64)
         gram.addmm_(part.T, part)
+    if column_scale is not None:
+        scale = column_scale.detach().to(gram)
+        gram *= scale[:, None] * scale[None, :]
     eigenvalues, vectors = torch.linalg.eigh(gram)  # ascending
     return eigenvalues.flip(0).clamp_(min=0.0).sqrt_(), vectors.flip(1)
+
+
+def _roundoff(singular_values: torch.Tensor, d: int) -> float:
+    """The singular value below which a Gram matrix's eigenvalue is float64 roundoff."""
+    top = float(singular_values[0]) if len(singular_values) else 0.0
+    return top * math.sqrt(d * torch.finfo(torch.float64).eps)
 
 
 def gram_svd(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -203,7 +216,7 @@ def gram_svd(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tenso
     tall = w.T if wide else w
     rank = min(rank, tall.shape[1])
     s, v = _gram_eigh(tall)
-    cutoff = float(s[0]) * math.sqrt(tall.shape[1] * torch.finfo(torch.float64).eps)
+    cutoff = _roundoff(s, tall.shape[1])
     s, v = s[:rank], v[:, :rank]
     inverse = torch.where(s > cutoff, 1.0 / s, torch.zeros_like(s))
     projection = (v * inverse).to(_compute_dtype(weight))
@@ -718,18 +731,57 @@ def _table(table: nn.Module | torch.Tensor) -> torch.Tensor:
     return all_rows(table, table.num_embeddings).detach()  # type: ignore[arg-type]
 
 
+def joint_transforms(
+    user_table: torch.Tensor, item_table: torch.Tensor, user_scale: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(T_p, T_q, S)`` (float64, ``[d, k]``, ``[d, k]``, ``[k]``) with ``A = P' T_p`` and
+    ``B = Q T_q`` orthonormal and ``P' Qᵀ = A diag(S) Bᵀ`` (``P' = P diag(user_scale)``: GMF's
+    head folded in), ``k`` the score matrix's numerical rank: the SVD of the score matrix from
+    the two tables' ``d x d`` Gram matrices, never users x items, never a table-sized copy.
+
+    With ``P' = U_p S_p V_pᵀ`` and ``Q = U_q S_q V_qᵀ`` (:func:`_gram_eigh`; directions at
+    roundoff dropped), ``P' Qᵀ = U_p M U_qᵀ`` for the small ``M = S_p V_pᵀ V_q S_q = U S Vᵀ``,
+    so ``A = U_p U = P' V_p S_p⁻¹ U`` and ``B = Q V_q S_q⁻¹ V``: one pass over each table for its
+    Gram matrix, and the callers' one pass to apply ``T`` (:func:`_transformed`). The thin QRs
+    this replaced held ``Q_p``, ``Q_p U`` and LAPACK's copy of each table (3x the tables at
+    1M x 100k). Squaring the tables squares their condition numbers, which float64 absorbs for
+    float32 tables."""
+    sp, vp = _gram_eigh(user_table, user_scale)
+    sq, vq = _gram_eigh(item_table)
+    kp = int((sp > _roundoff(sp, len(sp))).sum())
+    kq = int((sq > _roundoff(sq, len(sq))).sum())
+    sp, vp, sq, vq = sp[:kp], vp[:, :kp], sq[:kq], vq[:, :kq]
+    u, s, vh = torch.linalg.svd((vp * sp).T @ (vq * sq), full_matrices=False)
+    return (vp / sp) @ u, (vq / sq) @ vh.T, s
+
+
+def _transformed(
+    table: torch.Tensor, transform: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``table @ transform`` a pass of :data:`ROWS_PER_PASS` rows at a time, in the table's
+    compute dtype, into ``out`` (zero-padded on the right where it is wider; it may be
+    ``table`` itself: each pass is read before it is written)."""
+    dtype = _compute_dtype(table)
+    transform = transform.to(dtype)
+    if out is None:
+        out = table.new_empty(table.shape[0], transform.shape[1])
+    k = transform.shape[1]
+    for rows in _slices(table.shape[0]):
+        part = table[rows].to(dtype) @ transform
+        out[rows, k:] = 0
+        out[rows, :k] = part
+    return out
+
+
 def joint_factors(
     user_table: torch.Tensor, item_table: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(A, B, S)`` with ``P Qᵀ = A diag(S) Bᵀ``, A and B with orthonormal columns: the SVD of
-    the score matrix from the thin QRs ``P = Q_p R_p``, ``Q = Q_q R_q`` and the SVD of the small
-    ``R_p R_qᵀ = U S Vᵀ`` (``A = Q_p U``, ``B = Q_q V``). Never forms users x items."""
-    p = user_table.to(_compute_dtype(user_table))
-    q = item_table.to(p.dtype)
-    q_p, r_p = torch.linalg.qr(p, mode="reduced")
-    q_q, r_q = torch.linalg.qr(q, mode="reduced")
-    u, s, vh = torch.linalg.svd(r_p @ r_q.T, full_matrices=False)
-    return q_p @ u, q_q @ vh.T, s
+    """``(A, B, S)`` with ``P Qᵀ = A diag(S) Bᵀ``, A and B with orthonormal columns
+    (:func:`joint_transforms`, applied)."""
+    p, q = user_table.detach(), item_table.detach()
+    t_p, t_q, s = joint_transforms(p, q)
+    dtype = _compute_dtype(p)
+    return _transformed(p.to(dtype), t_p), _transformed(q.to(dtype), t_q), s.to(dtype)
 
 
 def _check_joint_rank(rank: int, available: int, key: str) -> None:
@@ -752,21 +804,47 @@ def jointly_reduce_dot_product(
     A weighted dot product ``hᵀ(p ⊙ q)`` is reduced by passing ``P diag(h)`` as ``user_table``.
     """
     p, q = _table(user_table), _table(item_table)
-    a, b, s = joint_factors(p, q)
+    t_p, t_q, s = joint_transforms(p, q)
     _check_joint_rank(r, len(s), f"{KEY}.rank")
-    return _reduced_tables(a, b, s, r, device=p.device, dtype=p.dtype)
+    return _reduced_tables(p, q, t_p, t_q, s, r, dtype=p.dtype)
 
 
 def _reduced_tables(
-    a: torch.Tensor, b: torch.Tensor, s: torch.Tensor, r: int, **kw: Any
+    p: torch.Tensor,
+    q: torch.Tensor,
+    t_p: torch.Tensor,
+    t_q: torch.Tensor,
+    s: torch.Tensor,
+    r: int,
+    user_scale: torch.Tensor | None = None,
+    dtype: torch.dtype | None = None,
 ) -> tuple[nn.Embedding, nn.Embedding]:
-    """Tables ``A_r sqrt(S_r)`` and ``B_r sqrt(S_r)`` (see :func:`joint_factors`)."""
+    """Tables ``A_r sqrt(S_r)`` and ``B_r sqrt(S_r)`` (:func:`joint_transforms`), made a pass
+    at a time into the new tables (built on the meta device: no placeholder weights)."""
+    t_user, t_item = _balanced(t_p, t_q, s, r, user_scale)
+    tables = []
+    for table, transform in ((p, t_user), (q, t_item)):
+        weight = torch.empty(len(table), r, dtype=dtype or table.dtype, device=table.device)
+        module = nn.Embedding(len(table), r, device="meta", dtype=weight.dtype)
+        module.weight = nn.Parameter(_transformed(table, transform, weight))
+        tables.append(module)
+    return tables[0], tables[1]
+
+
+def _balanced(
+    t_p: torch.Tensor,
+    t_q: torch.Tensor,
+    s: torch.Tensor,
+    r: int,
+    user_scale: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The transforms of the raw tables to their first ``r`` balanced columns ``A sqrt(S)``,
+    ``B sqrt(S)`` (``user_scale``: GMF's head, applied to the user table's columns)."""
     root = s[:r].sqrt()
-    users, items = nn.Embedding(len(a), r, **kw), nn.Embedding(len(b), r, **kw)
-    with torch.no_grad():
-        users.weight.copy_(a[:, :r] * root)
-        items.weight.copy_(b[:, :r] * root)
-    return users, items
+    t_user = t_p[:, :r] * root
+    if user_scale is not None:
+        t_user = user_scale.detach().to(t_user)[:, None] * t_user
+    return t_user, t_q[:, :r] * root
 
 
 def _parent(name: str) -> str:
@@ -830,7 +908,7 @@ def rotate_to_spectral_basis(
     root: nn.Module, targets: TargetSpec, key: str, alternative: str
 ) -> list[nn.Parameter]:
     """Rewrite a dot-product model's tables, in place, in the balanced basis of its score matrix:
-    ``P <- A sqrt(S)``, ``Q <- B sqrt(S)`` with ``P Qᵀ = A diag(S) Bᵀ`` (:func:`joint_factors`;
+    ``P <- A sqrt(S)``, ``Q <- B sqrt(S)`` with ``P Qᵀ = A diag(S) Bᵀ`` (:func:`joint_transforms`;
     GMF folds ``h`` into ``P`` and sets ``h = 1``). Every score is unchanged (checked on probe
     pairs; a model that is not such a dot product is restored and raises ConfigError).
 
@@ -846,35 +924,67 @@ def rotate_to_spectral_basis(
     if any(not isinstance(p, torch.Tensor) or p.ndim != 2 for p in params):
         raise ConfigError(f"{key}: {user_name} / {item_name} are not plain tables; {alternative}.")
     p, q = _table(user_mod), _table(item_mod)
-    if head is not None:
-        p = p * head.weight[0]
-    a, b, s = joint_factors(p, q)
-    root_s = s.sqrt()
-    saved = [t.detach().clone() for t in params]
+    scale = head.weight[0] if head is not None else None
+    t_p, t_q, s = joint_transforms(p, q, scale)
+    t_user, t_item = _balanced(t_p, t_q, s, len(s), scale)
     model = _recommender_of(root, user_name)
-    before = after = None
-    users, items = _probe_pairs(user_mod, item_mod)
-    was_training = model.training if model is not None else False
     if model is not None:
-        model.eval()
-        before = model(users, items)
-    k = len(s)  # = dim unless a table has fewer rows than dims: pad with zero columns
-    params[0].zero_()[:, :k] = (a * root_s).to(params[0].dtype)
-    params[1].zero_()[:, :k] = (b * root_s).to(params[1].dtype)
-    if head is not None:
-        params[2].fill_(1.0)
-    if model is not None:
-        after = model(users, items)
-        model.train(was_training)
-        assert before is not None and after is not None
-        tolerance = 1e-4 * float(before.abs().max()) + 1e-5
-        if float((after - before).abs().max()) > tolerance:
-            for param, old in zip(params, saved, strict=True):
-                param.copy_(old)
-            raise ConfigError(_structure_error(key, model, user_name, item_name, alternative))
+        _check_scores_kept(
+            model,
+            (user_mod, item_mod, head),
+            (p, q),
+            (t_user, t_item),
+            _structure_error(key, model, user_name, item_name, alternative),
+        )
     else:
         log.warning("%s: no Recommender holds %s; structure not verified", key, user_name)
+    # in place, a pass at a time; k = len(s) columns (fewer than dim for a rank-deficient score
+    # matrix, or a table with fewer rows than dims), zero-padded
+    _transformed(p, t_user, params[0].detach())
+    _transformed(q, t_item, params[1].detach())
+    if head is not None:
+        params[2].fill_(1.0)
     return params
+
+
+@torch.no_grad()
+def _check_scores_kept(
+    model: nn.Module,
+    modules: tuple[nn.Module, nn.Module, nn.Module | None],
+    tables: tuple[torch.Tensor, torch.Tensor],
+    transforms: tuple[torch.Tensor, torch.Tensor],
+    error: str,
+) -> None:
+    """Raise :class:`ConfigError` (``error``) unless the scores of :func:`_probe_pairs` are
+    unchanged when the tables' rows are rewritten by ``transforms`` at full rank (the head set
+    to 1): true of a (weighted) dot product only. Only the probe pairs' rows are rewritten, and
+    restored."""
+    user_mod, item_mod, head = modules
+    users, items = _probe_pairs(user_mod, item_mod)
+    rows = (users.unique(), items.unique())
+    weights = (user_mod.weight, item_mod.weight)
+    saved = [w[r].clone() for w, r in zip(weights, rows, strict=True)]
+    saved_head = head.weight.clone() if head is not None else None
+    was_training = model.training
+    model.eval()
+    try:
+        before = model(users, items)
+        dot = user_mod(users) * item_mod(items)
+        dot = (dot * head.weight[0] if head is not None else dot).sum(-1)
+        for weight, table, transform, ids in zip(weights, tables, transforms, rows, strict=True):
+            weight[ids] = _transformed(table[ids], transform, torch.empty_like(weight[ids]))
+        if head is not None:
+            head.weight.fill_(1.0)
+        after = model(users, items)
+    finally:
+        for weight, ids, old in zip(weights, rows, saved, strict=True):
+            weight[ids] = old
+        if head is not None and saved_head is not None:
+            head.weight.copy_(saved_head)
+        model.train(was_training)
+    tolerance = 1e-3 * float(dot.abs().max()) + 1e-5 * float(before.abs().max()) + 1e-12
+    if float((after - before).abs().max()) > tolerance:
+        raise ConfigError(error)
 
 
 def _recommender_of(root: nn.Module, name: str) -> nn.Module | None:
@@ -895,9 +1005,9 @@ def _joint_apply(root: nn.Module, cfg: SVDConfig) -> list[dict[str, Any]]:
     user_mod, item_mod = root.get_submodule(user_name), root.get_submodule(item_name)
     head = root.get_submodule(head_name) if head_name else None
     p, q = _table(user_mod), _table(item_mod)
-    if head is not None:  # GMF: h^T (p * q) = <p * h, q>; h is folded into the user table
-        p = p * head.weight[0]
-    a, b, s = joint_factors(p, q)
+    # GMF: h^T (p * q) = <p * h, q>; h is folded into the user table's transform
+    scale = head.weight[0] if head is not None else None
+    t_p, t_q, s = joint_transforms(p, q, scale)
     dim = p.shape[1]
     fixed, key = cfg.group_rank("embedding")
     if fixed is not None:
@@ -910,7 +1020,8 @@ def _joint_apply(root: nn.Module, cfg: SVDConfig) -> list[dict[str, Any]]:
     _check_joint_rank(rank, len(s), key)
 
     def install(r: int) -> None:
-        new_user, new_item = _reduced_tables(a, b, s, r, **_factory(user_mod))
+        dtype = _factory(user_mod)["dtype"]
+        new_user, new_item = _reduced_tables(p, q, t_p, t_q, s, r, scale, dtype)
         replace_module(root, user_name, new_user)
         replace_module(root, item_name, new_item)
         if head is not None and head_name is not None:
@@ -926,25 +1037,13 @@ def _joint_apply(root: nn.Module, cfg: SVDConfig) -> list[dict[str, Any]]:
         log.warning("%s: no Recommender holds %s; structure not verified", KEY, user_name)
     else:
         # At full rank the reduction is exact: changed scores mean no (weighted) dot product.
-        users, items = _probe_pairs(user_mod, item_mod)
-        was_training = model.training
-        model.eval()
-        try:
-            before = model(users, items)
-            install(len(s))
-            after = model(users, items)
-        finally:
-            model.train(was_training)
-        dot = user_mod(users) * item_mod(items)
-        dot = (dot * head.weight[0] if head is not None else dot).sum(-1)
-        tolerance = 1e-3 * float(dot.abs().max()) + 1e-5 * float(before.abs().max()) + 1e-12
-        if float((after - before).abs().max()) > tolerance:
-            for name, old in originals:
-                if name is not None and old is not None:
-                    replace_module(root, name, old)
-            raise ConfigError(
-                _structure_error(KEY, model, user_name, item_name, f"{KEY}.method=per_layer")
-            )
+        _check_scores_kept(
+            model,
+            (user_mod, item_mod, head),
+            (p, q),
+            _balanced(t_p, t_q, s, len(s), scale),
+            _structure_error(KEY, model, user_name, item_name, f"{KEY}.method=per_layer"),
+        )
     install(rank)
     power = s.double().square()
     error = float((power[rank:].sum() / power.sum()).sqrt()) if power.sum() > 0 else 0.0

@@ -684,3 +684,31 @@ def test_from_module_draws_no_placeholders_and_owns_contiguous_factors(
         best = lowrank.truncated_svd(module.weight, 4)
         assert torch.allclose(low.dense_weight(), (best[0] * best[1]) @ best[2], atol=1e-5)
     assert torch.equal(lowrank.factorize_module(modules[1], 4)[0].bias, modules[1].bias)
+
+
+@pytest.mark.parametrize("deficient", [False, True])
+def test_joint_transforms_give_the_score_matrix_svd(deficient: bool, monkeypatch) -> None:
+    """A = P' T_p and B = Q T_q are orthonormal and P' Qᵀ = A diag(S) Bᵀ with S the score
+    matrix's singular values (P' = P diag(h), GMF's head folded in), over several passes; a
+    rank-deficient table leaves only the numerical rank."""
+    monkeypatch.setattr(lowrank, "ROWS_PER_PASS", 70)
+    gen = torch.Generator().manual_seed(11)
+    p, q = torch.randn(300, 12, generator=gen), torch.randn(200, 12, generator=gen)
+    if deficient:  # rank 5, in a rotated basis
+        p = torch.randn(300, 5, generator=gen) @ torch.randn(5, 12, generator=gen)
+    head = torch.rand(12, generator=gen) + 0.5
+    t_p, t_q, s = lowrank.joint_transforms(p, q, head)
+    scores = (p * head).double() @ q.double().T
+    expected = torch.linalg.svdvals(scores)
+    assert len(s) == (5 if deficient else 12)
+    assert torch.allclose(s, expected[: len(s)], rtol=1e-5)
+    a = lowrank._transformed((p * head).double(), t_p)
+    b = lowrank._transformed(q.double(), t_q)
+    eye = torch.eye(len(s), dtype=torch.float64)
+    assert torch.allclose(a.T @ a, eye, atol=1e-6) and torch.allclose(b.T @ b, eye, atol=1e-6)
+    assert torch.allclose((a * s) @ b.T, scores, atol=1e-5 * float(scores.abs().max()))
+    # in place and zero-padded: the callers' rotation of a table into itself
+    table = p.clone()
+    lowrank._transformed(table, t_p, table)
+    assert torch.allclose(table[:, : len(s)].double(), p.double() @ t_p, atol=1e-4)
+    assert torch.equal(table[:, len(s) :], torch.zeros(300, 12 - len(s)))
