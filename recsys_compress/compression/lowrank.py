@@ -736,8 +736,9 @@ def joint_transforms(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(T_p, T_q, S)`` (float64, ``[d, k]``, ``[d, k]``, ``[k]``) with ``A = P' T_p`` and
     ``B = Q T_q`` orthonormal and ``P' Qᵀ = A diag(S) Bᵀ`` (``P' = P diag(user_scale)``: GMF's
-    head folded in), ``k`` the score matrix's numerical rank: the SVD of the score matrix from
-    the two tables' ``d x d`` Gram matrices, never users x items, never a table-sized copy.
+    head folded in), ``k`` the smaller of the two tables' numerical ranks: the SVD of the score
+    matrix from the two tables' ``d x d`` Gram matrices, never users x items, never a
+    table-sized copy.
 
     With ``P' = U_p S_p V_pᵀ`` and ``Q = U_q S_q V_qᵀ`` (:func:`_gram_eigh`; directions at
     roundoff dropped), ``P' Qᵀ = U_p M U_qᵀ`` for the small ``M = S_p V_pᵀ V_q S_q = U S Vᵀ``,
@@ -745,7 +746,8 @@ def joint_transforms(
     Gram matrix, and the callers' one pass to apply ``T`` (:func:`_transformed`). The thin QRs
     this replaced held ``Q_p``, ``Q_p U`` and LAPACK's copy of each table (3x the tables at
     1M x 100k). Squaring the tables squares their condition numbers, which float64 absorbs for
-    float32 tables."""
+    float32 tables; float64 tables keep ~8 of their digits here (the per-layer SVD keeps LAPACK
+    for them)."""
     sp, vp = _gram_eigh(user_table, user_scale)
     sq, vq = _gram_eigh(item_table)
     kp = int((sp > _roundoff(sp, len(sp))).sum())
@@ -776,8 +778,8 @@ def _transformed(
 def joint_factors(
     user_table: torch.Tensor, item_table: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(A, B, S)`` with ``P Qᵀ = A diag(S) Bᵀ``, A and B with orthonormal columns
-    (:func:`joint_transforms`, applied)."""
+    """``(A, B, S)`` with ``P Qᵀ = A diag(S) Bᵀ``, A and B with orthonormal columns (to the
+    tables' conditioning: :func:`joint_transforms`, applied in the tables' dtype)."""
     p, q = user_table.detach(), item_table.detach()
     t_p, t_q, s = joint_transforms(p, q)
     dtype = _compute_dtype(p)
@@ -799,13 +801,14 @@ def jointly_reduce_dot_product(
     r: int,
 ) -> tuple[nn.Embedding, nn.Embedding]:
     """Tables ``P' [users, r]`` and ``Q' [items, r]`` with ``P' Q'ᵀ`` the best rank-r approximation
-    of ``P Qᵀ`` (Eckart–Young): ``P' = Q_p U_r sqrt(S_r)``, ``Q' = Q_q V_r sqrt(S_r)``.
+    of ``P Qᵀ`` (Eckart–Young): ``P' = A_r sqrt(S_r)``, ``Q' = B_r sqrt(S_r)``
+    (:func:`joint_transforms`; zero columns beyond the tables' numerical rank).
 
     A weighted dot product ``hᵀ(p ⊙ q)`` is reduced by passing ``P diag(h)`` as ``user_table``.
     """
     p, q = _table(user_table), _table(item_table)
     t_p, t_q, s = joint_transforms(p, q)
-    _check_joint_rank(r, len(s), f"{KEY}.rank")
+    _check_joint_rank(r, min(len(p), len(q), p.shape[1]), f"{KEY}.rank")
     return _reduced_tables(p, q, t_p, t_q, s, r, dtype=p.dtype)
 
 
@@ -926,6 +929,9 @@ def rotate_to_spectral_basis(
     p, q = _table(user_mod), _table(item_mod)
     scale = head.weight[0] if head is not None else None
     t_p, t_q, s = joint_transforms(p, q, scale)
+    if len(s) == 0:  # a zero table: no basis to rotate to, and nothing to gain
+        log.info("%s: %s / %s score nothing (a zero table); not rotated", key, user_name, item_name)
+        return []
     t_user, t_item = _balanced(t_p, t_q, s, len(s), scale)
     model = _recommender_of(root, user_name)
     if model is not None:
@@ -957,8 +963,9 @@ def _check_scores_kept(
 ) -> None:
     """Raise :class:`ConfigError` (``error``) unless the scores of :func:`_probe_pairs` are
     unchanged when the tables' rows are rewritten by ``transforms`` at full rank (the head set
-    to 1): true of a (weighted) dot product only. Only the probe pairs' rows are rewritten, and
-    restored."""
+    to 1): true of a (weighted) dot product only. Only the probe pairs' rows of the current
+    modules are rewritten, and restored (a score reading other rows would be checked on a
+    partial rewrite; no model here does)."""
     user_mod, item_mod, head = modules
     users, items = _probe_pairs(user_mod, item_mod)
     rows = (users.unique(), items.unique())
@@ -1017,7 +1024,8 @@ def _joint_apply(root: nn.Module, cfg: SVDConfig) -> list[dict[str, Any]]:
     else:
         assert cfg.energy is not None
         rank = rank_for_energy(s, cfg.energy)
-    _check_joint_rank(rank, len(s), key)
+    # columns beyond the numerical rank len(s) are zero-padded
+    _check_joint_rank(rank, min(len(p), len(q), dim), key)
 
     def install(r: int) -> None:
         dtype = _factory(user_mod)["dtype"]

@@ -694,8 +694,10 @@ def test_joint_transforms_give_the_score_matrix_svd(deficient: bool, monkeypatch
     monkeypatch.setattr(lowrank, "ROWS_PER_PASS", 70)
     gen = torch.Generator().manual_seed(11)
     p, q = torch.randn(300, 12, generator=gen), torch.randn(200, 12, generator=gen)
-    if deficient:  # rank 5, in a rotated basis
-        p = torch.randn(300, 5, generator=gen) @ torch.randn(5, 12, generator=gen)
+    if deficient:  # rank 5, in a rotated basis (built in float64: float32 rounding stays far
+        # below the roundoff cutoff, whatever the BLAS)
+        gen64 = {"generator": gen, "dtype": torch.float64}
+        p = (torch.randn(300, 5, **gen64) @ torch.randn(5, 12, **gen64)).float()
     head = torch.rand(12, generator=gen) + 0.5
     t_p, t_q, s = lowrank.joint_transforms(p, q, head)
     scores = (p * head).double() @ q.double().T
@@ -712,3 +714,22 @@ def test_joint_transforms_give_the_score_matrix_svd(deficient: bool, monkeypatch
     lowrank._transformed(table, t_p, table)
     assert torch.allclose(table[:, : len(s)].double(), p.double() @ t_p, atol=1e-4)
     assert torch.equal(table[:, len(s) :], torch.zeros(300, 12 - len(s)))
+
+
+def test_joint_svd_pads_a_rank_deficient_score_matrix_and_skips_a_zero_table() -> None:
+    """param_ratio on a table with a zero column: the rank bound is structural (min(n, d)), the
+    columns beyond the numerical rank are zero; a zero table is not rotated."""
+    model = randomise(MF(40, 30, 8, use_bias=False))
+    with torch.no_grad():
+        model.user_embedding.weight[:, 5:] = 0.0  # numerical rank 5 of 8
+        before = model.score_all(torch.arange(40))
+    report = apply_svd(model, svd_cfg(method="joint_dot_product", param_ratio=0.75))
+    assert report[0]["rank"] == 6
+    assert torch.equal(model.user_embedding.weight[:, 5:], torch.zeros(40, 1))
+    torch.testing.assert_close(model.score_all(torch.arange(40)), before, rtol=1e-4, atol=1e-4)
+    zero = MF(40, 30, 8, use_bias=False)
+    with torch.no_grad():
+        zero.user_embedding.weight.zero_()
+    item_table = zero.item_embedding.weight.detach().clone()
+    assert lowrank.rotate_to_spectral_basis(zero, TargetSpec(), "compression.prune", "none") == []
+    assert torch.equal(zero.item_embedding.weight, item_table)
