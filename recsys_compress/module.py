@@ -337,7 +337,8 @@ class RecommenderModule(L.LightningModule):
 
     def _evaluate(self, batch: dict[str, torch.Tensor], metrics: nn.ModuleDict) -> None:
         if "candidates" in batch:
-            scores = self.model.score_candidates(batch["users"], batch["candidates"])
+            # the data module stores candidates as int32 where the items fit
+            scores = self.model.score_candidates(batch["users"], batch["candidates"].long())
             metrics["ranking"].update(scores[:, 0], scores[:, 1:])
             if "rating" in metrics:
                 metrics["rating"].update(scores[:, 0], batch["ratings"])

@@ -452,3 +452,21 @@ def test_sampled_batches_carry_target_ratings():
     assert torch.equal(
         torch.cat([b["candidates"][:, 0] for b in data.batches]), inter.items[split.val]
     )
+
+
+def test_sampled_candidates_in_passes_equal_one_draw(monkeypatch):
+    """sampled_batches draws its negatives a pass of users at a time into int32 candidates: the
+    same items as one draw for all held-out pairs, concatenated after the positives."""
+    from recsys_compress.data import datamodule as dm_module
+
+    monkeypatch.setattr(dm_module, "USERS_PER_PASS", 3)  # several passes, the last one short
+    inter = explicit_interactions()
+    split = leave_one_out_split(inter)
+    sampler = ExclusionSampler(inter.users, inter.items, inter.num_users, inter.num_items)
+    data = sampled_batches(inter, split.val, sampler, 5, 4, seed=7, with_ratings=False)
+    got = torch.cat([b["candidates"] for b in data.batches])
+    assert got.dtype == torch.int32
+    generator = torch.Generator().manual_seed(7)
+    negatives = sampler.sample(inter.users[split.val], 5, generator)
+    expected = torch.cat([inter.items[split.val][:, None], negatives], dim=1)
+    assert torch.equal(got.long(), expected)
