@@ -40,3 +40,18 @@ def test_linear_bias_stays_fp32_when_weight_is_quantised() -> None:
     layer.rcz_bits, layer.rcz_num_scales = 8, 4
     (stats,) = layer_stats(layer)
     assert stats.compressed_bytes == 64 + 4 * 4 + 4 * 4
+
+
+def test_float_bits_checks_every_chunk(monkeypatch) -> None:
+    """16 bits only when every value round-trips through float16, in any chunk (the check runs a
+    chunk at a time); 32 for other dtypes."""
+    from recsys_compress import ops
+    from recsys_compress.compression.accounting import float_bits
+
+    monkeypatch.setattr(ops, "CHUNK", 10)
+    exact = torch.arange(95, dtype=torch.float32).view(19, 5) / 4  # exact in float16
+    assert float_bits(exact) == 16
+    inexact = exact.clone()
+    inexact[-1, -1] = 1.0 + 2.0**-20  # last chunk only: not a float16
+    assert float_bits(inexact) == 32
+    assert float_bits(exact.double()) == 32 and float_bits(exact.T) == 16
