@@ -291,6 +291,13 @@ def zero_rows_(table: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 CHUNK = 1 << 20
 
 
+def row_slices(num_rows: int, width: int) -> list[slice]:
+    """Blocks of whole rows of a ``[num_rows, width]`` table, about :data:`CHUNK` elements each
+    (at least one row): the passes of row-wise work over a large table."""
+    rows = max(1, CHUNK // max(1, width))
+    return [slice(start, start + rows) for start in range(0, num_rows, rows)]
+
+
 def flat_chunks(tensor: torch.Tensor, size: int | None = None) -> tuple[torch.Tensor, ...]:
     """``tensor`` (contiguous) as flat views of at most ``size`` (default :data:`CHUNK`)
     elements (itself when it is no larger). Element-wise work on a large table then makes

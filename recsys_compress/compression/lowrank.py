@@ -41,6 +41,7 @@ import lightning as L
 import torch
 from torch import nn
 
+from recsys_compress import ops
 from recsys_compress.compression.targets import (
     Target,
     TargetSpec,
@@ -62,8 +63,6 @@ USER_TABLE, ITEM_TABLE = "*user_embedding*", "*item_embedding*"
 # LAPACK's SVD otherwise.
 RANDOMIZED_MIN_DIM = 512
 GRAM_MIN_NUMEL = 5_000_000
-# Rows of a tall matrix (columns of a wide one) per pass of gram_svd and of the error sum.
-ROWS_PER_PASS = 1 << 16
 
 
 @dataclass
@@ -171,18 +170,14 @@ def use_gram(n: int, d: int, randomized: bool | None, dtype: torch.dtype = torch
     )
 
 
-def _slices(n: int) -> list[slice]:
-    return [slice(start, start + ROWS_PER_PASS) for start in range(0, n, ROWS_PER_PASS)]
-
-
 def _gram_eigh(
     tall: torch.Tensor, column_scale: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Singular values (descending) and right singular vectors of a tall ``[n, d]`` matrix
     (times ``diag(column_scale)``, if given) from ``tallᵀ tall``, summed in float64 over passes
-    of :data:`ROWS_PER_PASS` rows."""
+    of rows (:func:`~recsys_compress.ops.row_slices`)."""
     gram = torch.zeros(tall.shape[1], tall.shape[1], dtype=torch.float64, device=tall.device)
-    for rows in _slices(tall.shape[0]):
+    for rows in ops.row_slices(*tall.shape):
         part = tall[rows].to(torch.float64)
         gram.addmm_(part.T, part)
     if column_scale is not None:
@@ -221,7 +216,7 @@ def gram_svd(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tenso
     inverse = torch.where(s > cutoff, 1.0 / s, torch.zeros_like(s))
     projection = (v * inverse).to(_compute_dtype(weight))
     u = torch.empty(tall.shape[0], rank, dtype=projection.dtype, device=w.device)
-    for rows in _slices(tall.shape[0]):
+    for rows in ops.row_slices(*tall.shape):
         torch.mm(tall[rows].to(projection.dtype), projection, out=u[rows])
     s, vh = s.to(u.dtype), v.T.to(u.dtype)
     return (vh.T, s, u.T) if wide else (u, s, vh)
@@ -261,16 +256,18 @@ def truncated_svd(
 
 def relative_error(weight: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> float:
     """``||W - left right||_F / ||W||_F`` (0 for a zero ``W``), a pass of
-    :data:`ROWS_PER_PASS` rows (columns of a wide ``W``) at a time: never a ``W``-sized
-    temporary."""
+    rows (columns of a wide ``W``) at a time (:func:`~recsys_compress.ops.row_slices`): never a
+    ``W``-sized temporary."""
     w = weight.detach()
     if w.shape[0] < w.shape[1]:  # ||A||_F = ||Aᵀ||_F: pass over the long side
         w, left, right = w.T, right.T, left.T
     residual = total = 0.0
-    for rows in _slices(w.shape[0]):
+    for rows in ops.row_slices(*w.shape):
         part = w[rows].to(left.dtype)
-        total += float(torch.linalg.vector_norm(part).square())
-        residual += float(torch.linalg.vector_norm(part - left[rows] @ right).square())
+        total += float(torch.linalg.vector_norm(part, dtype=torch.float64).square())
+        residual += float(
+            torch.linalg.vector_norm(part - left[rows] @ right, dtype=torch.float64).square()
+        )
     return math.sqrt(residual / total) if total > 0 else 0.0
 
 
@@ -760,15 +757,15 @@ def joint_transforms(
 def _transformed(
     table: torch.Tensor, transform: torch.Tensor, out: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """``table @ transform`` a pass of :data:`ROWS_PER_PASS` rows at a time, in the table's
-    compute dtype, into ``out`` (zero-padded on the right where it is wider; it may be
-    ``table`` itself: each pass is read before it is written)."""
+    """``table @ transform`` a pass of rows at a time (:func:`~recsys_compress.ops.row_slices`),
+    in the table's compute dtype, into ``out`` (zero-padded on the right where it is wider; it
+    may be ``table`` itself: each pass is read before it is written)."""
     dtype = _compute_dtype(table)
     transform = transform.to(dtype)
     if out is None:
         out = table.new_empty(table.shape[0], transform.shape[1])
     k = transform.shape[1]
-    for rows in _slices(table.shape[0]):
+    for rows in ops.row_slices(*table.shape):
         part = table[rows].to(dtype) @ transform
         out[rows, k:] = 0
         out[rows, :k] = part

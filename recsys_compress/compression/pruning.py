@@ -715,9 +715,7 @@ class MagnitudePruning(L.Callback):
         faults alone)."""
         weight = target.weight.detach()
         mask = torch.empty_like(weight, dtype=torch.bool)
-        rows = max(1, ops.CHUNK // weight.shape[1])
-        for start in range(0, weight.shape[0], rows):
-            block = slice(start, start + rows)
+        for block in ops.row_slices(*weight.shape):
             keep = _keep_top_per_row(self._scores(target, block), sparsity)
             mask[block] = keep
             weight[block].mul_(_as_factor(keep))
@@ -764,11 +762,10 @@ class MagnitudePruning(L.Callback):
         weight = target.weight
         if self.cfg.structure != "unstructured" or weight.ndim != 2:
             return self._scores(target)
-        rows = max(1, ops.CHUNK // max(1, weight.shape[1]))
 
         def blocks() -> Iterator[torch.Tensor]:
-            for start in range(0, weight.shape[0], rows):
-                yield self._scores(target, slice(start, start + rows)).view(-1)
+            for rows in ops.row_slices(*weight.shape):
+                yield self._scores(target, rows).view(-1)
 
         return BlockScores(weight.shape, weight.device, blocks)
 

@@ -12,6 +12,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
+from recsys_compress import ops
 from recsys_compress.compression import lowrank
 from recsys_compress.compression.accounting import layer_stats, size_summary
 from recsys_compress.compression.lowrank import (
@@ -602,7 +603,7 @@ def test_factors_of_a_table_get_the_embedding_weight_decay() -> None:
 @pytest.mark.parametrize("shape", [(3000, 24), (24, 3000)])
 def test_gram_svd_equals_lapack_truncation(shape: tuple[int, int], monkeypatch) -> None:
     """U_r S_r Vh_r of the Gram path is LAPACK's truncation (tall and wide), passes included."""
-    monkeypatch.setattr(lowrank, "ROWS_PER_PASS", 700)  # several passes, the last one short
+    monkeypatch.setattr(ops, "CHUNK", 700 * 24)  # passes of 700 rows, the last one short
     monkeypatch.setattr(lowrank, "GRAM_MIN_NUMEL", 10_000)  # singular_values' Gram branch too
     sigmas = [10.0 * 0.7**i for i in range(24)]
     weight = matrix_with_spectrum(*shape, sigmas, seed=2).float()
@@ -658,7 +659,7 @@ def test_relative_error_sums_passes_as_the_whole_matrix(monkeypatch) -> None:
     gen = torch.Generator().manual_seed(7)
     weight, left, right = (torch.randn(*s, generator=gen) for s in ((1000, 12), (1000, 3), (3, 12)))
     direct = torch.linalg.matrix_norm(weight - left @ right) / torch.linalg.matrix_norm(weight)
-    monkeypatch.setattr(lowrank, "ROWS_PER_PASS", 300)
+    monkeypatch.setattr(ops, "CHUNK", 300 * 12)  # passes of 300 rows
     assert lowrank.relative_error(weight, left, right) == pytest.approx(float(direct), rel=1e-6)
     # a wide matrix passes over its columns: the same value
     assert lowrank.relative_error(weight.T, right.T, left.T) == pytest.approx(
@@ -691,7 +692,7 @@ def test_joint_transforms_give_the_score_matrix_svd(deficient: bool, monkeypatch
     """A = P' T_p and B = Q T_q are orthonormal and P' Qᵀ = A diag(S) Bᵀ with S the score
     matrix's singular values (P' = P diag(h), GMF's head folded in), over several passes; a
     rank-deficient table leaves only the numerical rank."""
-    monkeypatch.setattr(lowrank, "ROWS_PER_PASS", 70)
+    monkeypatch.setattr(ops, "CHUNK", 70 * 12)  # passes of 70 rows
     gen = torch.Generator().manual_seed(11)
     p, q = torch.randn(300, 12, generator=gen), torch.randn(200, 12, generator=gen)
     if deficient:  # rank 5, in a rotated basis (built in float64: float32 rounding stays far

@@ -221,10 +221,10 @@ def _low_rank_mf(num_users: int = 60, num_items: int = 50, dim: int = 16) -> nn.
 
 
 def test_spectral_basis_keeps_scores_and_orders_dimensions_by_energy(monkeypatch) -> None:
-    from recsys_compress.compression import lowrank
+    from recsys_compress import ops
     from recsys_compress.compression.lowrank import rotate_to_spectral_basis
 
-    monkeypatch.setattr(lowrank, "ROWS_PER_PASS", 16)  # rotated in place a few rows at a time
+    monkeypatch.setattr(ops, "CHUNK", 16 * 16)  # rotated in place 16 rows at a time
     model = _low_rank_mf()
     users = torch.arange(60)
     with torch.no_grad():
