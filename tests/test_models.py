@@ -135,6 +135,115 @@ def test_score_all_reads_tables_through_modules(name):
         torch.testing.assert_close(model.score_all(users), expected, atol=1e-6, rtol=1e-6)
 
 
+class ViewEmbedding(nn.Module):
+    """An embedding-like module whose rows are views of its own buffer (a table that hands out
+    stored memory): a candidate path must not write into them."""
+
+    def __init__(self, inner: nn.Embedding) -> None:
+        super().__init__()
+        self.register_buffer("table", inner.weight.detach().clone())
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        every_row = torch.arange(len(self.table))
+        if ids.shape == (1, len(self.table)) and torch.equal(ids[0], every_row):
+            return self.table[None]  # contiguous, in the buffer's storage
+        if ids.dim() == 2 and bool((ids == ids[:, :1]).all()):
+            return self.table[ids[:, 0]][:, None, :].expand(*ids.shape, -1)
+        return self.table[ids]
+
+
+def pair_scores(model: nn.Module, users: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """The generic candidate scores: ``forward`` on every (user, candidate) pair."""
+    return models_base.Recommender.score_candidates(model, users, candidates)
+
+
+CANDIDATES = torch.randint(0, N_ITEMS, (6, 11), generator=torch.Generator().manual_seed(3))
+CANDIDATE_USERS = torch.tensor([0, 12, 5, 5, 7, 1])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_candidate_scores_equal_pair_scores(name):
+    """Each model's candidate path (users read once per user) scores as ``forward`` on every
+    pair: MF with the same arithmetic, bit for bit; the others up to float rounding."""
+    model = randomise(make(name))
+    with torch.no_grad():
+        fast = model.score_candidates(CANDIDATE_USERS, CANDIDATES)
+        expected = pair_scores(model, CANDIDATE_USERS, CANDIDATES)
+    assert fast.shape == (6, 11) and expected.std() > 0.1
+    if name.startswith("mf"):
+        assert torch.equal(fast, expected)
+    else:
+        torch.testing.assert_close(fast, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_candidate_scores_through_other_modules(name):
+    """Compressed tables (modules other than ``nn.Embedding``) and layers that are not exactly
+    ``nn.Linear`` take the candidate paths' general forms, with the same scores; rows handed
+    out as views of a module's memory are read, never written."""
+    model = randomise(make(name))
+    with torch.no_grad():
+        expected = pair_scores(model, CANDIDATE_USERS, CANDIDATES)
+        branch = model.mlp if name in ("mlp", "neumf") else model
+        swaps = [(branch, "user_embedding", WrappedEmbedding)]
+        swaps += [(branch, "item_embedding", ViewEmbedding)]
+        if name == "mf":
+            swaps += [(model, "item_bias", ViewEmbedding)]
+        if name == "neumf":
+            swaps += [(model, "gmf_user_embedding", ViewEmbedding)]
+            swaps += [(model, "gmf_item_embedding", WrappedEmbedding)]
+        for owner, table, kind in swaps:
+            setattr(owner, table, kind(getattr(owner, table)))
+        stored = {k: v.clone() for k, v in model.state_dict().items()}
+        # the view forms of ViewEmbedding: one expanded row per user; the buffer itself
+        same_item = CANDIDATES[:, :1].expand(-1, 11)
+        every_item = torch.arange(N_ITEMS)[None]
+        for users, candidates in (
+            (CANDIDATE_USERS, CANDIDATES),
+            (CANDIDATE_USERS, same_item),
+            (CANDIDATE_USERS[:1], every_item),
+        ):
+            torch.testing.assert_close(
+                model.score_candidates(users, candidates),
+                pair_scores(model, users, candidates),
+                atol=1e-5,
+                rtol=1e-5,
+            )
+        torch.testing.assert_close(
+            model.score_candidates(CANDIDATE_USERS, CANDIDATES), expected, atol=1e-5, rtol=1e-5
+        )
+        if name in ("gmf", "mlp", "neumf"):
+            if name == "gmf":
+                model.predict = nn.Sequential(model.predict)
+            else:
+                model.mlp.tower[0] = nn.Sequential(model.mlp.tower[0])
+            general = model.score_candidates(CANDIDATE_USERS, CANDIDATES)
+            torch.testing.assert_close(general, expected, atol=1e-5, rtol=1e-5)
+    after = model.state_dict()  # the wrapped layers' keys are renamed, in the same order
+    assert len(after) == len(stored)
+    for (key, value), before in zip(after.items(), stored.values(), strict=True):
+        assert torch.equal(value, before), key
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_candidate_scores_keep_gradients(name):
+    """With autograd on, the candidate paths give the pair form's gradients (no in-place
+    product on rows that autograd needs)."""
+    grads = []
+    for fast in (True, False):
+        model = randomise(make(name)).train()
+        model.zero_grad()
+        scorer = model.score_candidates if fast else partial_pairs(model)
+        scorer(CANDIDATE_USERS, CANDIDATES).square().sum().backward()
+        grads.append({k: p.grad.clone() for k, p in model.named_parameters()})
+    for key, grad in grads[1].items():
+        torch.testing.assert_close(grads[0][key], grad, atol=1e-4, rtol=1e-4)
+
+
+def partial_pairs(model: nn.Module):
+    return lambda users, candidates: pair_scores(model, users, candidates)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_gradients_reach_every_parameter(name):
     model = make(name).train()

@@ -31,6 +31,28 @@ def rows(embedding: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return embedding(ids)
 
 
+def candidate_dots(
+    vectors: torch.Tensor, embedding: nn.Module, candidates: torch.Tensor
+) -> torch.Tensor:
+    """``[B, C]`` dot products of ``vectors[b]`` (``[B, d]``) with the rows of ``embedding`` at
+    ``candidates[b, c]``, summed as ``(p * q).sum(-1)`` is (the same rounding as a model's
+    forward on each pair). Without autograd the product is written into the gathered rows when
+    they are memory of their own (not the module's parameters or buffers): at 1,024 users x 100
+    candidates x 64 that saves a 26 MB temporary per batch."""
+    items = rows(embedding, candidates)
+    needs_grad = torch.is_grad_enabled() and (vectors.requires_grad or items.requires_grad)
+    if needs_grad or not items.is_contiguous() or _shares_storage(items, embedding):
+        return (items * vectors[:, None, :]).sum(-1)
+    return items.mul_(vectors[:, None, :]).sum(-1)
+
+
+def _shares_storage(tensor: torch.Tensor, module: nn.Module) -> bool:
+    """Whether ``tensor`` lies in the storage of one of ``module``'s parameters or buffers."""
+    ptr = tensor.untyped_storage().data_ptr()
+    held = (*module.parameters(), *module.buffers())
+    return any(t.untyped_storage().data_ptr() == ptr for t in held)
+
+
 def all_rows(embedding: nn.Module, num_rows: int) -> torch.Tensor:
     """The full table of an embedding-like module (works for any module mapping ids to vectors)."""
     if type(embedding) is nn.Embedding:
@@ -78,6 +100,9 @@ class Recommender(nn.Module):
         return pos - neg
 
     def score_candidates(self, users: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-        """``[B, C]`` scores of ``candidates[b]`` for ``users[b]`` (sampled evaluation)."""
+        """``[B, C]`` scores of ``candidates[b]`` for ``users[b]`` (sampled evaluation).
+
+        This generic form runs ``forward`` on every (user, candidate) pair, reading each user's
+        rows once per candidate. Models override it to read them once per user."""
         flat_users = users[:, None].expand_as(candidates).reshape(-1)
         return self(flat_users, candidates.reshape(-1)).view(candidates.shape)

@@ -11,6 +11,7 @@ from recsys_compress.models.base import (
     MAX_CHUNK_ELEMENTS,
     Recommender,
     all_rows,
+    candidate_dots,
     init_embedding,
     rows,
 )
@@ -61,6 +62,23 @@ class _MLPBranch(nn.Module):
     def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         pair = torch.cat([rows(self.user_embedding, users), rows(self.item_embedding, items)], -1)
         return self.tower(pair)
+
+    def candidates(self, users: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """``[B, C, out_dim]`` tower outputs for ``candidates[b]`` with ``users[b]``: with a
+        plain ``nn.Linear`` first layer each user's half is read and projected once, not once
+        per candidate (as :meth:`all_items`); otherwise the pairs are built."""
+        first = self.tower[0]
+        if type(first) is not nn.Linear:
+            flat_users = users[:, None].expand_as(candidates).reshape(-1)
+            out = self(flat_users, candidates.reshape(-1))
+            return out.view(*candidates.shape, -1)
+        user_vectors = rows(self.user_embedding, users)
+        dim = user_vectors.shape[-1]
+        user_part = user_vectors @ first.weight[:, :dim].T
+        item_part = torch.addmm(
+            first.bias, rows(self.item_embedding, candidates.reshape(-1)), first.weight[:, dim:].T
+        ).view(*candidates.shape, -1)
+        return self.tower[1:](item_part + user_part[:, None, :])
 
     def all_items(self, users: torch.Tensor) -> torch.Tensor:
         """``[B, num_items, out_dim]`` tower outputs for every item.
@@ -117,6 +135,15 @@ class GMF(Recommender):
         item_table = all_rows(self.item_embedding, self.num_items)
         return weighted_users @ item_table.T + self.predict.bias
 
+    def score_candidates(self, users: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """``h^T (p_u * q_c) + b`` as ``(h * p_u) . q_c + b``: each user's vector read and
+        weighted once, not once per candidate (``forward`` up to float rounding)."""
+        if type(self.predict) is not nn.Linear:
+            return super().score_candidates(users, candidates)
+        weighted_users = rows(self.user_embedding, users) * self.predict.weight
+        scores = candidate_dots(weighted_users, self.item_embedding, candidates)
+        return scores + self.predict.bias
+
 
 class MLP(Recommender):
     """NCF's MLP recommender: concatenated embeddings through a ReLU tower, then a linear score."""
@@ -140,6 +167,9 @@ class MLP(Recommender):
 
     def _score_chunk(self, users: torch.Tensor) -> torch.Tensor:
         return self.predict(self.mlp.all_items(users)).squeeze(-1)
+
+    def score_candidates(self, users: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        return self.predict(self.mlp.candidates(users, candidates)).squeeze(-1)
 
     def score_all(self, users: torch.Tensor) -> torch.Tensor:
         first = self.mlp.tower[0]
@@ -177,6 +207,12 @@ class NeuMF(Recommender):
         gmf_items = all_rows(self.gmf_item_embedding, self.num_items)
         gmf = gmf_users[:, None, :] * gmf_items[None, :, :]
         return self.predict(torch.cat([gmf, self.mlp.all_items(users)], dim=-1)).squeeze(-1)
+
+    def score_candidates(self, users: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        gmf_users = rows(self.gmf_user_embedding, users)[:, None, :]
+        gmf = gmf_users * rows(self.gmf_item_embedding, candidates)
+        pair = torch.cat([gmf, self.mlp.candidates(users, candidates)], dim=-1)
+        return self.predict(pair).squeeze(-1)
 
     def score_all(self, users: torch.Tensor) -> torch.Tensor:
         first = self.mlp.tower[0]
