@@ -85,11 +85,52 @@ class CompressedModelCheckpoint(ModelCheckpoint):
     the run would report a dense model's metrics. ``last.ckpt`` is written every epoch and, with
     ``every_n_steps``, also every that many optimizer steps (the rolling checkpoint a killed run
     resumes from; ranking still happens only after validation).
+
+    ``max_overhead`` bounds the share of the wall time that writing ``last.ckpt`` takes: after a
+    write of ``s`` seconds the next rolling write waits at least ``s * (1 / max_overhead - 1)``
+    seconds (then comes at the next multiple of ``every_n_steps``). A small model's write takes
+    milliseconds and changes nothing; at 10M rows one takes ~15 s, and every 200 steps (~1 s of
+    training) would make the run mostly checkpoint writes. None: every ``every_n_steps``.
     """
 
-    def __init__(self, *args: Any, every_n_steps: int | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        every_n_steps: int | None = None,
+        max_overhead: float | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.every_n_steps = every_n_steps
+        self.max_overhead = max_overhead
+        self.rolling_written = 0  # rolling (mid-epoch) writes of last.ckpt, this process
+        self.rolling_skipped = 0  # multiples of every_n_steps passed without one (max_overhead)
+        self._rolling_after = 0.0  # time.monotonic() before which no rolling write starts
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._save_last_if_unsaved(trainer)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._save_last_if_unsaved(trainer)
+
+    def _save_last_if_unsaved(self, trainer: L.Trainer) -> None:
+        """Lightning 2.6 writes ``last.ckpt`` at an epoch's end only with a new top-k
+        checkpoint: an epoch that did not improve the metric left the rolling checkpoint behind
+        it, and a run killed later replayed that epoch. Written here when nothing was saved at
+        this step (the same on every rank: it is a collective save)."""
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def _save_last_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict) -> None:
+        started = time.monotonic()
+        super()._save_last_checkpoint(trainer, monitor_candidates)
+        if self.max_overhead is not None:
+            took = time.monotonic() - started
+            self._rolling_after = time.monotonic() + took * (1.0 / self.max_overhead - 1.0)
 
     def _save_topk_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict) -> None:
         if _compression_done(trainer):
@@ -112,8 +153,13 @@ class CompressedModelCheckpoint(ModelCheckpoint):
             return
         if self._should_skip_saving_checkpoint(trainer):
             return
+        # rank 0's clock decides for every rank: the save is collective (a barrier)
+        if trainer.strategy.broadcast(time.monotonic() < self._rolling_after, 0):
+            self.rolling_skipped += 1
+            return
         saved_step = self._last_global_step_saved
         self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        self.rolling_written += 1
         # The epoch-end save (after validation, at the same step) must still happen.
         self._last_global_step_saved = saved_step
 

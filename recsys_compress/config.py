@@ -345,6 +345,10 @@ class TrainerConfig:
     # Crash safety: checkpoints/last.ckpt is also written every this many optimizer steps (a
     # killed run loses at most these; null: only at epoch ends). resume=<run dir> continues there.
     checkpoint_every_n_steps: int | None = 200
+    # ... but writing last.ckpt takes at most this share of the wall time: after a write of s
+    # seconds the next rolling one waits s * (1 / share - 1) seconds (tables of millions of
+    # rows write GBs; a small model's milliseconds change nothing). null: every n steps.
+    checkpoint_max_overhead: float | None = 0.05
     # Optimizer steps (batches of batch_size) per Lightning training step: Lightning's per-step
     # work (~0.5 ms on CPU) is paid once per this many batches. 1 under fast_dev_run and
     # overfit_batches, which count Lightning steps.
@@ -364,6 +368,12 @@ class TrainerConfig:
                 self.checkpoint_every_n_steps,
                 1,
                 "optimizer steps between rolling checkpoints (null: only at epoch ends)",
+            )
+        if self.checkpoint_max_overhead is not None and not 0 < self.checkpoint_max_overhead <= 1:
+            raise ConfigError(
+                f"trainer.checkpoint_max_overhead={self.checkpoint_max_overhead} must be in "
+                "(0, 1]: the most of the wall time that writing the rolling checkpoint may take "
+                "(e.g. 0.05), or null to write it every trainer.checkpoint_every_n_steps steps."
             )
         _at_least("trainer.fast_dev_run", self.fast_dev_run, 0)
         if self.overfit_batches > 1 and not float(self.overfit_batches).is_integer():

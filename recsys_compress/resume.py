@@ -6,8 +6,9 @@ A run directory holds everything ``resume=<run dir>`` needs:
   the two halves of a run cannot differ in a setting);
 - ``<stage>/checkpoints/last.ckpt``: the rolling checkpoint (model, optimizer, LR scheduler,
   loop position within the epoch, callbacks' state: compression, early stopping, best checkpoint,
-  random generators), written every ``trainer.checkpoint_every_n_steps`` optimizer steps and at
-  every epoch end, each time atomically (:class:`AtomicCheckpointIO`);
+  random generators), written at every epoch end and every ``trainer.checkpoint_every_n_steps``
+  optimizer steps (spaced by ``trainer.checkpoint_max_overhead``), each time atomically
+  (:class:`AtomicCheckpointIO`);
 - ``dense/stage.json`` and ``dense/model.pt``: the record and the weights of a finished dense
   stage, so a resumed run goes straight to the compression stage.
 """

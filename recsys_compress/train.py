@@ -270,7 +270,8 @@ def run_checkpoint(
     cfg: TrainConfig, run_dir: Path, module: RecommenderModule
 ) -> CompressedModelCheckpoint:
     """A run's checkpoints: ``best.ckpt`` by the validation metric, ``last.ckpt`` at each
-    epoch's end and every ``trainer.checkpoint_every_n_steps`` optimizer steps."""
+    epoch's end and every ``trainer.checkpoint_every_n_steps`` optimizer steps (no more often
+    than ``trainer.checkpoint_max_overhead`` allows)."""
     monitor, mode = cfg.eval.monitor_key(module.explicit)
     return CompressedModelCheckpoint(
         dirpath=run_dir / "checkpoints",
@@ -281,6 +282,7 @@ def run_checkpoint(
         save_last=True,
         auto_insert_metric_name=False,
         every_n_steps=cfg.trainer.checkpoint_every_n_steps,
+        max_overhead=cfg.trainer.checkpoint_max_overhead,
     )
 
 
@@ -334,11 +336,15 @@ def fit_and_test(
     best_path = checkpoint.best_model_path or None
     best_epoch = None
     if best_path:
-        best_epoch = torch.load(best_path, map_location="cpu", weights_only=True)["epoch"]
-    # Validation and test metrics both come from the best checkpoint.
+        # mmap: the epoch is read without loading the tensors (GBs at millions of rows)
+        best = torch.load(best_path, map_location="cpu", weights_only=True, mmap=True)
+        best_epoch = best["epoch"]
+        del best
+    # Validation and test metrics both come from the best checkpoint, loaded once: validate
+    # leaves its weights in the module.
     trainer.validate(module, datamodule=datamodule, ckpt_path=best_path, verbose=False)
     val_metrics = _metrics(trainer, "val")
-    trainer.test(module, datamodule=datamodule, ckpt_path=best_path, verbose=False)
+    trainer.test(module, datamodule=datamodule, verbose=False)
     return StageResult(val_metrics, _metrics(trainer, "test"), best_epoch, epochs_trained, timer)
 
 

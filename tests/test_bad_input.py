@@ -104,6 +104,7 @@ OUT_OF_RANGE: dict[str, tuple[Any, dict[str, Any]]] = {
     "trainer.gradient_clip_val": (-1.0, {}),
     "trainer.fast_dev_run": (-1, {}),
     "trainer.checkpoint_every_n_steps": (0, {}),
+    "trainer.checkpoint_max_overhead": (0.0, {}),
     "trainer.batches_per_call": (0, {}),
     "trainer.overfit_batches": (2.5, {}),
     "compression.prune.sparsity": (1.0, {}),

@@ -34,6 +34,7 @@ COMMON = [
     "trainer.max_epochs=3",
     "trainer.progress_bar=false",
     "trainer.checkpoint_every_n_steps=5",
+    "trainer.checkpoint_max_overhead=null",  # ~10 rolling checkpoints an epoch to be killed at
     "logger=none",
     "compression.dense_epochs=0",
 ]

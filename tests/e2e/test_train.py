@@ -9,11 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import pandas as pd
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+import recsys_compress.train as train_py
 from recsys_compress.config import TrainConfig, to_train_config
 from recsys_compress.data.datamodule import RecDataModule
 from recsys_compress.errors import ConfigError
@@ -71,6 +73,46 @@ def test_default_config_is_mf_on_ml100k_pruned_then_int8() -> None:
         "full",
     )
     assert cfg.loss.num_negatives == 4 and cfg.trainer.batch_size == 4096
+
+
+class SpoilLastEpoch(L.Callback):
+    """Negates the item vectors and biases as the second epoch starts: its ranking turns upside
+    down, so the best checkpoint is the first epoch's and the last weights are not the best."""
+
+    @torch.no_grad()
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.current_epoch == 1:
+            pl_module.model.item_embedding.weight.neg_()
+            pl_module.model.item_bias.weight.neg_()
+
+
+def test_validation_and_test_metrics_come_from_the_best_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    build_trainer = train_py.build_trainer
+    monkeypatch.setattr(
+        train_py,
+        "build_trainer",
+        lambda cfg, run_dir, callbacks: build_trainer(cfg, run_dir, [*callbacks, SpoilLastEpoch()]),
+    )
+    record = train(compose_config([*FAST, "model.dim=16", "logger=csv"]), tmp_path)
+    assert record["best_epoch"] == 0 and record["epochs_trained"] == 2
+    checkpoints = tmp_path / "checkpoints"
+    best = torch.load(checkpoints / "best.ckpt", weights_only=True)["state_dict"]
+    last_checkpoint = torch.load(checkpoints / "last.ckpt", weights_only=True)
+    # written at the end of the epoch that did not improve (Lightning 2.6 alone skips it)
+    assert (last_checkpoint["epoch"], last_checkpoint["global_step"]) == (1, 94)
+    last = last_checkpoint["state_dict"]
+    saved = torch.load(tmp_path / "model.pt", weights_only=True)
+    # the module was tested, then saved, with the best weights
+    assert all(torch.equal(saved[k], best[f"model.{k}"]) for k in saved)
+    assert not torch.equal(saved["item_embedding.weight"], last["model.item_embedding.weight"])
+    # validation: the first epoch's logged metrics again
+    logged = pd.read_csv(tmp_path / "metrics.csv")
+    epoch0 = logged[logged["epoch"] == 0].dropna(subset=["val/ndcg@10"]).iloc[0]
+    epoch1 = logged[logged["epoch"] == 1].dropna(subset=["val/ndcg@10"]).iloc[0]
+    assert record["val"]["ndcg@10"] == pytest.approx(epoch0["val/ndcg@10"], abs=1e-6)
+    assert epoch1["val/ndcg@10"] < 0.8 * epoch0["val/ndcg@10"]
 
 
 def test_train_mf_writes_complete_results(tmp_path: Path) -> None:

@@ -1,0 +1,72 @@
+"""The rolling checkpoint's schedule: every ``checkpoint_every_n_steps`` optimizer steps, no more
+often than keeps its writes under ``checkpoint_max_overhead`` of the wall time."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from recsys_compress import callbacks
+
+
+class Clock:
+    """A fake ``time.monotonic``, advanced by :func:`drive`'s steps and writes."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def drive(
+    monkeypatch: pytest.MonkeyPatch,
+    every: int,
+    max_overhead: float | None,
+    steps: int,
+    step_s: float,
+    write_s: float,
+) -> tuple[list[int], callbacks.CompressedModelCheckpoint, Clock]:
+    """Run ``steps`` one-batch training steps through the callback; the steps it wrote at."""
+    clock = Clock()
+    written: list[int] = []
+    one_process = SimpleNamespace(broadcast=lambda value, src=0: value)
+    trainer = SimpleNamespace(global_step=0, strategy=one_process)
+
+    def save(self: ModelCheckpoint, trainer_: object, candidates: dict) -> None:
+        clock.now += write_s
+        written.append(trainer.global_step)
+
+    monkeypatch.setattr(callbacks.time, "monotonic", clock)
+    monkeypatch.setattr(ModelCheckpoint, "on_train_batch_end", lambda *args: None)
+    monkeypatch.setattr(ModelCheckpoint, "_save_last_checkpoint", save)
+    monkeypatch.setattr(ModelCheckpoint, "_should_skip_saving_checkpoint", lambda *a: False)
+    monkeypatch.setattr(ModelCheckpoint, "_monitor_candidates", lambda *a: {})
+    checkpoint = callbacks.CompressedModelCheckpoint(every_n_steps=every, max_overhead=max_overhead)
+    for _ in range(steps):
+        clock.now += step_s
+        trainer.global_step += 1
+        checkpoint.on_train_batch_end(trainer, None, None, {}, trainer.global_step - 1)  # type: ignore[arg-type]
+    return written, checkpoint, clock
+
+
+def test_cheap_writes_keep_every_n_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+    written, checkpoint, _ = drive(monkeypatch, 5, 0.05, 50, step_s=0.01, write_s=0.002)
+    assert written == list(range(5, 51, 5))
+    assert checkpoint.rolling_written == 10 and checkpoint.rolling_skipped == 0
+
+
+def test_costly_writes_are_spaced_to_the_overhead_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    # a write of 3 s at 0.25: the next one waits 3 * (1 / 0.25 - 1) = 9 s, 9 steps of 1 s, so
+    # the next multiple of 2 after that
+    written, checkpoint, clock = drive(monkeypatch, 2, 0.25, 40, step_s=1.0, write_s=3.0)
+    assert written == [2, 12, 22, 32]
+    assert checkpoint.rolling_written == 4 and checkpoint.rolling_skipped == 16
+    assert 4 * 3.0 / (clock.now - 100.0) <= 0.25
+
+
+def test_null_overhead_writes_every_n_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+    written, checkpoint, _ = drive(monkeypatch, 2, None, 40, step_s=1.0, write_s=3.0)
+    assert written == list(range(2, 41, 2)) and checkpoint.rolling_skipped == 0
