@@ -3,6 +3,7 @@ state a resumed run needs (rolling ``last.ckpt``, early-stopping decision, rando
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from typing import Any
@@ -11,6 +12,8 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+
+log = logging.getLogger(__name__)
 
 
 class EpochTimer(L.Callback):
@@ -106,6 +109,7 @@ class CompressedModelCheckpoint(ModelCheckpoint):
         self.rolling_written = 0  # rolling (mid-epoch) writes of last.ckpt, this process
         self.rolling_skipped = 0  # multiples of every_n_steps passed without one (max_overhead)
         self._rolling_after = 0.0  # time.monotonic() before which no rolling write starts
+        self.write_seconds = 0.0  # the last write of last.ckpt
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)
@@ -128,9 +132,22 @@ class CompressedModelCheckpoint(ModelCheckpoint):
     def _save_last_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict) -> None:
         started = time.monotonic()
         super()._save_last_checkpoint(trainer, monitor_candidates)
+        self.write_seconds = time.monotonic() - started
         if self.max_overhead is not None:
-            took = time.monotonic() - started
-            self._rolling_after = time.monotonic() + took * (1.0 / self.max_overhead - 1.0)
+            wait = self.write_seconds * (1.0 / self.max_overhead - 1.0)
+            self._rolling_after = time.monotonic() + wait
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        if self.rolling_skipped:
+            log.info(
+                "rolling checkpoint: %d written, %d skipped to keep its writes (%.1f s the last) "
+                "under trainer.checkpoint_max_overhead=%g of the time",
+                self.rolling_written,
+                self.rolling_skipped,
+                self.write_seconds,
+                self.max_overhead,
+            )
 
     def _save_topk_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict) -> None:
         if _compression_done(trainer):

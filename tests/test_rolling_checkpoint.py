@@ -3,6 +3,7 @@ often than keeps its writes under ``checkpoint_max_overhead`` of the wall time."
 
 from __future__ import annotations
 
+import logging
 from types import SimpleNamespace
 
 import pytest
@@ -58,13 +59,20 @@ def test_cheap_writes_keep_every_n_steps(monkeypatch: pytest.MonkeyPatch) -> Non
     assert checkpoint.rolling_written == 10 and checkpoint.rolling_skipped == 0
 
 
-def test_costly_writes_are_spaced_to_the_overhead_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_costly_writes_are_spaced_to_the_overhead_bound(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     # a write of 3 s at 0.25: the next one waits 3 * (1 / 0.25 - 1) = 9 s, 9 steps of 1 s, so
     # the next multiple of 2 after that
     written, checkpoint, clock = drive(monkeypatch, 2, 0.25, 40, step_s=1.0, write_s=3.0)
     assert written == [2, 12, 22, 32]
     assert checkpoint.rolling_written == 4 and checkpoint.rolling_skipped == 16
     assert 4 * 3.0 / (clock.now - 100.0) <= 0.25
+    monkeypatch.setattr(ModelCheckpoint, "on_train_end", lambda *args: None)
+    with caplog.at_level(logging.INFO, logger=callbacks.__name__):
+        checkpoint.on_train_end(None, None)  # type: ignore[arg-type]
+    assert "4 written, 16 skipped" in caplog.text
+    assert "(3.0 s the last) under trainer.checkpoint_max_overhead=0.25" in caplog.text
 
 
 def test_null_overhead_writes_every_n_steps(monkeypatch: pytest.MonkeyPatch) -> None:
