@@ -13,7 +13,7 @@ from recsys_compress import callbacks
 
 
 class Clock:
-    """A fake ``time.monotonic``, advanced by :func:`drive`'s steps and writes."""
+    """A fake clock for the callback, advanced by :func:`drive`'s steps and writes."""
 
     def __init__(self) -> None:
         self.now = 100.0
@@ -29,26 +29,33 @@ def drive(
     steps: int,
     step_s: float,
     write_s: float,
+    last_batch_at: int | None = None,
 ) -> tuple[list[int], callbacks.CompressedModelCheckpoint, Clock]:
-    """Run ``steps`` one-batch training steps through the callback; the steps it wrote at."""
+    """Run ``steps`` one-batch training steps through the callback; the steps it wrote at.
+    ``last_batch_at``: the step that ends an epoch (Lightning's ``is_last_batch``)."""
     clock = Clock()
     written: list[int] = []
     one_process = SimpleNamespace(broadcast=lambda value, src=0: value)
-    trainer = SimpleNamespace(global_step=0, strategy=one_process)
+    progress = SimpleNamespace(is_last_batch=False)
+    loop = SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress))
+    trainer = SimpleNamespace(
+        global_step=0, strategy=one_process, fit_loop=loop, is_global_zero=True
+    )
 
     def save(self: ModelCheckpoint, trainer_: object, candidates: dict) -> None:
         clock.now += write_s
         written.append(trainer.global_step)
 
-    monkeypatch.setattr(callbacks.time, "monotonic", clock)
     monkeypatch.setattr(ModelCheckpoint, "on_train_batch_end", lambda *args: None)
     monkeypatch.setattr(ModelCheckpoint, "_save_last_checkpoint", save)
     monkeypatch.setattr(ModelCheckpoint, "_should_skip_saving_checkpoint", lambda *a: False)
     monkeypatch.setattr(ModelCheckpoint, "_monitor_candidates", lambda *a: {})
     checkpoint = callbacks.CompressedModelCheckpoint(every_n_steps=every, max_overhead=max_overhead)
+    checkpoint._clock = clock
     for _ in range(steps):
         clock.now += step_s
         trainer.global_step += 1
+        progress.is_last_batch = trainer.global_step == last_batch_at
         checkpoint.on_train_batch_end(trainer, None, None, {}, trainer.global_step - 1)  # type: ignore[arg-type]
     return written, checkpoint, clock
 
@@ -70,7 +77,7 @@ def test_costly_writes_are_spaced_to_the_overhead_bound(
     assert 4 * 3.0 / (clock.now - 100.0) <= 0.25
     monkeypatch.setattr(ModelCheckpoint, "on_train_end", lambda *args: None)
     with caplog.at_level(logging.INFO, logger=callbacks.__name__):
-        checkpoint.on_train_end(None, None)  # type: ignore[arg-type]
+        checkpoint.on_train_end(SimpleNamespace(is_global_zero=True), None)  # type: ignore[arg-type]
     assert "4 written, 16 skipped" in caplog.text
     assert "(3.0 s the last) under trainer.checkpoint_max_overhead=0.25" in caplog.text
 
@@ -78,3 +85,9 @@ def test_costly_writes_are_spaced_to_the_overhead_bound(
 def test_null_overhead_writes_every_n_steps(monkeypatch: pytest.MonkeyPatch) -> None:
     written, checkpoint, _ = drive(monkeypatch, 2, None, 40, step_s=1.0, write_s=3.0)
     assert written == list(range(2, 41, 2)) and checkpoint.rolling_skipped == 0
+
+
+def test_no_rolling_write_on_an_epochs_last_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the epoch's end writes last.ckpt at that step anyway
+    written, _, _ = drive(monkeypatch, 5, None, 20, 0.01, 0.002, last_batch_at=10)
+    assert written == [5, 15, 20]
