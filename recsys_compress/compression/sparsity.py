@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 
 import lightning as L
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 
 from recsys_compress.compression.targets import Target, TargetSpec, select_targets
 from recsys_compress.errors import ConfigError
@@ -213,10 +214,23 @@ class L1Proximal(L.Callback):
         pl_module.log("compression/l1_sparsity", zeros / total)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._apply_final_threshold()
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # After the fit a run evaluates (and saves) its best checkpoint, loaded into the module
+        # by `validate`: the threshold applies to those weights too (zeroing twice is a no-op).
+        if trainer.state.fn != TrainerFn.FITTING:
+            self._apply_final_threshold()
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._apply_final_threshold()
+
+    @torch.no_grad()
+    def _apply_final_threshold(self) -> None:
+        """Zero the targets' ``|w| < final_threshold``, when one is set."""
         if self.cfg.final_threshold:
-            with torch.no_grad():
-                for t in self._targets:
-                    t.weight.masked_fill_(t.weight.abs() < self.cfg.final_threshold, 0.0)
+            for t in self._targets:
+                t.weight.masked_fill_(t.weight.abs() < self.cfg.final_threshold, 0.0)
 
 
 class _RowSums(NamedTuple):

@@ -95,3 +95,22 @@ def test_dense_proximal_step_equals_the_per_table_soft_threshold(
         assert torch.allclose(t.weight, expected[t.name], rtol=0, atol=1e-7), t.name
         assert torch.equal(t.weight == 0, expected[t.name] == 0), t.name
         assert (t.weight == 0).any()
+
+
+def test_final_threshold_reaches_the_evaluated_and_saved_model(tmp_path: Path) -> None:
+    """A run evaluates and saves its best checkpoint's weights, loaded after the fit: the final
+    threshold applies to them, not only to the last weights the fit ended with."""
+    from recsys_compress.train import train
+    from tests.e2e.test_train import FAST, compose_config
+
+    overrides = [*FAST, "model.dim=16", "compression=l1", "compression.l1.strength=0"]
+    threshold = 0.05
+    record = train(
+        compose_config([*overrides, f"compression.l1.final_threshold={threshold}"]), tmp_path
+    )
+    saved = torch.load(tmp_path / "model.pt", weights_only=True)
+    for name in ("user_embedding.weight", "item_embedding.weight"):
+        weight = saved[name]
+        assert (weight.abs() >= threshold).logical_or(weight == 0).all(), name
+        assert (weight == 0).float().mean() > 0.1, name
+    assert record["compression"]["sparsity"] > 0.1
