@@ -214,23 +214,26 @@ class L1Proximal(L.Callback):
         pl_module.log("compression/l1_sparsity", zeros / total)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._apply_final_threshold()
+        self._apply_final_threshold(pl_module)
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # After the fit a run evaluates (and saves) its best checkpoint, loaded into the module
         # by `validate`: the threshold applies to those weights too (zeroing twice is a no-op).
         if trainer.state.fn != TrainerFn.FITTING:
-            self._apply_final_threshold()
+            self._apply_final_threshold(pl_module)
 
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._apply_final_threshold()
+        self._apply_final_threshold(pl_module)
 
     @torch.no_grad()
-    def _apply_final_threshold(self) -> None:
-        """Zero the targets' ``|w| < final_threshold``, when one is set."""
-        if self.cfg.final_threshold:
-            for t in self._targets:
-                t.weight.masked_fill_(t.weight.abs() < self.cfg.final_threshold, 0.0)
+    def _apply_final_threshold(self, pl_module: L.LightningModule) -> None:
+        """Zero the targets' ``|w| < final_threshold``, when one is set. The targets are
+        selected again when this process did not fit (``ddp_spawn``: the workers did)."""
+        if not self.cfg.final_threshold:
+            return
+        targets = self._targets or select_targets(pl_module, self.cfg.targets, f"{KEY}.targets")
+        for t in targets:
+            t.weight.masked_fill_(t.weight.abs() < self.cfg.final_threshold, 0.0)
 
 
 class _RowSums(NamedTuple):

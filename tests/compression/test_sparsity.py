@@ -114,3 +114,15 @@ def test_final_threshold_reaches_the_evaluated_and_saved_model(tmp_path: Path) -
         assert (weight.abs() >= threshold).logical_or(weight == 0).all(), name
         assert (weight == 0).float().mean() > 0.1, name
     assert record["compression"]["sparsity"] > 0.1
+
+
+def test_final_threshold_in_a_process_that_did_not_fit() -> None:
+    """Under ``ddp_spawn`` the workers fit and the parent evaluates the best checkpoint: its
+    callback never ran ``setup("fit")``, and selects the targets itself."""
+    _, module = tiny_setup()
+    cb = L1Proximal(L1Config(strength=0.0, final_threshold=0.005))
+    cb.on_test_start(SimpleNamespace(), module)  # type: ignore[arg-type]
+    for name in ("user_embedding", "item_embedding"):
+        weight = getattr(module.model, name).weight
+        assert (weight.abs() >= 0.005).logical_or(weight == 0).all(), name
+        assert (weight == 0).any(), name
