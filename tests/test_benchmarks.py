@@ -60,3 +60,29 @@ def test_optimizer_presets_are_the_settings_optim_group_selects(name: str) -> No
         composed = to_train_config(compose("train", overrides=[f"optim={name}"])).optim
     assert OptimConfig(**optim_preset(name)) == composed
     assert composed.sparse
+
+
+def test_the_sampled_evaluation_reference_ranks_as_ours() -> None:
+    """The benchmark's plain sampled-evaluation loop does the work ours does: its ranks give
+    our HR and NDCG (the ratio compares like with like)."""
+    from benchmarks.evaluation import _datamodule, our_test_loop, plain_sampled_mf
+
+    data = {
+        "name": "synthetic",
+        "source": "synthetic",
+        "synthetic": {"num_users": 300, "num_items": 200, "interactions_per_user": 20},
+    }
+    dm, module = _datamodule(data, {"name": "mf", "dim": 16}, {"protocol": "sampled"})
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in module.model.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator))
+    ours = our_test_loop(dm, module)
+    ranks = plain_sampled_mf(dm, module.model).double()
+    assert len(ranks) == sum(len(b["users"]) for b in dm.test_data.batches)
+    for k in (5, 10, 20):
+        hit = (ranks <= k).double()
+        assert float(ours[f"hr@{k}"]) == pytest.approx(float(hit.mean()), abs=1e-6)
+        ndcg = (hit / torch.log2(ranks + 1)).mean()
+        assert float(ours[f"ndcg@{k}"]) == pytest.approx(float(ndcg), abs=1e-6)
+    assert 0.05 < float(ours["hr@10"]) < 0.95
