@@ -114,21 +114,12 @@ class CompressedModelCheckpoint(ModelCheckpoint):
         self.write_seconds = 0.0  # the last write of last.ckpt
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        super().on_train_epoch_end(trainer, pl_module)
-        # after the epoch's validation (and its top-k save); also epochs that do not validate
-        # (trainer.check_val_every_n_epoch > 1)
-        self._save_last_if_unsaved(trainer)
-
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        super().on_validation_end(trainer, pl_module)
-        if not self._should_save_on_train_epoch_end(trainer):
-            self._save_last_if_unsaved(trainer)
-
-    def _save_last_if_unsaved(self, trainer: L.Trainer) -> None:
         """Lightning 2.6 writes ``last.ckpt`` at an epoch's end only with a new top-k
-        checkpoint: an epoch that did not improve the metric left the rolling checkpoint behind
-        it, and a run killed later replayed that epoch. Written here when nothing was saved at
-        this step (the same on every rank: it is a collective save)."""
+        checkpoint: an epoch that did not improve the metric (or did not validate) left the
+        rolling checkpoint behind it, and a run killed later replayed that epoch. This hook runs
+        after the epoch's validation and its saves; it writes ``last.ckpt`` when nothing was
+        saved at this step (the same on every rank: it is a collective save)."""
+        super().on_train_epoch_end(trainer, pl_module)
         if self.save_last and not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
@@ -182,7 +173,8 @@ class CompressedModelCheckpoint(ModelCheckpoint):
         saved_step = self._last_global_step_saved
         self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
         self.rolling_written += 1
-        # The epoch-end save (after validation, at the same step) must still happen.
+        # Should this step still end the epoch (``is_last_batch`` unset), its top-k and
+        # epoch-end saves must still happen.
         self._last_global_step_saved = saved_step
 
 
