@@ -27,7 +27,12 @@ from safetensors.torch import save
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from recsys_compress.compression.codec import decode_tensor, encode_tensor, payload_digest
+from recsys_compress.compression.codec import (
+    CHECKSUMS,
+    decode_tensor,
+    encode_tensor,
+    payload_checksum,
+)
 from recsys_compress.compression.lowrank import match_state_dict
 from recsys_compress.compression.targets import replace_module
 from recsys_compress.config import ModelConfig, to_train_config
@@ -37,7 +42,10 @@ from recsys_compress.results import RESULTS_FILE, read_record, write_bytes
 
 FORMAT = "recsys-compress/1"
 ARTIFACT_NAME = "model.compressed.safetensors"
-DIGEST = "::sha256"  # the tensor holding payload_digest() of the other tensors and the metadata
+# The entry holding payload_checksum() of the other tensors and the metadata; artifacts written
+# before 2026-12-07 hold a SHA-256 in "::sha256" instead (each loader checks the one it finds).
+CHECKSUM_ALGORITHM = "crc32"
+CHECKSUM = f"::{CHECKSUM_ALGORITHM}"
 
 
 def _plain(cfg: ModelConfig) -> ModelConfig:
@@ -183,7 +191,7 @@ def export_model(
     text = pack_metadata(meta)
     # The checksum is a tensor: safetensors writes metadata keys in no fixed order, and one
     # metadata key keeps a re-export byte-identical.
-    tensors[DIGEST] = payload_digest(tensors, text)
+    tensors[CHECKSUM] = payload_checksum(tensors, text, CHECKSUM_ALGORITHM)
     blob = save(tensors, metadata={"recsys_compress": text})
     write_bytes(path, blob)
     return len(blob)
@@ -350,8 +358,9 @@ def _off_the_file(data: torch.Tensor, kept: dict[str, torch.Tensor]) -> dict[str
 def load_compressed(path: str | Path) -> CompressedRecommender:
     """Rebuild the model stored in an artifact written by :func:`export_model`.
 
-    A truncated or tampered file raises :class:`DataError` naming it: the file's SHA-256 of its
-    metadata and tensors (written by :func:`export_model`) must match.
+    A truncated or damaged file raises :class:`DataError` naming it: the checksum of its
+    metadata and tensors written by :func:`export_model` (CRC-32; SHA-256 in artifacts written
+    before 2026-12-07) must match.
     """
     path = Path(path)
     try:
@@ -360,13 +369,14 @@ def load_compressed(path: str | Path) -> CompressedRecommender:
         meta = unpack_metadata(text)
         if meta.get("format") != FORMAT:
             raise KeyError("format")
-        digest = tensors.pop(DIGEST, None)
-        if digest is not None and not torch.equal(payload_digest(tensors, text), digest):
-            raise DataError(
-                f"{path}: its contents do not match the SHA-256 stored in it at export: the file "
-                "was modified or damaged after it was written. Export it again with "
-                "`python -m recsys_compress.export <run dir>`."
-            )
+        sums = {a: tensors.pop(f"::{a}") for a in CHECKSUMS if f"::{a}" in tensors}
+        for algorithm, stored in sums.items():
+            if not torch.equal(payload_checksum(tensors, text, algorithm), stored):
+                raise DataError(
+                    f"{path}: its contents do not match the checksum ({algorithm}) stored in it "
+                    "at export: the file was modified or damaged after it was written. Export "
+                    "it again with `python -m recsys_compress.export <run dir>`."
+                )
         state = {name: decode_tensor(name, tensors, info) for name, info in meta["tensors"].items()}
         ids = {key: tensors[key] for key in ("::user_ids", "::item_ids") if key in tensors}
         state = _off_the_file(data, {**state, **ids})

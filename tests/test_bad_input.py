@@ -22,10 +22,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from recsys_compress.compression.codec import payload_checksum
 from recsys_compress.config import ModelConfig, TrainConfig, config_to_dict, to_train_config
 from recsys_compress.errors import ConfigError, DataError, OutputWriteError, RunDirInUseError
 from recsys_compress.export import (
-    DIGEST,
+    CHECKSUM,
     export_model,
     export_run,
     load_compressed,
@@ -387,8 +388,31 @@ def test_artifact_with_a_flipped_tensor_byte_is_refused(tmp_path: Path) -> None:
     data_start = 8 + int.from_bytes(blob[:8], "little")  # after the header
     blob[data_start + 1] ^= 0xFF  # a weight's byte: still a valid safetensors file
     path.write_bytes(bytes(blob))
-    with pytest.raises(DataError, match=r"a\.safetensors: its contents do not match the SHA-256"):
+    expected = r"a\.safetensors: its contents do not match the checksum \(crc32\)"
+    with pytest.raises(DataError, match=expected):
         load_compressed(path)
+
+
+def test_artifact_written_with_a_sha256_still_loads_and_is_checked(tmp_path: Path) -> None:
+    """Artifacts exported before the CRC-32 hold a SHA-256 in ``::sha256``: still verified."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = _artifact(tmp_path)
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+    tensors = load_file(str(path))
+    del tensors[CHECKSUM]
+    tensors["::sha256"] = payload_checksum(tensors, metadata["recsys_compress"], "sha256")
+    old = tmp_path / "old.safetensors"
+    save_file(tensors, str(old), metadata=metadata)
+    expected = load_compressed(path).model.state_dict()
+    loaded = load_compressed(old).model.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in expected.items())
+    tensors["user_embedding.weight::values"][3] += 1.0
+    save_file(tensors, str(tmp_path / "old_edited.safetensors"), metadata=metadata)
+    with pytest.raises(DataError, match=r"old_edited\.safetensors: .* checksum \(sha256\)"):
+        load_compressed(tmp_path / "old_edited.safetensors")
 
 
 def test_artifact_with_edited_metadata_is_refused(tmp_path: Path) -> None:
@@ -406,7 +430,7 @@ def test_artifact_with_edited_metadata_is_refused(tmp_path: Path) -> None:
         load_compressed(tmp_path / "edited.safetensors")
     meta["model"]["hidden"] = 3  # an unknown key, checksum dropped: still a clear DataError
     tensors = load_file(str(path))
-    del tensors[DIGEST]
+    del tensors[CHECKSUM]
     save_file(
         tensors,
         str(tmp_path / "odd.safetensors"),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import math
 import sys
+import zlib
 
 import numpy as np
 import torch
@@ -92,14 +93,37 @@ def encode_tensor(
     return entries, info
 
 
-def payload_digest(entries: dict[str, torch.Tensor], meta: str) -> torch.Tensor:
-    """SHA-256 (its first 16 bytes, as a uint8 tensor) of the metadata text and every stored
-    tensor (name, dtype, shape, bytes): a changed byte anywhere in an artifact changes it."""
-    digest = hashlib.sha256(meta.encode())
+class _CRC32:
+    """``zlib.crc32`` with hashlib's ``update`` / ``digest`` interface (4 bytes, big endian)."""
+
+    def __init__(self, data: bytes = b"") -> None:
+        self.value = zlib.crc32(data)
+
+    def update(self, data: bytes | np.ndarray) -> None:
+        self.value = zlib.crc32(data, self.value)
+
+    def digest(self) -> bytes:
+        return self.value.to_bytes(4, "big")
+
+
+# Checksum algorithms of an artifact's payload, by the name of the entry that holds the sum.
+# CRC-32 (what zip, gzip and PNG check) detects damage: truncation, flipped bits, a changed
+# byte. It runs at ~4.3 GB/s here against SHA-256's ~1.8 GB/s with SHA extensions (and
+# ~0.4 GB/s without them), which was up to a third of a small artifact's load. A sum stored in
+# the file it sums cannot detect a deliberate edit whatever its algorithm (the editor writes a
+# new one), so SHA-256 bought no security; it is still verified in artifacts written with it.
+CHECKSUMS = {"crc32": _CRC32, "sha256": hashlib.sha256}
+
+
+def payload_checksum(entries: dict[str, torch.Tensor], meta: str, algorithm: str) -> torch.Tensor:
+    """The ``algorithm`` checksum (:data:`CHECKSUMS`; SHA-256 cut to its first 16 bytes) of the
+    metadata text and every stored tensor (name, dtype, shape, bytes), as a uint8 tensor: a
+    changed byte anywhere in an artifact changes it."""
+    digest = CHECKSUMS[algorithm](meta.encode())
     for name in sorted(entries):
         tensor = entries[name].detach().cpu().contiguous()
         digest.update(f"{name}:{tensor.dtype}:{list(tensor.shape)};".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())  # hashed in place
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())  # read in place
     return torch.frombuffer(bytearray(digest.digest()[:16]), dtype=torch.uint8)
 
 

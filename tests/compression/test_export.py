@@ -17,6 +17,7 @@ from recsys_compress.compression.codec import (
     decode_tensor,
     encode_tensor,
     pack_int4,
+    payload_checksum,
     unpack_int4,
 )
 from recsys_compress.config import ModelConfig
@@ -285,6 +286,33 @@ def test_a_loaded_artifact_keeps_the_file_in_memory_only_where_it_is_the_model(
     assert owns(pruned.user_embedding.weight) and owns(pruned.user_bias.weight)
     assert torch.equal(pruned.user_bias.weight, model.user_bias.weight)
     assert torch.equal(pruned.user_embedding.weight, model.user_embedding.weight)
+
+
+def test_payload_checksums_cover_the_metadata_and_every_tensor_in_name_order() -> None:
+    """CRC-32 (written) and SHA-256 (artifacts before it) of the same byte stream: the metadata,
+    then per tensor in name order its name, dtype and shape, then its bytes."""
+    import hashlib
+    import zlib
+
+    entries = {
+        "b": torch.tensor([1.5, -2.0]),
+        "a": torch.tensor([[7, 8, 9]], dtype=torch.int16),
+    }
+    stream = (
+        b"meta"
+        + b"a:torch.int16:[1, 3];"
+        + np.array([7, 8, 9], dtype="<i2").tobytes()
+        + b"b:torch.float32:[2];"
+        + np.array([1.5, -2.0], dtype="<f4").tobytes()
+    )
+    crc = payload_checksum(entries, "meta", "crc32")
+    assert crc.dtype == torch.uint8
+    assert bytes(crc.tolist()) == zlib.crc32(stream).to_bytes(4, "big")
+    sha = payload_checksum(entries, "meta", "sha256")
+    assert bytes(sha.tolist()) == hashlib.sha256(stream).digest()[:16]
+    changed = {**entries, "b": torch.tensor([1.5, -2.5])}
+    assert not torch.equal(payload_checksum(changed, "meta", "crc32"), crc)
+    assert not torch.equal(payload_checksum(entries, "meta2", "crc32"), crc)
 
 
 def test_truncated_or_tampered_artifact_is_a_clear_error(tmp_path: Path) -> None:
