@@ -32,8 +32,14 @@ RUN_CONFIG_FILE = "run_config.json"
 STAGE_RECORD_FILE = "stage.json"
 STAGE_MODEL_FILE = "model.pt"
 LAST_CHECKPOINT = Path("checkpoints") / "last.ckpt"
-# Settings a resumed run may change: they do not alter what is computed.
-RESUME_MAY_CHANGE = ("trainer.progress_bar", "trainer.progress_refresh_rate", "logger")
+# Settings a resumed run may change: they do not alter what is computed. (Not
+# trainer.checkpoint_every_n_steps: it sets how many batches one training step takes.)
+RESUME_MAY_CHANGE = (
+    "trainer.progress_bar",
+    "trainer.progress_refresh_rate",
+    "trainer.checkpoint_max_overhead",
+    "logger",
+)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -84,7 +90,8 @@ def _lookup(tree: dict[str, Any], dotted: str) -> Any:
 def resumed_config(given: TrainConfig, overridden: list[str], run_dir: Path) -> TrainConfig:
     """The stored config of ``run_dir``, after checking that the command-line ``overridden`` keys
     (e.g. ``model.dim``, ``compression``) agree with it: a resumed run cannot change what it
-    computes. Display settings (:data:`RESUME_MAY_CHANGE`) are taken from ``given``."""
+    computes. Display and checkpoint-spacing settings (:data:`RESUME_MAY_CHANGE`) are taken from
+    ``given``."""
     stored = load_run_config(run_dir)
     given_dict, stored_dict = config_to_dict(given), config_to_dict(stored)
     conflicts = []
@@ -100,6 +107,7 @@ def resumed_config(given: TrainConfig, overridden: list[str], run_dir: Path) -> 
         )
     stored.trainer.progress_bar = given.trainer.progress_bar
     stored.trainer.progress_refresh_rate = given.trainer.progress_refresh_rate
+    stored.trainer.checkpoint_max_overhead = given.trainer.checkpoint_max_overhead
     stored.logger = given.logger
     return stored
 

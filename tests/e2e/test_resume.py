@@ -233,5 +233,21 @@ def test_resume_refuses_overrides_that_change_the_run(tmp_path: Path) -> None:
         tmp_path / "run",
     )
     assert same.trainer.progress_bar and same.model == load_run_config(tmp_path / "run").model
+    # checkpoint spacing by time may change (a crash-prone machine wants more frequent writes);
+    # spacing by steps may not: it sets how many batches one training step takes
+    assert load_run_config(tmp_path / "run").trainer.checkpoint_max_overhead is None
+    spaced = resumed_config(
+        compose_config([*COMMON, "compression=prune", "trainer.checkpoint_max_overhead=0.2"]),
+        ["trainer.checkpoint_max_overhead"],
+        tmp_path / "run",
+    )
+    assert spaced.trainer.checkpoint_max_overhead == 0.2
+    assert spaced.trainer.checkpoint_every_n_steps == cfg.trainer.checkpoint_every_n_steps
+    with pytest.raises(Exception, match=r"trainer.checkpoint_every_n_steps \(run: "):
+        resumed_config(
+            compose_config([*COMMON, "compression=prune", "trainer.checkpoint_every_n_steps=7"]),
+            ["trainer.checkpoint_every_n_steps"],
+            tmp_path / "run",
+        )
     with pytest.raises(Exception, match="not the directory of a run"):
         load_run_config(tmp_path / "elsewhere")
