@@ -86,13 +86,16 @@ def _masked_topk(scores: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.
 
 
 @torch.no_grad()
-def plain_mf(dm: Any, model: Any) -> None:
-    """matmul + item bias + mask + topk (a user's bias and the global bias do not change ranks)."""
+def plain_mf(dm: Any, model: Any) -> list[torch.Tensor]:
+    """matmul + item bias + mask + topk (a user's bias and the global bias do not change ranks).
+    Returns each batch's top-K items."""
     items, item_bias = model.item_embedding.weight, model.item_bias.weight.T
+    tops = []
     for batch in dm.test_data.batches:
         scores = model.user_embedding.weight[batch["users"]] @ items.T
         scores += item_bias
-        _masked_topk(scores, batch)
+        tops.append(_masked_topk(scores, batch))
+    return tops
 
 
 @torch.no_grad()
@@ -115,12 +118,14 @@ def plain_sampled_mf(dm: Any, model: Any) -> torch.Tensor:
 
 
 @torch.no_grad()
-def plain_neumf(dm: Any, model: Any, pairs_per_chunk: int = 1 << 18) -> None:
-    """Every (user, item) pair through GMF product, MLP tower and predict layer, in user chunks."""
+def plain_neumf(dm: Any, model: Any, pairs_per_chunk: int = 1 << 18) -> list[torch.Tensor]:
+    """Every (user, item) pair through GMF product, MLP tower and predict layer, in user chunks.
+    Returns each batch's top-K items."""
     n_items = model.num_items
     all_items = torch.arange(n_items, device=model.predict.weight.device)  # no host copies
     linears = [m for m in model.mlp.tower if isinstance(m, torch.nn.Linear)]
     rows = max(1, pairs_per_chunk // n_items)
+    tops = []
     for batch in dm.test_data.batches:
         chunks = []
         for users in batch["users"].split(rows):
@@ -143,11 +148,12 @@ def plain_neumf(dm: Any, model: Any, pairs_per_chunk: int = 1 << 18) -> None:
                 torch.cat([gmf, hidden], dim=1), model.predict.weight, model.predict.bias
             )
             chunks.append(out.view(len(users), n_items))
-        _masked_topk(torch.cat(chunks), batch)
+        tops.append(_masked_topk(torch.cat(chunks), batch))
+    return tops
 
 
 def ratio_figure(
-    name: str, dm: Any, module: Any, plain: Callable[[], None], target: float, repeat: int
+    name: str, dm: Any, module: Any, plain: Callable[[], object], target: float, repeat: int
 ) -> Figure:
     times = interleaved_medians({"ours": lambda: our_test_loop(dm, module), "plain": plain}, repeat)
     users = sum(len(b["users"]) for b in dm.test_data.batches)

@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -86,3 +87,91 @@ def test_the_sampled_evaluation_reference_ranks_as_ours() -> None:
         ndcg = (hit / torch.log2(ranks + 1)).mean()
         assert float(ours[f"ndcg@{k}"]) == pytest.approx(float(ndcg), abs=1e-6)
     assert 0.05 < float(ours["hr@10"]) < 0.95
+
+
+SMALL_DATA = {
+    "name": "synthetic",
+    "source": "synthetic",
+    "synthetic": {"num_users": 300, "num_items": 200, "interactions_per_user": 20},
+}
+
+
+def _metrics_of_top_items(dm: Any, tops: list[torch.Tensor], k: int) -> dict[str, float]:
+    """Recall@k and NDCG@k (ideal: min(|held-out|, k)) of each batch's top items: the reference
+    loops' output scored independently of our metric code."""
+    recall, ndcg = [], []
+    for batch, top in zip(dm.test_data.batches, tops, strict=True):
+        assert top.shape == (len(batch["users"]), 20)
+        relevant = torch.zeros(len(batch["users"]), dm.num_items, dtype=torch.bool)
+        relevant[batch["target_rows"], batch["target_items"]] = True
+        hits = relevant.gather(1, top[:, :k]).double()
+        n_rel = relevant.sum(1).double()
+        discount = 1.0 / torch.log2(torch.arange(2, k + 2, dtype=torch.float64))
+        ideal = torch.cumsum(discount, 0)[n_rel.clamp(max=k).long() - 1]
+        recall += (hits.sum(1) / n_rel).tolist()
+        ndcg += ((hits * discount).sum(1) / ideal).tolist()
+    return {f"recall@{k}": sum(recall) / len(recall), f"ndcg@{k}": sum(ndcg) / len(ndcg)}
+
+
+@pytest.mark.parametrize("model", ["mf", "neumf"])
+def test_the_full_ranking_references_rank_as_ours(model: str) -> None:
+    """The benchmark's plain full-ranking loops (matmul + mask + topk; every pair through
+    NeuMF) find the items ours finds: their top items give our recall and NDCG."""
+    from benchmarks.evaluation import _datamodule, our_test_loop, plain_mf, plain_neumf
+
+    config = {"name": "mf", "dim": 16}
+    if model == "neumf":
+        config = {"name": "neumf", "dim": 8, "mlp_dim": 8, "mlp_layers": [16, 8]}
+    dm, module = _datamodule(SMALL_DATA, config, {"batch_users": 64})
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in module.model.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator))
+    ours = our_test_loop(dm, module)
+    plain = plain_mf if model == "mf" else plain_neumf
+    tops = plain(dm, module.model)
+    assert len(tops) == len(dm.test_data.batches) > 1
+    for k in (5, 10, 20):
+        for name, value in _metrics_of_top_items(dm, tops, k).items():
+            assert float(ours[name]) == pytest.approx(value, abs=1e-6), name
+    assert 0.02 < float(ours["recall@20"]) < 0.9
+
+
+def test_the_training_reference_trains_as_ours(tmp_path: Path) -> None:
+    """The benchmark's plain epoch (the epoch's tensors sliced into batches, forward, backward,
+    step) and our Lightning epoch, from the same weights, end at the same weights: the
+    throughput ratio compares the same work."""
+    import copy
+
+    from benchmarks.train import _plain_epoch
+    from recsys_compress.config import to_train_config
+    from recsys_compress.models import build_model
+    from recsys_compress.module import RecommenderModule, build_optimizer
+    from recsys_compress.train import build_datamodule, build_trainer
+
+    cfg = to_train_config(
+        {
+            "data": SMALL_DATA,
+            "split": {"name": "ratio"},
+            "model": {"name": "mf", "dim": 16},
+            "trainer": {"max_epochs": 1, "batch_size": 256, "progress_bar": False},
+            "logger": {"name": "none"},
+            "save_model": False,
+        }
+    )
+    dm = build_datamodule(cfg)
+    torch.manual_seed(0)
+    plain_model = build_model(cfg.model, dm.num_users, dm.num_items)
+    ours_model = copy.deepcopy(plain_model)
+    start = {k: v.clone() for k, v in plain_model.state_dict().items()}
+    opt = build_optimizer(plain_model, cfg.optim)
+    _plain_epoch(dm, plain_model, opt, cfg.loss.name, 0, torch.device("cpu"), None)
+    module = RecommenderModule(ours_model, cfg.loss, cfg.optim, cfg.eval)
+    trainer = build_trainer(cfg, tmp_path, [])
+    trainer.limit_val_batches = 0
+    trainer.fit(module, datamodule=dm)
+    assert trainer.global_step == dm.train_batches.num_batches() > 10
+    trained = plain_model.state_dict()
+    for name, value in ours_model.state_dict().items():
+        assert not torch.equal(value, start[name]), name
+        torch.testing.assert_close(value, trained[name], rtol=1e-5, atol=1e-6, msg=name)
