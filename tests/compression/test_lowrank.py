@@ -717,6 +717,22 @@ def test_joint_transforms_give_the_score_matrix_svd(deficient: bool, monkeypatch
     assert torch.equal(table[:, len(s) :], torch.zeros(300, 12 - len(s)))
 
 
+def test_joint_factors_of_two_tables_are_the_svd_of_their_score_matrix() -> None:
+    """The public ``joint_factors``: ``P Qᵀ = A diag(S) Bᵀ`` with orthonormal A and B, S the
+    score matrix's singular values (descending), in the tables' dtype."""
+    gen = torch.Generator().manual_seed(5)
+    p, q = torch.randn(90, 8, generator=gen), torch.randn(60, 8, generator=gen)
+    a, b, s = lowrank.joint_factors(p, q)
+    assert a.shape == (90, 8) and b.shape == (60, 8) and s.shape == (8,)
+    assert a.dtype == b.dtype == s.dtype == torch.float32
+    scores = p.double() @ q.double().T
+    assert torch.allclose(s.double(), torch.linalg.svdvals(scores)[:8], rtol=1e-4)
+    assert bool((s[:-1] >= s[1:]).all())
+    eye = torch.eye(8)
+    assert torch.allclose(a.T @ a, eye, atol=1e-4) and torch.allclose(b.T @ b, eye, atol=1e-4)
+    torch.testing.assert_close((a * s) @ b.T, p @ q.T, rtol=1e-4, atol=1e-4)
+
+
 def test_joint_svd_pads_a_rank_deficient_score_matrix_and_skips_a_zero_table() -> None:
     """param_ratio on a table with a zero column: the rank bound is structural (min(n, d)), the
     columns beyond the numerical rank are zero; a zero table is not rotated."""
