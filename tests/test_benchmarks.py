@@ -175,3 +175,31 @@ def test_the_training_reference_trains_as_ours(tmp_path: Path) -> None:
     for name, value in ours_model.state_dict().items():
         assert not torch.equal(value, start[name]), name
         torch.testing.assert_close(value, trained[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_the_scale_steps_run_and_report_what_they_measured(tmp_path: Path) -> None:
+    """Every scale step (in this process, at a tiny size): the training steps count and time
+    their optimizer steps, the compression steps leave what they promise (80% zeros, an SVD
+    error, an int8 artifact smaller than the model), and the load step compares the two."""
+    from benchmarks.scale import STEPS, step
+
+    # an epoch of 30 optimizer steps, cut at 16 (one call of trainer.batches_per_call)
+    size = {"num_users": 8000, "num_items": 300, "interactions_per_user": 5, "train_steps": 16}
+    results = {name: step(name, size, tmp_path) for name in STEPS}
+    for name in ("train", "train_rowwise"):
+        result = results[name]
+        assert result["steps"] == 16, name
+        assert result["to_first_step_s"] > 0 and result["step_ms"] > 0, name
+        assert result["epoch_s"] >= result["to_first_step_s"], name
+        assert 0 < result["train_loss"] < 1.0, name  # BCE from near-zero scores: ~ln 2
+    assert results["prune"]["sparsity"] == pytest.approx(0.8, abs=1e-3)
+    assert results["l1"]["steps"] == results["qat"]["steps"] == 30
+    assert 0 < results["svd"]["relative_error"] < 1
+    dense_bytes = (tmp_path / "model.pt").stat().st_size
+    assert results["export"]["bytes"] == (tmp_path / "model.rcz").stat().st_size
+    assert results["export"]["bytes"] < dense_bytes / 2
+    load = results["load"]
+    assert load["artifact_bytes"] == results["export"]["bytes"]
+    assert load["dense_model_pt_bytes"] == dense_bytes
+    assert load["ratio"] == pytest.approx(load["artifact_s"] / load["dense_s"])
+    assert all(r["seconds"] > 0 and r["peak_rss_mb"] > 0 for r in results.values())
