@@ -130,6 +130,16 @@ def test_sampler_in_passes_draws_what_one_pass_draws(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(sampling, "USERS_PER_PASS", 7)  # 17 passes, the last of 1 user
     got = sampler.sample(query, 5, torch.Generator().manual_seed(8))
     assert torch.equal(got, expected)
+    # passes of 2 users (11 draws at most), each searching only its users' slice of the keys:
+    # sorted runs, runs that wrap around (user 39 then 0), and users in random order
+    monkeypatch.setattr(sampling, "DRAWS_PER_PASS", 11)
+    assert torch.equal(sampler.sample(query, 5, torch.Generator().manual_seed(8)), expected)
+    mixed = query[torch.randperm(120, generator=torch.Generator().manual_seed(1))]
+    free = NUM_ITEMS - sampler.degree[mixed]
+    rank = torch.minimum(uniform.mul(free.double()[:, None]).long(), (free - 1)[:, None])
+    below = torch.searchsorted(sampler._keys, rank + (mixed * (NUM_ITEMS + 1))[:, None], right=True)
+    got = sampler.sample(mixed, 5, torch.Generator().manual_seed(8))
+    assert torch.equal(got, below - sampler.indptr[mixed][:, None] + rank)
     out = torch.full((120, 5), -1, dtype=torch.int64)
     assert sampler.sample(query, 5, torch.Generator().manual_seed(8), out=out) is out
     assert torch.equal(out, expected)

@@ -17,6 +17,10 @@ from recsys_compress.errors import DataError
 # Users whose draws :meth:`ExclusionSampler.sample` turns into items in one pass of its
 # element-wise ops (a few MB of temporaries at a few negatives each).
 USERS_PER_PASS = 1 << 17
+# At most this many draws per pass: with many draws per user (sampled evaluation's 99) a pass
+# then holds fewer users, whose keys are a short slice of the key array that stays in cache
+# during its search (at 1M users x 100k items, 99 draws a user: ~30 against ~40-50 ns a draw).
+DRAWS_PER_PASS = 1 << 18
 
 
 class ExclusionSampler:
@@ -57,9 +61,14 @@ class ExclusionSampler:
 
         ``out``: a contiguous int64 ``[len(users), k]`` tensor to write them into. The uniform
         draws are made into its memory in one call (the same numbers as a float64
-        ``torch.rand``) and turned into items :data:`USERS_PER_PASS` users at a time, so the
-        temporaries stay small (at 8M users x 4 negatives the one-pass form held four
-        ``[8M, 4]`` tensors, ~1 GB, at once)."""
+        ``torch.rand``) and turned into items in passes of up to :data:`USERS_PER_PASS` users and
+        :data:`DRAWS_PER_PASS` draws, so the temporaries stay small (at 8M users x 4 negatives
+        the one-pass form held four ``[8M, 4]`` tensors, ~1 GB, at once).
+
+        Each pass searches only the keys of the users between its smallest and largest: keys
+        below hold smaller users (all counted), keys above larger ones (none counted), so the
+        items are those of one search over all keys. Callers pass users sorted (interactions
+        are sorted by user), which makes that slice short."""
         users = users.long()
         shape = (len(users), k)
         if out is None:
@@ -70,12 +79,16 @@ class ExclusionSampler:
         uniform = torch.rand(
             shape, generator=generator, dtype=torch.float64, out=out.view(torch.float64)
         )
-        for start in range(0, len(users), USERS_PER_PASS):
-            part = users[start : start + USERS_PER_PASS]
+        step = max(1, min(USERS_PER_PASS, DRAWS_PER_PASS // max(k, 1)))
+        for start in range(0, len(users), step):
+            part = users[start : start + step]
             free = self.num_items - self.degree[part]
-            rank = uniform[start : start + len(part)].mul(free.to(torch.float64)[:, None]).long()
+            # in place in the draws' memory, which this pass's items overwrite
+            rank = uniform[start : start + len(part)].mul_(free.to(torch.float64)[:, None]).long()
             rank = torch.minimum(rank, (free - 1)[:, None], out=rank)
             query = rank + (part * (self.num_items + 1))[:, None]
-            below = torch.searchsorted(self._keys, query, right=True)
-            out[start : start + len(part)] = below.sub_(self.indptr[part][:, None]).add_(rank)
+            lo = int(self.indptr[int(part.min())])
+            keys = self._keys[lo : int(self.indptr[int(part.max()) + 1])]
+            below = torch.searchsorted(keys, query, right=True)
+            out[start : start + len(part)] = below.sub_(self.indptr[part][:, None] - lo).add_(rank)
         return out
