@@ -172,10 +172,9 @@ def step(name: str, size: dict[str, int], workdir: Path) -> dict[str, Any]:
         module = RecommenderModule(model, cfg.loss, cfg.optim, cfg.eval)
         cb = L1Proximal(L1Config()) if name == "l1" else QuantizationAwareTraining(QATConfig())
         start = time.perf_counter()
-        bare_trainer(max_steps=steps, max_epochs=1, callbacks=[cb]).fit(
-            module, train_dataloaders=_random_loader(cfg, steps)
-        )
-        details["steps"] = steps
+        trainer = bare_trainer(max_steps=steps, max_epochs=1, callbacks=[cb])
+        trainer.fit(module, train_dataloaders=_random_loader(cfg, steps))
+        details["steps"] = trainer.global_step
     elif name == "svd":
         from recsys_compress.compression.lowrank import SVDConfig, apply_svd
 

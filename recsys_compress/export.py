@@ -40,10 +40,13 @@ from recsys_compress.errors import DataError, RecsysCompressError
 from recsys_compress.models import Recommender, build_model
 from recsys_compress.results import RESULTS_FILE, read_record, write_bytes
 
-FORMAT = "recsys-compress/1"
+# The artifact format written: version 2 holds a CRC-32 of its payload (payload_checksum) in
+# the entry CHECKSUM and is refused without it. Version 1 held a SHA-256 in "::sha256", or no
+# checksum before that existed; such artifacts still load, their SHA-256 checked where present.
+# A loader of version 1 refuses version 2 instead of loading it unchecked.
+FORMAT = "recsys-compress/2"
 ARTIFACT_NAME = "model.compressed.safetensors"
-# The entry holding payload_checksum() of the other tensors and the metadata; artifacts written
-# before 2026-12-07 hold a SHA-256 in "::sha256" instead (each loader checks the one it finds).
+FORMAT_SUMS = {"recsys-compress/1": ("sha256", None), FORMAT: ("crc32",)}
 CHECKSUM_ALGORITHM = "crc32"
 CHECKSUM = f"::{CHECKSUM_ALGORITHM}"
 
@@ -359,17 +362,25 @@ def load_compressed(path: str | Path) -> CompressedRecommender:
     """Rebuild the model stored in an artifact written by :func:`export_model`.
 
     A truncated or damaged file raises :class:`DataError` naming it: the checksum of its
-    metadata and tensors written by :func:`export_model` (CRC-32; SHA-256 in artifacts written
-    before 2026-12-07) must match.
+    metadata and tensors written by :func:`export_model` must be there and match (CRC-32; a
+    SHA-256, where present, in artifacts of format version 1: :data:`FORMAT_SUMS`).
     """
     path = Path(path)
     try:
         data, metadata, tensors = read_safetensors(path)
         text = metadata["recsys_compress"]
         meta = unpack_metadata(text)
-        if meta.get("format") != FORMAT:
+        if meta.get("format") not in FORMAT_SUMS:
             raise KeyError("format")
         sums = {a: tensors.pop(f"::{a}") for a in CHECKSUMS if f"::{a}" in tensors}
+        allowed = FORMAT_SUMS[meta["format"]]
+        if len(sums) > 1 or next(iter(sums), None) not in allowed:
+            raise DataError(
+                f"{path}: a {meta['format']} artifact holds the checksum entries "
+                f"{sorted(sums) or 'none'}, not one of {[a for a in allowed if a]}: the file was "
+                "damaged or modified after it was written. Export it again with "
+                "`python -m recsys_compress.export <run dir>`."
+            )
         for algorithm, stored in sums.items():
             if not torch.equal(payload_checksum(tensors, text, algorithm), stored):
                 raise DataError(

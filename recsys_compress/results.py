@@ -85,13 +85,25 @@ def write_failure(run_dir: Path, record: dict[str, Any]) -> None:
         log.error("%s", err)
 
 
-def _first_difference(old: Any, new: Any, prefix: str = "") -> str | None:
+# Settings that change neither a run's results nor what it writes: the progress display and
+# the spacing of rolling checkpoints by time. A resumed run may change them, and a completed run
+# with other values is still the same run for ``skip_completed``.
+NEUTRAL_SETTINGS = (
+    "trainer.progress_bar",
+    "trainer.progress_refresh_rate",
+    "trainer.checkpoint_max_overhead",
+)
+
+
+def _first_difference(
+    old: Any, new: Any, prefix: str = "", ignore: tuple[str, ...] = ()
+) -> str | None:
     """The first dotted key where ``new`` differs from ``old`` (keys ``old`` lacks are skipped:
-    they did not exist when it ran)."""
+    they did not exist when it ran; so are the dotted keys in ``ignore``)."""
     if isinstance(old, dict) and isinstance(new, dict):
         for key, value in new.items():
-            if key in old:
-                found = _first_difference(old[key], value, f"{prefix}{key}.")
+            if key in old and f"{prefix}{key}" not in ignore:
+                found = _first_difference(old[key], value, f"{prefix}{key}.", ignore)
                 if found is not None:
                     return found
         return None
@@ -100,7 +112,8 @@ def _first_difference(old: Any, new: Any, prefix: str = "") -> str | None:
 
 def completed_run(run_dir: Path, config: dict[str, Any]) -> dict[str, Any] | None:
     """``skip_completed``: the record in ``run_dir`` if it is a completed run of ``config``
-    (``skip_completed`` itself aside), else None (no results, or a failed run: train again).
+    (``skip_completed`` and :data:`NEUTRAL_SETTINGS` aside), else None (no results, or a failed
+    run: train again).
 
     A completed run of another config raises :class:`RunDirInUseError` (nothing is written):
     the job's output dir (``hydra.sweep.subdir``, the job number) belongs to another job when the
@@ -112,7 +125,7 @@ def completed_run(run_dir: Path, config: dict[str, Any]) -> dict[str, Any] | Non
     current = json.loads(json.dumps(config, default=str))
     current.pop("skip_completed", None)
     current.pop("overwrite", None)
-    key = _first_difference(record.get("config", {}), current)
+    key = _first_difference(record.get("config", {}), current, ignore=NEUTRAL_SETTINGS)
     if key is not None:
         raise RunDirInUseError(
             f"skip_completed=true, but {run_dir / RESULTS_FILE} is a completed run of another "

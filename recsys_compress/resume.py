@@ -26,20 +26,16 @@ from torch import nn
 from recsys_compress.config import TrainConfig, config_to_dict, to_train_config
 from recsys_compress.errors import ConfigError
 from recsys_compress.io import atomic_write
-from recsys_compress.results import save_state_dict, write_json
+from recsys_compress.results import NEUTRAL_SETTINGS, save_state_dict, write_json
 
 RUN_CONFIG_FILE = "run_config.json"
 STAGE_RECORD_FILE = "stage.json"
 STAGE_MODEL_FILE = "model.pt"
 LAST_CHECKPOINT = Path("checkpoints") / "last.ckpt"
 # Settings a resumed run may change: they do not alter what is computed. (Not
-# trainer.checkpoint_every_n_steps: it sets how many batches one training step takes.)
-RESUME_MAY_CHANGE = (
-    "trainer.progress_bar",
-    "trainer.progress_refresh_rate",
-    "trainer.checkpoint_max_overhead",
-    "logger",
-)
+# trainer.checkpoint_every_n_steps: it can set how many batches one Lightning training step
+# takes, the unit in which Lightning's loop records its position in a checkpoint.)
+RESUME_MAY_CHANGE = (*NEUTRAL_SETTINGS, "logger")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -107,7 +103,8 @@ def resumed_config(given: TrainConfig, overridden: list[str], run_dir: Path) -> 
         )
     stored.trainer.progress_bar = given.trainer.progress_bar
     stored.trainer.progress_refresh_rate = given.trainer.progress_refresh_rate
-    stored.trainer.checkpoint_max_overhead = given.trainer.checkpoint_max_overhead
+    if "trainer.checkpoint_max_overhead" in overridden:  # else the run's own
+        stored.trainer.checkpoint_max_overhead = given.trainer.checkpoint_max_overhead
     stored.logger = given.logger
     return stored
 

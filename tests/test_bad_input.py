@@ -320,6 +320,16 @@ def test_completed_run_is_returned_only_for_the_same_config(tmp_path: Path) -> N
     other = to_train_config({"data": {"source": "synthetic"}, "model": {"dim": 8}})
     with pytest.raises(RunDirInUseError, match=r"model\.dim differs.*hydra\.sweep\.dir"):
         completed_run(tmp_path, config_to_dict(other))
+    # the display and the checkpoints' spacing by time (which a resume may change) are not the
+    # run's identity; the spacing by steps and the logger are
+    shown = {"progress_bar": False, "progress_refresh_rate": 7, "checkpoint_max_overhead": 0.3}
+    neutral = to_train_config({"data": {"source": "synthetic"}, "trainer": shown})
+    assert completed_run(tmp_path, config_to_dict(neutral))["status"] == "completed"
+    spaced = to_train_config(
+        {"data": {"source": "synthetic"}, "trainer": {"checkpoint_every_n_steps": 7}}
+    )
+    with pytest.raises(RunDirInUseError, match=r"trainer\.checkpoint_every_n_steps differs"):
+        completed_run(tmp_path, config_to_dict(spaced))
     (tmp_path / RESULTS_FILE).write_text("{truncated")
     assert completed_run(tmp_path, config_to_dict(cfg)) is None
 
@@ -393,26 +403,65 @@ def test_artifact_with_a_flipped_tensor_byte_is_refused(tmp_path: Path) -> None:
         load_compressed(path)
 
 
-def test_artifact_written_with_a_sha256_still_loads_and_is_checked(tmp_path: Path) -> None:
-    """Artifacts exported before the CRC-32 hold a SHA-256 in ``::sha256``: still verified."""
+def _rewritten(path: Path, out: Path, meta_edit: dict[str, Any], sums: dict[str, str]) -> Path:
+    """``path``'s artifact with its metadata changed by ``meta_edit`` and its checksum entries
+    replaced by ``sums`` (entry -> algorithm, computed over the new metadata)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+    meta = {**unpack_metadata(metadata["recsys_compress"]), **meta_edit}
+    text = json.dumps(meta)
+    tensors = {k: v for k, v in load_file(str(path)).items() if k != CHECKSUM}
+    payload = dict(tensors)
+    for entry, algorithm in sums.items():
+        tensors[entry] = payload_checksum(payload, text, algorithm)
+    save_file(tensors, str(out), metadata={**metadata, "recsys_compress": text})
+    return out
+
+
+def test_artifacts_of_format_1_still_load_with_their_sha256_checked(tmp_path: Path) -> None:
+    """Artifacts exported before the CRC-32 (format 1) hold a SHA-256 in ``::sha256`` (or, the
+    oldest, no checksum): they load, and the SHA-256 is verified."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
     path = _artifact(tmp_path)
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata()
-    tensors = load_file(str(path))
-    del tensors[CHECKSUM]
-    tensors["::sha256"] = payload_checksum(tensors, metadata["recsys_compress"], "sha256")
-    old = tmp_path / "old.safetensors"
-    save_file(tensors, str(old), metadata=metadata)
     expected = load_compressed(path).model.state_dict()
+    v1 = {"format": "recsys-compress/1"}
+    old = _rewritten(path, tmp_path / "old.safetensors", v1, {"::sha256": "sha256"})
     loaded = load_compressed(old).model.state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in expected.items())
-    tensors["user_embedding.weight::values"][3] += 1.0
+    oldest = _rewritten(path, tmp_path / "oldest.safetensors", v1, {})
+    assert all(
+        torch.equal(load_compressed(oldest).model.state_dict()[k], v) for k, v in expected.items()
+    )
+    with safe_open(str(old), framework="pt") as handle:
+        metadata = handle.metadata()
+    tensors = load_file(str(old))
+    tensors["user_embedding.weight::values"][3] += 1.0  # after the SHA-256 was written
     save_file(tensors, str(tmp_path / "old_edited.safetensors"), metadata=metadata)
     with pytest.raises(DataError, match=r"old_edited\.safetensors: .* checksum \(sha256\)"):
         load_compressed(tmp_path / "old_edited.safetensors")
+
+
+def test_an_artifact_of_format_2_without_its_crc32_is_refused(tmp_path: Path) -> None:
+    """Format 2 must hold its CRC-32, and only it: a dropped or swapped checksum entry would
+    otherwise turn the check off."""
+    path = _artifact(tmp_path)
+    for name, sums in (("none", {}), ("sha", {"::sha256": "sha256"})):
+        bad = _rewritten(path, tmp_path / f"{name}.safetensors", {}, sums)
+        with pytest.raises(DataError, match=rf"{name}\.safetensors: a recsys-compress/2 artifact"):
+            load_compressed(bad)
+    both = {"::crc32": "crc32", "::sha256": "sha256"}
+    with pytest.raises(DataError, match=r"\['crc32', 'sha256'\], not one of \['crc32'\]"):
+        load_compressed(_rewritten(path, tmp_path / "both.safetensors", {}, both))
+    same = _rewritten(path, tmp_path / "same.safetensors", {}, {"::crc32": "crc32"})
+    assert (
+        load_compressed(same).model.state_dict().keys()
+        == load_compressed(path).model.state_dict().keys()
+    )
 
 
 def test_artifact_with_edited_metadata_is_refused(tmp_path: Path) -> None:
@@ -428,16 +477,14 @@ def test_artifact_with_edited_metadata_is_refused(tmp_path: Path) -> None:
     save_file(load_file(str(path)), str(tmp_path / "edited.safetensors"), metadata=edited)
     with pytest.raises(DataError, match=r"edited\.safetensors: its contents do not match"):
         load_compressed(tmp_path / "edited.safetensors")
-    meta["model"]["hidden"] = 3  # an unknown key, checksum dropped: still a clear DataError
-    tensors = load_file(str(path))
-    del tensors[CHECKSUM]
-    save_file(
-        tensors,
-        str(tmp_path / "odd.safetensors"),
-        metadata={"recsys_compress": json.dumps(meta)},
+    # an unknown key in a format-1 artifact without checksum (it had none to check): still a
+    # clear DataError
+    meta["model"]["hidden"] = 3
+    odd = _rewritten(
+        path, tmp_path / "odd.safetensors", {**meta, "format": "recsys-compress/1"}, {}
     )
     with pytest.raises(DataError, match=r"odd\.safetensors is not a readable"):
-        load_compressed(tmp_path / "odd.safetensors")
+        load_compressed(odd)
 
 
 # --- the CLI: non-zero exit, the key or file in stderr, no traceback --------------------------

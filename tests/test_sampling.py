@@ -130,9 +130,9 @@ def test_sampler_in_passes_draws_what_one_pass_draws(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(sampling, "USERS_PER_PASS", 7)  # 17 passes, the last of 1 user
     got = sampler.sample(query, 5, torch.Generator().manual_seed(8))
     assert torch.equal(got, expected)
-    # passes of 2 users (11 draws at most), each searching only its users' slice of the keys:
-    # sorted runs, runs that wrap around (user 39 then 0), and users in random order
-    monkeypatch.setattr(sampling, "DRAWS_PER_PASS", 11)
+    # passes of 3 users (15 draws at most), each searching only its users' slice of the keys:
+    # sorted runs, a run that wraps around (users 39, 0, 1), and users in random order
+    monkeypatch.setattr(sampling, "DRAWS_PER_PASS", 15)
     assert torch.equal(sampler.sample(query, 5, torch.Generator().manual_seed(8)), expected)
     mixed = query[torch.randperm(120, generator=torch.Generator().manual_seed(1))]
     free = NUM_ITEMS - sampler.degree[mixed]
@@ -140,6 +140,10 @@ def test_sampler_in_passes_draws_what_one_pass_draws(monkeypatch: pytest.MonkeyP
     below = torch.searchsorted(sampler._keys, rank + (mixed * (NUM_ITEMS + 1))[:, None], right=True)
     got = sampler.sample(mixed, 5, torch.Generator().manual_seed(8))
     assert torch.equal(got, below - sampler.indptr[mixed][:, None] + rank)
+    # a pass of user 1 alone, who has no positives: an empty slice of keys, every item allowed
+    monkeypatch.setattr(sampling, "DRAWS_PER_PASS", 5)
+    alone = sampler.sample(torch.tensor([1, 1]), 5, torch.Generator().manual_seed(8))
+    assert torch.equal(alone, uniform[:2].mul(NUM_ITEMS).long())
     out = torch.full((120, 5), -1, dtype=torch.int64)
     assert sampler.sample(query, 5, torch.Generator().manual_seed(8), out=out) is out
     assert torch.equal(out, expected)

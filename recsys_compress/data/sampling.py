@@ -2,8 +2,8 @@
 
 For a user with sorted positives ``p_0 < ... < p_{d-1}``, the r-th non-positive item
 (``0 <= r < n - d``) is ``r + #{j : p_j - j <= r}``. Storing ``p_j - j`` for all users in one sorted
-key array turns that count into one ``searchsorted`` over the whole batch: exact, uniform,
-vectorised, and its cost does not grow for users who interacted with most items.
+key array turns that count into one ``searchsorted`` for a pass of many users' draws: exact,
+uniform, vectorised, and its cost does not grow for users who interacted with most items.
 """
 
 from __future__ import annotations

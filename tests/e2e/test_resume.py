@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 import torch
 
+from recsys_compress.errors import ConfigError
 from recsys_compress.resume import load_run_config, resumed_config
 from recsys_compress.train import train
 from tests.conftest import REPO
@@ -236,6 +237,8 @@ def test_resume_refuses_overrides_that_change_the_run(tmp_path: Path) -> None:
     # checkpoint spacing by time may change (a crash-prone machine wants more frequent writes);
     # spacing by steps may not: it sets how many batches one training step takes
     assert load_run_config(tmp_path / "run").trainer.checkpoint_max_overhead is None
+    plain = resumed_config(compose_config([]), ["resume"], tmp_path / "run")
+    assert plain.trainer.checkpoint_max_overhead is None  # the run's own, not the default
     spaced = resumed_config(
         compose_config([*COMMON, "compression=prune", "trainer.checkpoint_max_overhead=0.2"]),
         ["trainer.checkpoint_max_overhead"],
@@ -243,7 +246,7 @@ def test_resume_refuses_overrides_that_change_the_run(tmp_path: Path) -> None:
     )
     assert spaced.trainer.checkpoint_max_overhead == 0.2
     assert spaced.trainer.checkpoint_every_n_steps == cfg.trainer.checkpoint_every_n_steps
-    with pytest.raises(Exception, match=r"trainer.checkpoint_every_n_steps \(run: "):
+    with pytest.raises(ConfigError, match=r"trainer.checkpoint_every_n_steps \(run: "):
         resumed_config(
             compose_config([*COMMON, "compression=prune", "trainer.checkpoint_every_n_steps=7"]),
             ["trainer.checkpoint_every_n_steps"],
