@@ -108,8 +108,8 @@ class _CRC32:
 
 # Checksum algorithms of an artifact's payload, by the name of the entry that holds the sum.
 # CRC-32 (what zip, gzip and PNG check) detects damage: truncation, flipped bits, a changed
-# byte. It runs at ~4.3 GB/s here against SHA-256's ~1.8 GB/s with SHA extensions (and
-# ~0.4 GB/s without them), which was up to a third of a small artifact's load. A sum stored in
+# byte. It runs at ~4.3 GB/s here against SHA-256's ~1.8 GB/s with SHA extensions (slower
+# still without them), which was up to a third of a small artifact's load. A sum stored in
 # the file it sums cannot detect a deliberate edit whatever its algorithm (the editor writes a
 # new one), so SHA-256 bought no security; it is still verified in artifacts written with it.
 CHECKSUMS = {"crc32": _CRC32, "sha256": hashlib.sha256}
