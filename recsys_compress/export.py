@@ -46,8 +46,8 @@ from recsys_compress.results import RESULTS_FILE, read_record, write_bytes
 # A loader of version 1 refuses version 2 instead of loading it unchecked.
 FORMAT = "recsys-compress/2"
 ARTIFACT_NAME = "model.compressed.safetensors"
-FORMAT_SUMS = {"recsys-compress/1": ("sha256", None), FORMAT: ("crc32",)}
 CHECKSUM_ALGORITHM = "crc32"
+FORMAT_SUMS = {"recsys-compress/1": ("sha256", None), FORMAT: (CHECKSUM_ALGORITHM,)}
 CHECKSUM = f"::{CHECKSUM_ALGORITHM}"
 
 

@@ -63,21 +63,28 @@ def test_optimizer_presets_are_the_settings_optim_group_selects(name: str) -> No
     assert composed.sparse
 
 
+SMALL_DATA = {
+    "name": "synthetic",
+    "source": "synthetic",
+    "synthetic": {"num_users": 300, "num_items": 200, "interactions_per_user": 20},
+}
+
+
+def _randomise(model: torch.nn.Module) -> None:
+    """Standard-normal weights (seeded): scores spread enough that no ranking ties."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator))
+
+
 def test_the_sampled_evaluation_reference_ranks_as_ours() -> None:
     """The benchmark's plain sampled-evaluation loop does the work ours does: its ranks give
     our HR and NDCG (the ratio compares like with like)."""
     from benchmarks.evaluation import _datamodule, our_test_loop, plain_sampled_mf
 
-    data = {
-        "name": "synthetic",
-        "source": "synthetic",
-        "synthetic": {"num_users": 300, "num_items": 200, "interactions_per_user": 20},
-    }
-    dm, module = _datamodule(data, {"name": "mf", "dim": 16}, {"protocol": "sampled"})
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in module.model.parameters():
-            p.copy_(torch.randn(p.shape, generator=generator))
+    dm, module = _datamodule(SMALL_DATA, {"name": "mf", "dim": 16}, {"protocol": "sampled"})
+    _randomise(module.model)
     ours = our_test_loop(dm, module)
     ranks = plain_sampled_mf(dm, module.model).double()
     assert len(ranks) == sum(len(b["users"]) for b in dm.test_data.batches)
@@ -87,13 +94,6 @@ def test_the_sampled_evaluation_reference_ranks_as_ours() -> None:
         ndcg = (hit / torch.log2(ranks + 1)).mean()
         assert float(ours[f"ndcg@{k}"]) == pytest.approx(float(ndcg), abs=1e-6)
     assert 0.05 < float(ours["hr@10"]) < 0.95
-
-
-SMALL_DATA = {
-    "name": "synthetic",
-    "source": "synthetic",
-    "synthetic": {"num_users": 300, "num_items": 200, "interactions_per_user": 20},
-}
 
 
 def _metrics_of_top_items(dm: Any, tops: list[torch.Tensor], k: int) -> dict[str, float]:
@@ -123,10 +123,7 @@ def test_the_full_ranking_references_rank_as_ours(model: str) -> None:
     if model == "neumf":
         config = {"name": "neumf", "dim": 8, "mlp_dim": 8, "mlp_layers": [16, 8]}
     dm, module = _datamodule(SMALL_DATA, config, {"batch_users": 64})
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in module.model.parameters():
-            p.copy_(torch.randn(p.shape, generator=generator))
+    _randomise(module.model)
     ours = our_test_loop(dm, module)
     plain = plain_mf if model == "mf" else plain_neumf
     tops = plain(dm, module.model)
