@@ -12,8 +12,9 @@ first (a mask update, ~20 per run, is timed apart in the details); on the sparse
 dense Adam path. Runs with and without the callback alternate in one process
 (:func:`benchmarks.common.interleaved_medians` style).
 The full run also times the plain dense step with a fresh table-sized gradient every step
-against the kept gradient (:func:`recsys_compress.ops.keep_gradient`, the default; no target),
-and every run the plain sparse step of ``optim=rowwise_adagrad`` against ``sparse_adam``'s.
+against the kept gradient (:func:`recsys_compress.ops.keep_gradient`, the default; no target) and
+L1's dense step run eagerly against compiled (``compression.l1.kernel``; no target), and every
+run the plain sparse step of ``optim=rowwise_adagrad`` against ``sparse_adam``'s.
 """
 
 from __future__ import annotations
@@ -50,8 +51,8 @@ def make_callback(method: str, epoch_steps: int | None = None) -> L.Callback | N
     if method == "prune":
         end = None if epoch_steps is None else int(0.75 * epoch_steps)
         return MagnitudePruning(PruneConfig(end_step=end))
-    if method == "l1":
-        return L1Proximal(L1Config())
+    if method in ("l1", "l1_eager"):
+        return L1Proximal(L1Config(kernel="eager" if method == "l1_eager" else "auto"))
     if method == "qat":
         return QuantizationAwareTraining(QATConfig(convert_at_end=False))
     return None
@@ -276,6 +277,20 @@ def big_figures(quick: bool) -> list[Figure]:
     gc.collect()
     if not quick:
         batches = random_batches(paths["dense"][0])
+        runs = {m: big_run(m, False, batches, {}) for m in ("l1_eager", "l1")}
+        medians, _ = alternate(runs, paths["dense"][1])
+        figures.append(
+            Figure(
+                SECTION,
+                "l1 step, 1M x 100k MF-64 dense Adam: kernel=eager / kernel=auto (compiled)",
+                medians["l1_eager"] / medians["l1"],
+                details={
+                    "eager_step_ms": 1e3 * medians["l1_eager"],
+                    "compiled_step_ms": 1e3 * medians["l1"],
+                },
+            )
+        )
+        gc.collect()
         runs = {kept: big_run("none", False, batches, {}, kept) for kept in (False, True)}
         medians, _ = alternate(runs, paths["dense"][1])
         figures.append(

@@ -25,3 +25,9 @@ class OutputWriteError(RecsysCompressError):
 
     The write was atomic: the previous version of the file, if any, is intact.
     """
+
+
+class KernelCompileError(RecsysCompressError, RuntimeError):
+    """A setting asked for a ``torch.compile`` kernel that this machine cannot build (no C++
+    compiler or Python headers on CPU, no Triton on CUDA). The message names the key and the
+    eager setting that runs without one."""

@@ -32,10 +32,11 @@ RUN_CONFIG_FILE = "run_config.json"
 STAGE_RECORD_FILE = "stage.json"
 STAGE_MODEL_FILE = "model.pt"
 LAST_CHECKPOINT = Path("checkpoints") / "last.ckpt"
-# Settings a resumed run may change: they do not alter what is computed. (Not
-# trainer.checkpoint_every_n_steps: it can set how many batches one Lightning training step
-# takes, the unit in which Lightning's loop records its position in a checkpoint.)
-RESUME_MAY_CHANGE = (*NEUTRAL_SETTINGS, "logger")
+# Settings a resumed run may change: they do not alter what is computed, or only in the last
+# place (compression.l1.kernel: a machine without a C++ compiler resumes a compiled run
+# eagerly). (Not trainer.checkpoint_every_n_steps: it can set how many batches one Lightning
+# training step takes, the unit in which Lightning's loop records its position in a checkpoint.)
+RESUME_MAY_CHANGE = (*NEUTRAL_SETTINGS, "logger", "compression.l1.kernel")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -89,7 +90,11 @@ def resumed_config(given: TrainConfig, overridden: list[str], run_dir: Path) -> 
     computes. Display and checkpoint-spacing settings (:data:`RESUME_MAY_CHANGE`) are taken from
     ``given``."""
     stored = load_run_config(run_dir)
-    given_dict, stored_dict = config_to_dict(given), config_to_dict(stored)
+    # compared without the settings that may change, also inside an overridden group
+    # (compression=l1 compression.l1.kernel=eager repeats the run's compression=l1)
+    given_dict, stored_dict = (
+        _without(config_to_dict(c), RESUME_MAY_CHANGE) for c in (given, stored)
+    )
     conflicts = []
     for key in overridden:
         if key == "resume" or key.startswith(RESUME_MAY_CHANGE):
@@ -106,7 +111,21 @@ def resumed_config(given: TrainConfig, overridden: list[str], run_dir: Path) -> 
     if "trainer.checkpoint_max_overhead" in overridden:  # else the run's own
         stored.trainer.checkpoint_max_overhead = given.trainer.checkpoint_max_overhead
     stored.logger = given.logger
+    if "compression.l1.kernel" in overridden and stored.compression.l1 and given.compression.l1:
+        stored.compression.l1.kernel = given.compression.l1.kernel
     return stored
+
+
+def _without(tree: dict[str, Any], dotted_keys: tuple[str, ...]) -> dict[str, Any]:
+    """``tree`` (a nested dict, changed in place) without the entries at ``dotted_keys``."""
+    for dotted in dotted_keys:
+        *parents, last = dotted.split(".")
+        node: Any = tree
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(last, None)
+    return tree
 
 
 def save_stage(stage_dir: Path, record: dict[str, Any], model: nn.Module) -> None:

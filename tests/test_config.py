@@ -82,6 +82,9 @@ BAD_VALUES = [
     ({"data": {"source": "netflix"}}, "data.source"),
     ({"data": {"feedback": "both"}}, "data.feedback"),
     ({"data": {"format": "xlsx"}}, "data.format"),
+    # compression (true from the command line arrives as the string "True")
+    ({"compression": {"l1": {"kernel": True}}}, "compression.l1.kernel"),
+    ({"compression": {"l1": {"kernel": "fused"}}}, "compression.l1.kernel"),
     ({"data": {"min_user_interactions": -1}}, "data.min_user_interactions"),
     ({"data": {"min_item_interactions": -2}}, "data.min_item_interactions"),
     ({"data": {"connect_timeout": 0.0}}, "data.connect_timeout"),

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -10,9 +13,10 @@ import pytest
 import torch
 
 from recsys_compress import ops
+from recsys_compress.compression import sparsity
 from recsys_compress.compression.sparsity import L1Config, L1Proximal, soft_threshold_
 from recsys_compress.compression.targets import TargetSpec, select_targets
-from recsys_compress.errors import ConfigError
+from recsys_compress.errors import ConfigError, KernelCompileError
 from recsys_compress.models.mf import MF
 from tests.compression.helpers import tiny_setup, tiny_trainer
 
@@ -70,31 +74,146 @@ def test_negative_values_are_rejected(field: str) -> None:
         L1Config(**{field: -1.0})
 
 
+def adam_stepped(kernel: str = "auto") -> tuple[L1Proximal, torch.optim.Adam, dict]:
+    """An MF after one Adam step, an L1 callback on its tables, and what the callback's
+    proximal step must make of each table (:func:`shrunk`)."""
+    torch.manual_seed(0)
+    model = MF(30, 20, 8, init_std=0.1)
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    model(torch.tensor([1, 2, 2, 7]), torch.tensor([4, 5, 6, 4])).square().mean().backward()
+    opt.step()
+    cfg = L1Config(strength=0.003, targets=TargetSpec(groups=["embedding"]), kernel=kernel)
+    cb = L1Proximal(cfg)
+    cb._targets = select_targets(model, cb.cfg.targets, "t")
+    return cb, opt, shrunk(cb, opt, 1.0)
+
+
+def shrunk(cb: L1Proximal, opt: torch.optim.Adam, scale: float) -> dict[str, torch.Tensor]:
+    """Each target soft-thresholded by Adam's step size x λ x ``scale``, table by table."""
+    expected = {}
+    for t in cb._targets:
+        state = opt.state[t.weight]
+        denom = state["exp_avg_sq"].sqrt() / math.sqrt(1 - 0.999 ** float(state["step"])) + 1e-8
+        weight = t.weight.detach().clone()
+        soft_threshold_(weight, 0.05 * cb.cfg.strength * scale / denom)
+        expected[t.name] = weight
+    return expected
+
+
+def assert_thresholded(cb: L1Proximal, expected: dict) -> None:
+    for t in cb._targets:
+        assert torch.allclose(t.weight, expected[t.name], rtol=0, atol=1e-7), t.name
+        assert torch.equal(t.weight == 0, expected[t.name] == 0), t.name
+        assert (t.weight == 0).any() and (t.weight != 0).any()
+
+
 @pytest.mark.parametrize("chunk", [1 << 20, 48])
 def test_dense_proximal_step_equals_the_per_table_soft_threshold(
     chunk: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The multi-tensor, chunked dense path against soft_threshold_ table by table."""
     monkeypatch.setattr(ops, "CHUNK", chunk)  # 48: several chunks per table, several groups
-    torch.manual_seed(0)
-    model = MF(30, 20, 8, init_std=0.1)
-    opt = torch.optim.Adam(model.parameters(), lr=0.05)
-    model(torch.tensor([1, 2, 2, 7]), torch.tensor([4, 5, 6, 4])).square().mean().backward()
-    opt.step()
-    cb = L1Proximal(L1Config(strength=0.3, targets=TargetSpec(groups=["embedding"])))
-    cb._targets = select_targets(model, cb.cfg.targets, "t")
-    expected = {}
-    for t in cb._targets:
-        state = opt.state[t.weight]
-        denom = state["exp_avg_sq"].sqrt() / math.sqrt(1 - 0.999 ** float(state["step"])) + 1e-8
-        weight = t.weight.detach().clone()
-        soft_threshold_(weight, 0.05 * 0.3 / denom)
-        expected[t.name] = weight
+    cb, opt, expected = adam_stepped()
     cb.proximal_step(SimpleNamespace(optimizers=[opt]), 1.0)
+    assert cb._kernel_state is None  # 400 weights: eager under auto
+    assert_thresholded(cb, expected)
+
+
+@pytest.mark.skipif(
+    not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "clang++")),
+    reason="torch.compile on CPU needs a C++ compiler (g++ or clang++)",
+)
+def test_compiled_proximal_step_equals_the_per_table_soft_threshold() -> None:
+    """kernel=compiled: one fused pass per table (torch.compile), the same shrinkage and zeros
+    as soft_threshold_ by Adam's step size, to the last place (the compiled root is correctly
+    rounded, eager float sqrt on x86 not always)."""
+    cb, opt, expected = adam_stepped("compiled")
+    cb.proximal_step(SimpleNamespace(optimizers=[opt]), 1.0)
+    assert cb._kernel_state == "compiled"
+    assert_thresholded(cb, expected)
+    # another step, with another bias correction and λ scale, runs the same compiled graph
     for t in cb._targets:
-        assert torch.allclose(t.weight, expected[t.name], rtol=0, atol=1e-7), t.name
-        assert torch.equal(t.weight == 0, expected[t.name] == 0), t.name
-        assert (t.weight == 0).any()
+        # gradients from 1e-5 to 1: thresholds from ~10 to ~1e-4 against weights of ~0.04
+        spread = torch.logspace(-5, 0, t.weight.numel()).view_as(t.weight)
+        t.weight.grad = torch.randn_like(t.weight) * spread
+    opt.step()
+    expected = shrunk(cb, opt, 0.5)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    cb.proximal_step(SimpleNamespace(optimizers=[opt]), 0.5)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+    assert_thresholded(cb, expected)
+
+
+def test_auto_kernel_compiles_when_the_dense_tables_reach_the_threshold_together(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls: list[int] = []
+    monkeypatch.setattr(sparsity, "_compiled_kernel", lambda: _stand_in(calls))
+    cb, opt, expected = adam_stepped("auto")
+    monkeypatch.setattr(sparsity, "COMPILE_MIN_WEIGHTS", 401)  # the two tables: 240 + 160
+    cb.proximal_step(SimpleNamespace(optimizers=[opt]), 1.0)
+    assert calls == [] and cb._kernel_state is None
+    assert_thresholded(cb, expected)
+    cb, opt, expected = adam_stepped("auto")
+    monkeypatch.setattr(sparsity, "COMPILE_MIN_WEIGHTS", 400)
+    cb.proximal_step(SimpleNamespace(optimizers=[opt]), 1.0)
+    assert calls == [240, 160] and cb._kernel_state == "compiled"
+    assert_thresholded(cb, expected)
+
+
+def _stand_in(calls: list[int], fail_at: int | None = None) -> Callable[..., None]:
+    """A stand-in for the compiled kernel: records each table's size, and raises on call
+    number ``fail_at`` (1 = the first: the compiler is missing)."""
+
+    def kernel(weight: torch.Tensor, *args: float) -> None:
+        calls.append(weight.numel())
+        if len(calls) == fail_at:
+            raise OSError("no C++ compiler\nthe compiler's output")
+        sparsity.adam_soft_threshold_(weight, *args)
+
+    return kernel
+
+
+def test_a_failed_compile_falls_back_under_auto_and_stops_under_compiled(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    calls: list[int] = []
+    monkeypatch.setattr(sparsity, "_compiled_kernel", lambda: _stand_in(calls, fail_at=1))
+    monkeypatch.setattr(sparsity, "COMPILE_MIN_WEIGHTS", 1)
+    cb, opt, expected = adam_stepped("auto")
+    with caplog.at_level("WARNING", logger=sparsity.__name__):
+        cb.proximal_step(SimpleNamespace(optimizers=[opt]), 1.0)
+    assert cb._kernel_state == "eager" and calls == [240]
+    assert "compression.l1.kernel=auto: torch.compile could not build" in caplog.text
+    assert "(OSError: no C++ compiler); it runs eagerly" in caplog.text
+    assert_thresholded(cb, expected)  # every table shrunk once, eagerly
+    caplog.clear()
+    cb.proximal_step(SimpleNamespace(optimizers=[opt]), 1e-9)
+    assert calls == [240] and caplog.text == ""  # no second attempt, no second warning
+    calls.clear()
+    cb, opt, expected = adam_stepped("compiled")
+    before = {t.name: t.weight.detach().clone() for t in cb._targets}
+    with pytest.raises(KernelCompileError, match=r"kernel=compiled: .* no C\+\+ compiler\)"):
+        cb.proximal_step(SimpleNamespace(optimizers=[opt]), 1.0)
+    assert all(torch.equal(t.weight, before[t.name]) for t in cb._targets)
+
+
+def test_a_failure_after_the_kernel_compiled_is_raised_as_it_is(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Once the kernel has run, an error is not a missing compiler: no fallback, no rewording."""
+    calls: list[int] = []
+    monkeypatch.setattr(sparsity, "_compiled_kernel", lambda: _stand_in(calls, fail_at=2))
+    monkeypatch.setattr(sparsity, "COMPILE_MIN_WEIGHTS", 1)
+    cb, opt, _ = adam_stepped("auto")
+    with pytest.raises(OSError, match="no C"):
+        cb.proximal_step(SimpleNamespace(optimizers=[opt]), 1.0)
+    assert calls == [240, 160] and cb._kernel_state == "compiled"
+
+
+def test_unknown_kernel_is_rejected() -> None:
+    with pytest.raises(ConfigError, match=r"compression\.l1\.kernel='fast' is not one of auto"):
+        L1Config(kernel="fast")
 
 
 def test_final_threshold_reaches_the_evaluated_and_saved_model(tmp_path: Path) -> None:

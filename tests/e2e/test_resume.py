@@ -23,7 +23,12 @@ import pytest
 import torch
 
 from recsys_compress.errors import ConfigError
-from recsys_compress.resume import load_run_config, resumed_config
+from recsys_compress.resume import (
+    load_run_config,
+    override_keys,
+    resumed_config,
+    save_run_config,
+)
 from recsys_compress.train import train
 from tests.conftest import REPO
 from tests.e2e.test_train import compose_config
@@ -254,3 +259,19 @@ def test_resume_refuses_overrides_that_change_the_run(tmp_path: Path) -> None:
         )
     with pytest.raises(Exception, match="not the directory of a run"):
         load_run_config(tmp_path / "elsewhere")
+
+
+def test_resume_may_change_the_l1_kernel(tmp_path: Path) -> None:
+    """A compiled run resumes eagerly on a machine without a C++ compiler (the fix that
+    compression.l1.kernel=compiled's error names), also when compression=l1 is repeated."""
+    save_run_config(
+        tmp_path, compose_config([*COMMON, "compression=l1", "compression.l1.kernel=compiled"])
+    )
+    args = [*COMMON, "compression=l1", "compression.l1.kernel=eager"]
+    resumed = resumed_config(compose_config(args), override_keys(args), tmp_path)
+    assert resumed.compression.l1.kernel == "eager"
+    kept = resumed_config(compose_config([*COMMON, "compression=l1"]), ["compression"], tmp_path)
+    assert kept.compression.l1.kernel == "compiled"  # the run's own unless overridden
+    args = [*COMMON, "compression=l1", "compression.l1.strength=0.1"]
+    with pytest.raises(ConfigError, match=r"compression.l1.strength \(run: 0.0001\)"):
+        resumed_config(compose_config(args), override_keys(args), tmp_path)
