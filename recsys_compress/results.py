@@ -85,13 +85,15 @@ def write_failure(run_dir: Path, record: dict[str, Any]) -> None:
         log.error("%s", err)
 
 
-# Settings that change neither a run's results nor what it writes: the progress display and
-# the spacing of rolling checkpoints by time. A resumed run may change them, and a completed run
-# with other values is still the same run for ``skip_completed``.
+# Settings that change neither a run's results nor what it writes: the progress display, the
+# spacing of rolling checkpoints by time, and how L1's dense step is computed (compiled or eager:
+# the same values to the last place). A resumed run may change them, a completed run with other
+# values is still the same run for ``skip_completed``, and the same configuration in reports.
 NEUTRAL_SETTINGS = (
     "trainer.progress_bar",
     "trainer.progress_refresh_rate",
     "trainer.checkpoint_max_overhead",
+    "compression.l1.kernel",
 )
 
 

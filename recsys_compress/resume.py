@@ -32,11 +32,11 @@ RUN_CONFIG_FILE = "run_config.json"
 STAGE_RECORD_FILE = "stage.json"
 STAGE_MODEL_FILE = "model.pt"
 LAST_CHECKPOINT = Path("checkpoints") / "last.ckpt"
-# Settings a resumed run may change: they do not alter what is computed, or only in the last
-# place (compression.l1.kernel: a machine without a C++ compiler resumes a compiled run
-# eagerly). (Not trainer.checkpoint_every_n_steps: it can set how many batches one Lightning
-# training step takes, the unit in which Lightning's loop records its position in a checkpoint.)
-RESUME_MAY_CHANGE = (*NEUTRAL_SETTINGS, "logger", "compression.l1.kernel")
+# Settings a resumed run may change: they do not alter what is computed (e.g. a machine without
+# a C++ compiler resumes a run with compression.l1.kernel=eager). (Not
+# trainer.checkpoint_every_n_steps: it can set how many batches one Lightning training step
+# takes, the unit in which Lightning's loop records its position in a checkpoint.)
+RESUME_MAY_CHANGE = (*NEUTRAL_SETTINGS, "logger")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -334,6 +334,20 @@ def test_completed_run_is_returned_only_for_the_same_config(tmp_path: Path) -> N
     assert completed_run(tmp_path, config_to_dict(cfg)) is None
 
 
+def test_skip_completed_takes_an_l1_run_with_another_kernel_as_the_same_run(
+    tmp_path: Path,
+) -> None:
+    """Rerunning a sweep with compression.l1.kernel=eager (e.g. without a C++ compiler) skips
+    its completed L1 runs (the same values to the last place), where another λ is refused."""
+    cfg = to_train_config({"data": {"source": "synthetic"}, "compression": {"l1": {}}})
+    write_json(tmp_path / RESULTS_FILE, _record(cfg))
+    eager = {"data": {"source": "synthetic"}, "compression": {"l1": {"kernel": "eager"}}}
+    assert completed_run(tmp_path, config_to_dict(to_train_config(eager)))
+    stronger = {"data": {"source": "synthetic"}, "compression": {"l1": {"strength": 1e-3}}}
+    with pytest.raises(RunDirInUseError, match=r"compression\.l1\.strength differs"):
+        completed_run(tmp_path, config_to_dict(to_train_config(stronger)))
+
+
 def test_a_failure_never_replaces_a_completed_record(tmp_path: Path) -> None:
     failure = {"status": "failed", "error": "boom"}
     write_failure(tmp_path, failure)

@@ -148,6 +148,29 @@ def test_group_by_keys_define_the_configurations(sweep: Path) -> None:
     assert points["prune"].value == pytest.approx((0.25 + 0.375 + 0.5 + 0.125 + 0.25) / 5)
 
 
+def test_settings_that_change_no_result_do_not_split_a_configuration(tmp_path: Path) -> None:
+    """The progress display or L1's kernel (compiled or eager, and absent from records written
+    before it existed) leave runs in one configuration."""
+    for seed, (shown, kernel) in enumerate([(True, "auto"), (False, "eager"), (True, None)]):
+        write_run(tmp_path, f"l1_{seed}", seed, ["l1"], 0.25 * (seed + 1), 1000)
+        record = json.loads((tmp_path / f"l1_{seed}" / "results.json").read_text())
+        record["config"]["trainer"]["progress_bar"] = shown
+        if kernel is not None:
+            record["config"]["compression"]["l1"] = {"strength": 1e-4, "kernel": kernel}
+        else:
+            record["config"]["compression"]["l1"] = {"strength": 1e-4}
+        (tmp_path / f"l1_{seed}" / "results.json").write_text(json.dumps(record))
+    found, _ = observations(collect_results([str(tmp_path)]))
+    points = aggregate_points(found)
+    assert [(p.label, p.n, p.value) for p in points] == [("l1", 3, 0.5)]
+    write_run(tmp_path, "l1_other", 3, ["l1"], 0.0, 1000)  # another λ is another configuration
+    record = json.loads((tmp_path / "l1_other" / "results.json").read_text())
+    record["config"]["compression"]["l1"] = {"strength": 1e-3, "kernel": "auto"}
+    (tmp_path / "l1_other" / "results.json").write_text(json.dumps(record))
+    found, _ = observations(collect_results([str(tmp_path)]))
+    assert sorted(p.n for p in aggregate_points(found)) == [1, 3]
+
+
 def test_front_table_and_plot_files(sweep: Path, tmp_path: Path) -> None:
     found, _ = observations(collect_results([str(sweep)]))
     points = aggregate_points(found)

@@ -19,6 +19,7 @@ from typing import Any
 
 from recsys_compress.reporting.figures import save_figure
 from recsys_compress.reporting.tables import record_value
+from recsys_compress.results import NEUTRAL_SETTINGS
 
 DENSE = "dense"
 
@@ -137,7 +138,8 @@ def _configuration(
     if group_by:
         return {k: config_value(record, k) for k in group_by if not dense or _shapes_dense_stage(k)}
     config = flatten(record.get("config", {}))
-    config.pop("seed", None)
+    for key in ("seed", *NEUTRAL_SETTINGS):  # the display, how L1's step was computed, ...
+        config.pop(key, None)
     return {k: v for k, v in config.items() if not dense or _shapes_dense_stage(k)}
 
 
