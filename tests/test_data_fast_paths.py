@@ -16,12 +16,14 @@ import torch
 
 from recsys_compress.config import DataConfig
 from recsys_compress.data import interactions as interactions_module
+from recsys_compress.data import sorting
 from recsys_compress.data.datamodule import TrainBatches, shuffled
 from recsys_compress.data.interactions import Interactions, load_interactions, preprocess
 from recsys_compress.data.sampling import ExclusionSampler
 from recsys_compress.data.sorting import (
     group_fraction_order,
     lexsort_ints,
+    sort_ints,
     sorted_unique,
     stable_argsort,
     time_key,
@@ -100,6 +102,14 @@ def test_packed_sorts_match_numpy() -> None:
         assert np.array_equal(
             group_fraction_order(a, 5, fractions / 1e12), np.lexsort((fractions, a))
         )
+        # a primary key in order (rows grouped by user) takes numpy's stable sort: the same
+        grouped = np.sort(a)
+        assert sorting._kind(grouped) == "stable" and (n < 17 or sorting._kind(a) == "quicksort")
+        assert np.array_equal(lexsort_ints([grouped, b], [5, 40]), np.lexsort((b, grouped)))
+        for primary in (a, grouped):
+            values = primary * 40 + b
+            assert np.array_equal(sort_ints(values, primary), np.sort(values))
+            assert np.array_equal(sorted_unique(values, primary), np.unique(values))
 
 
 @pytest.mark.parametrize(
@@ -197,10 +207,17 @@ def _reference_ratio_split(inter: Interactions, seed: int) -> list[np.ndarray]:
     return [np.sort(order[m]) for m in (is_train, is_val, ~is_train & ~is_val)]
 
 
-def test_preprocess_split_and_sampler_match_the_reference_versions() -> None:
+@pytest.mark.parametrize("bitmap_cells", [interactions_module.BITMAP_CELLS, 0])
+def test_preprocess_split_and_sampler_match_the_reference_versions(
+    bitmap_cells: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """0 bitmap cells: repeated pairs found by a sort, as for tables too large for a bitmap."""
+    monkeypatch.setattr(interactions_module, "BITMAP_CELLS", bitmap_cells)
     rng = np.random.default_rng(0)
     for trial in range(40):
         frame = _random_frame(rng, trial)
+        if trial % 7 == 3:  # a file grouped by user: the packed sort's stable route
+            frame = frame.sort_values("user", kind="stable", ignore_index=True)
         threshold, k = (3.0 if trial % 2 else None), (2 if trial % 5 == 0 else 0)
         inter = preprocess(frame, rating_threshold=threshold, min_user_interactions=k,
                            min_item_interactions=k)  # fmt: skip

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from recsys_compress.config import DataConfig, EvalConfig, LossConfig, SplitConfig
 from recsys_compress.data.interactions import Interactions, load_interactions
 from recsys_compress.data.sampling import USERS_PER_PASS, ExclusionSampler
-from recsys_compress.data.sorting import stable_argsort
+from recsys_compress.data.sorting import sort_ints, stable_argsort
 from recsys_compress.data.splits import Split, make_split
 
 log = logging.getLogger(__name__)
@@ -224,7 +224,7 @@ def _csr(users: np.ndarray, items: np.ndarray, num_users: int) -> tuple[np.ndarr
     num_items = int(items.max()) + 1 if len(items) else 1
     indptr = np.zeros(num_users + 1, dtype=np.int64)
     indptr[1:] = np.cumsum(np.bincount(users, minlength=num_users))
-    return indptr, np.sort(users.astype(np.int64) * num_items + items) % num_items
+    return indptr, sort_ints(users.astype(np.int64) * num_items + items, users) % num_items
 
 
 def _rows_of_users(

@@ -119,6 +119,21 @@ def _user_time_order(users: np.ndarray, timestamps: np.ndarray, num_users: int) 
     return by_time[stable_argsort(users[by_time], num_users)]
 
 
+# Up to this many (user, item) cells, repeated pairs are found with a bitmap of the cells (one
+# byte each: 22 MB at ML-1M, 6.6 ms against 52-66 ms for sorting the 1M pairs); above it, by a sort.
+BITMAP_CELLS = 1 << 26
+
+
+def _has_repeats(codes: np.ndarray, size: int) -> bool:
+    """Whether ``codes`` (integers in ``[0, size)``) holds a value twice."""
+    if size <= BITMAP_CELLS:
+        seen = np.zeros(size, dtype=bool)
+        seen[codes] = True
+        return int(np.count_nonzero(seen)) < len(codes)
+    ordered = np.sort(codes)
+    return bool((ordered[1:] == ordered[:-1]).any())
+
+
 def _compact(codes: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
     """Codes in ``[0, size)`` -> (codes renumbered ``0..m-1`` in the same order, the ``m`` old
     codes that occur, ascending): ``np.unique(codes, return_inverse=True)`` without a sort."""
@@ -159,8 +174,7 @@ def preprocess(
     # (user, item) pair is its latest interaction, the one that stays.
     rows = _user_time_order(user_codes, timestamps, len(user_ids))
     pair = user_codes[rows] * max(len(item_ids), 1) + item_codes[rows]
-    sorted_pairs = np.sort(pair)
-    if (sorted_pairs[1:] == sorted_pairs[:-1]).any():
+    if _has_repeats(pair, len(user_ids) * max(len(item_ids), 1)):
         rows = rows[~pd.Series(pair).duplicated(keep="last").to_numpy()]
     if rating_threshold is not None:
         # After de-duplication: a pair counts as positive by its latest rating.

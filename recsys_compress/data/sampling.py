@@ -30,8 +30,9 @@ class ExclusionSampler:
         self, users: torch.Tensor, items: torch.Tensor, num_users: int, num_items: int
     ) -> None:
         self.num_items = num_items
-        pairs = users.long().cpu().numpy() * num_items + items.long().cpu().numpy()
-        pair_keys = sorted_unique(pairs)
+        user_ids = users.long().cpu().numpy()
+        pairs = user_ids * num_items + items.long().cpu().numpy()
+        pair_keys = sorted_unique(pairs, user_ids)
         pair_users = pair_keys // num_items
         counts = np.bincount(pair_users, minlength=num_users)
         indptr = np.zeros(num_users + 1, dtype=np.int64)
