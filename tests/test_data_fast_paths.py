@@ -102,6 +102,11 @@ def test_packed_sorts_match_numpy() -> None:
         assert np.array_equal(
             group_fraction_order(a, 5, fractions / 1e12), np.lexsort((fractions, a))
         )
+        # distinct fractions that tie in their leading 32 bits: the ties put in exact order
+        close = np.floor(rng.random(n) * 16) / 16 + rng.random(n) * 2.0**-40
+        assert np.array_equal(group_fraction_order(a, 5, close), np.lexsort((close, a)))
+        # too many groups for 8 leading bits: the exact sort
+        assert np.array_equal(group_fraction_order(a, 2**50, close), np.lexsort((close, a)))
         # a primary key in order (rows grouped by user) takes numpy's stable sort: the same
         grouped = np.sort(a)
         assert sorting._kind(grouped) == "stable" and (n < 17 or sorting._kind(a) == "quicksort")

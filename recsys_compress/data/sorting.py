@@ -83,15 +83,27 @@ def time_key(timestamps: np.ndarray) -> tuple[np.ndarray, int] | None:
 
 def group_fraction_order(groups: np.ndarray, num_groups: int, fractions: np.ndarray) -> np.ndarray:
     """``np.lexsort((fractions, groups))`` for groups in ``[0, num_groups)`` and fractions in
-    ``[0, 1)``: one packed sort on the fractions' leading bits, checked against the full values
-    (ties in the leading bits that the row order breaks wrongly fall back to the exact sort)."""
+    ``[0, 1)``: one packed sort on the fractions' leading bits, then the rows whose group and
+    leading bits tie with a neighbour's put in exact order (by fraction, then row). Ties are
+    rare (at 1M groups of 5 rows and 20 leading bits, ~10 pairs), so that costs little, where
+    re-sorting everything on a wrong tie took 1.3 s of a 1M-user setup."""
     n = len(fractions)
-    bits = 63 - max(num_groups, 1).bit_length() - max(n - 1, 1).bit_length()
-    if bits >= 16:
-        leading = (fractions * float(2**bits)).astype(np.int64)
-        order = lexsort_ints([groups, leading], [num_groups, 2**bits])
-        ranked, grouped = fractions[order], groups[order]
-        if not ((ranked[1:] < ranked[:-1]) & (grouped[1:] == grouped[:-1])).any():
-            return order
-    by_fraction = np.argsort(fractions, kind="stable")
-    return by_fraction[stable_argsort(groups[by_fraction], num_groups)]
+    bits = min(32, 63 - max(num_groups, 1).bit_length() - max(n - 1, 1).bit_length())
+    if bits < 8:  # too few leading bits: most rows would tie
+        by_fraction = np.argsort(fractions, kind="stable")
+        return by_fraction[stable_argsort(groups[by_fraction], num_groups)]
+    leading = (fractions * float(2**bits)).astype(np.int64)
+    order = lexsort_ints([groups, leading], [num_groups, 2**bits])
+    key = groups[order] * (1 << bits) + leading[order]
+    same = key[1:] == key[:-1]  # position i + 1 ties with position i
+    if same.any():
+        tied = np.zeros(n, dtype=bool)
+        tied[1:] |= same
+        tied[:-1] |= same
+        positions = np.flatnonzero(tied)
+        starts = np.ones(n, dtype=bool)
+        starts[1:] = ~same
+        runs = np.cumsum(starts)[positions]
+        rows = order[positions]
+        order[positions] = rows[np.lexsort((rows, fractions[rows], runs))]
+    return order
