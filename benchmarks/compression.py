@@ -222,6 +222,16 @@ def big_run(
     return one
 
 
+def step_ratio(name: str, runs: dict[str, Callable[[], float]], repeat: int) -> Figure:
+    """The median step of the first of two ``runs`` over the second's, alternated (no target);
+    the details hold each as ``<its key>_step_ms``."""
+    medians, _ = alternate(runs, repeat)
+    gc.collect()
+    first, second = runs
+    details = {f"{key}_step_ms": 1e3 * medians[key] for key in runs}
+    return Figure(SECTION, name, medians[first] / medians[second], details=details)
+
+
 def _never(table: torch.Tensor, on: bool = True) -> None:
     """``ops.keep_gradient`` that keeps nothing."""
 
@@ -259,51 +269,26 @@ def big_figures(quick: bool) -> list[Figure]:
     steps, repeat = paths["sparse"][:2]
     batches = random_batches(steps)
     runs = {
-        name: big_run("none", True, batches, {}, optimizer=name)
-        for name in ("adam", "rowwise_adagrad")
+        "rowwise_adagrad": big_run("none", True, batches, {}, optimizer="rowwise_adagrad"),
+        "sparse_adam": big_run("none", True, batches, {}, optimizer="adam"),
     }
-    medians, _ = alternate(runs, repeat)
-    figures.append(
-        Figure(
-            SECTION,
-            "plain sparse step, 1M x 100k MF-64: optim=rowwise_adagrad / optim=sparse_adam",
-            medians["rowwise_adagrad"] / medians["adam"],
-            details={
-                "rowwise_adagrad_step_ms": 1e3 * medians["rowwise_adagrad"],
-                "sparse_adam_step_ms": 1e3 * medians["adam"],
-            },
-        )
-    )
-    gc.collect()
+    name = "plain sparse step, 1M x 100k MF-64: optim=rowwise_adagrad / optim=sparse_adam"
+    figures.append(step_ratio(name, runs, repeat))
     if not quick:
-        batches = random_batches(paths["dense"][0])
-        runs = {m: big_run(m, False, batches, {}) for m in ("l1_eager", "l1")}
-        medians, _ = alternate(runs, paths["dense"][1])
-        figures.append(
-            Figure(
-                SECTION,
-                "l1 step, 1M x 100k MF-64 dense Adam: kernel=eager / kernel=auto (compiled)",
-                medians["l1_eager"] / medians["l1"],
-                details={
-                    "eager_step_ms": 1e3 * medians["l1_eager"],
-                    "compiled_step_ms": 1e3 * medians["l1"],
-                },
-            )
-        )
-        gc.collect()
-        runs = {kept: big_run("none", False, batches, {}, kept) for kept in (False, True)}
-        medians, _ = alternate(runs, paths["dense"][1])
-        figures.append(
-            Figure(
-                SECTION,
-                "plain dense Adam step, 1M x 100k MF-64: fresh gradient / kept gradient",
-                medians[False] / medians[True],
-                details={
-                    "fresh_step_ms": 1e3 * medians[False],
-                    "kept_step_ms": 1e3 * medians[True],
-                },
-            )
-        )
+        steps, repeat = paths["dense"][:2]
+        batches = random_batches(steps)
+        runs = {
+            "eager": big_run("l1_eager", False, batches, {}),
+            "compiled": big_run("l1", False, batches, {}),
+        }
+        name = "l1 step, 1M x 100k MF-64 dense Adam: kernel=eager / kernel=auto (compiled)"
+        figures.append(step_ratio(name, runs, repeat))
+        runs = {
+            "fresh": big_run("none", False, batches, {}, kept=False),
+            "kept": big_run("none", False, batches, {}, kept=True),
+        }
+        name = "plain dense Adam step, 1M x 100k MF-64: fresh gradient / kept gradient"
+        figures.append(step_ratio(name, runs, repeat))
     return figures
 
 
