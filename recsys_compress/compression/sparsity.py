@@ -38,9 +38,10 @@ from recsys_compress.optim import (
 KEY = "compression.l1"
 KERNELS = ("auto", "compiled", "eager")
 # kernel=auto compiles the dense proximal step when the dense tables it shrinks hold at least this
-# many weights. One fused pass saves ~1 ms a step per million weights on 2 CPU cores (1M x 100k
-# MF-64, 70M weights: ~100 ms eager, 8-20 ms compiled), against a compile of ~15 s the first
-# time and ~3 s from torch's on-disk cache: at this size ~800 and ~150 steps pay for it.
+# many weights. Timed inside training at 1M x 100k MF-64 (70M weights, 2 CPU cores), the step
+# took 66-99 ms eager and 31-39 ms compiled: ~0.4-1.0 ms saved a step per million weights, so
+# ~7-16 ms at this size, against a compile of 15-18 s the first time and ~3 s from torch's
+# on-disk cache: ~1,000-2,800 and ~200-450 steps pay for it.
 COMPILE_MIN_WEIGHTS = 1 << 24
 
 log = logging.getLogger(__name__)

@@ -8,6 +8,8 @@ ranges fits) turns a stable multi-key argsort into a single ``np.sort``, with ex
 
 from __future__ import annotations
 
+import functools
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -43,13 +45,32 @@ def sort_ints(values: np.ndarray, primary: np.ndarray) -> np.ndarray:
 
 
 def _kind(primary: np.ndarray) -> str:
-    """numpy's stable sort (timsort) merges the runs that a primary key already in order leaves
-    (rows grouped by user, as files and our interactions are): 21.6 against 59.8 ms for 1M
-    int64 keys grouped by user with random times; on shuffled keys it is slower (74 against
-    65 ms), so it is taken only when ``primary`` is in order (a ~1 ms check). Sorted values
-    do not depend on the algorithm."""
+    """The sort for keys led by ``primary``: :func:`grouped_kind` when ``primary`` is in order
+    (rows grouped by user, as files and our interactions are; a ~1 ms check at 1M), else
+    numpy's quicksort. Sorted values do not depend on the algorithm."""
     primary = np.asarray(primary)
-    return "stable" if bool((primary[1:] >= primary[:-1]).all()) else "quicksort"
+    return grouped_kind() if bool((primary[1:] >= primary[:-1]).all()) else "quicksort"
+
+
+@functools.cache
+def grouped_kind() -> str:
+    """The faster of numpy's stable sort and quicksort on int64 keys grouped by user (random
+    within a user), timed once per process on 2^16 such keys (a few ms). timsort merges the
+    runs that grouping leaves: on this AMD EPYC (Zen 4), whose AVX-512 quicksort in numpy is
+    slow, 21.6 against 59.8 ms for 1M keys; where numpy's quicksort is fast (Intel AVX-512) it
+    may win instead. On shuffled keys quicksort stays (74 against 65 ms here)."""
+    rng = np.random.default_rng(0)
+    keys = np.repeat(np.arange(1 << 11, dtype=np.int64), 32) << 20
+    keys |= rng.integers(0, 1 << 20, len(keys))
+    best = {}
+    for kind in ("stable", "quicksort"):
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            np.sort(keys, kind=kind)
+            times.append(time.perf_counter() - start)
+        best[kind] = min(times)
+    return min(best, key=best.__getitem__)
 
 
 def stable_argsort(key: np.ndarray, bound: int) -> np.ndarray:
@@ -86,7 +107,9 @@ def group_fraction_order(groups: np.ndarray, num_groups: int, fractions: np.ndar
     ``[0, 1)``: one packed sort on the fractions' leading bits, then the rows whose group and
     leading bits tie with a neighbour's put in exact order (by fraction, then row). Ties are
     rare (at 1M groups of 5 rows and 20 leading bits, ~10 pairs), so that costs little, where
-    re-sorting everything on a wrong tie took 1.3 s of a 1M-user setup."""
+    re-sorting everything on a wrong tie took 2.2 s at 1M users (a timing script outside the
+    repo)."""
+    groups = np.asarray(groups, dtype=np.int64)  # int32 would overflow in the key below
     n = len(fractions)
     bits = min(32, 63 - max(num_groups, 1).bit_length() - max(n - 1, 1).bit_length())
     if bits < 8:  # too few leading bits: most rows would tie
