@@ -245,7 +245,7 @@ class L1Proximal(L.Callback):
             if self._kernel_state == "compiled":
                 kernel(*args)
                 continue
-            log.info("%s: compiling the fused proximal step (once per process)", KEY)
+            log.info("%s: the dense proximal step runs compiled (the first call compiles)", KEY)
             try:  # a missing compiler (or Triton) fails here, before any table is touched
                 kernel(*args)
             except Exception as err:
