@@ -97,7 +97,7 @@ def resumed_config(given: TrainConfig, overridden: list[str], run_dir: Path) -> 
     )
     conflicts = []
     for key in overridden:
-        if key == "resume" or key.startswith(RESUME_MAY_CHANGE):
+        if key == "resume":
             continue
         if _lookup(given_dict, key) != _lookup(stored_dict, key):
             conflicts.append(f"{key} (run: {_lookup(stored_dict, key)!r})")
@@ -106,14 +106,25 @@ def resumed_config(given: TrainConfig, overridden: list[str], run_dir: Path) -> 
             f"resume={run_dir} continues that run with its own config, but the command line "
             f"changes {', '.join(conflicts)}: drop these overrides, or start a new run."
         )
+    # the display and the logger follow this command; the other settings that may change
+    # (checkpoint spacing by time, L1's kernel) stay the run's own unless overridden
     stored.trainer.progress_bar = given.trainer.progress_bar
     stored.trainer.progress_refresh_rate = given.trainer.progress_refresh_rate
-    if "trainer.checkpoint_max_overhead" in overridden:  # else the run's own
-        stored.trainer.checkpoint_max_overhead = given.trainer.checkpoint_max_overhead
     stored.logger = given.logger
-    if "compression.l1.kernel" in overridden and stored.compression.l1 and given.compression.l1:
-        stored.compression.l1.kernel = given.compression.l1.kernel
+    for key in overridden:
+        if key.startswith(RESUME_MAY_CHANGE):
+            _copy_setting(given, stored, key)
     return stored
+
+
+def _copy_setting(source: Any, target: Any, dotted: str) -> None:
+    """``target.<dotted> = source.<dotted>`` on nested config dataclasses; nothing when a group
+    on the way is absent from either (e.g. ``compression.l1`` of a run without L1)."""
+    *parents, last = dotted.split(".")
+    for part in parents:
+        source, target = getattr(source, part, None), getattr(target, part, None)
+    if source is not None and target is not None and hasattr(source, last):
+        setattr(target, last, getattr(source, last))
 
 
 def _without(tree: dict[str, Any], dotted_keys: tuple[str, ...]) -> dict[str, Any]:
