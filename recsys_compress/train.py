@@ -14,7 +14,7 @@ import time
 import traceback
 import uuid
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ from recsys_compress.callbacks import (
 from recsys_compress.compression import build_callbacks
 from recsys_compress.compression.accounting import size_summary
 from recsys_compress.compression.qat import post_training_quantize
+from recsys_compress.compression.sparsity import L1Proximal
 from recsys_compress.config import (
     STRATEGIES,
     TrainConfig,
@@ -264,6 +265,8 @@ class StageResult:
     best_epoch: int | None
     epochs_trained: int
     timer: EpochTimer
+    # what the compression callbacks report for results.json's "compression" section
+    compression: dict[str, Any] = field(default_factory=dict)
 
 
 def run_checkpoint(
@@ -345,7 +348,13 @@ def fit_and_test(
     trainer.validate(module, datamodule=datamodule, ckpt_path=best_path, verbose=False)
     val_metrics = _metrics(trainer, "val")
     trainer.test(module, datamodule=datamodule, verbose=False)
-    return StageResult(val_metrics, _metrics(trainer, "test"), best_epoch, epochs_trained, timer)
+    # how L1's proximal step ran (compiled or eager: they differ in the last place)
+    facts: dict[str, Any] = {}
+    for callback in compression:
+        if isinstance(callback, L1Proximal):
+            facts["l1_step"] = callback.steps_run()
+    test_metrics = _metrics(trainer, "test")
+    return StageResult(val_metrics, test_metrics, best_epoch, epochs_trained, timer, facts)
 
 
 def evaluate_as_is(
@@ -460,6 +469,7 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False) -> dict[str, An
             "uncompressed_fp32_bytes": dense_bytes,
             **size_summary(module.model, dense_reference_bytes=dense_bytes),
             "structure": describe_structure(module.model),
+            **stage.compression,
         },
         "seconds_per_epoch": _mean(stage.timer.train_seconds),
         "eval_seconds": _mean(stage.timer.test_seconds),

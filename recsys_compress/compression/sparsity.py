@@ -92,6 +92,8 @@ class L1Proximal(L.Callback):
         self._row_hooks = RowHookSet()
         # "compiled" once the compiled kernel has run, "eager" once it failed under auto
         self._kernel_state: str | None = None
+        # How the proximal step has run in this run (resumed runs included): see steps_run()
+        self._steps_run: set[str] = set()
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
@@ -118,8 +120,26 @@ class L1Proximal(L.Callback):
             if strength == 0.0:
                 return
             soft_threshold_(step.new, _adam_threshold(step.denom, step.lr * strength, False))
+            self._steps_run.add("rows")
 
         return hook
+
+    def steps_run(self) -> str:
+        """How the proximal step has run so far, for ``results.json``
+        (``compression.l1_step``): ``compiled`` (dense tables, one fused pass: ``kernel``),
+        ``eager`` (dense tables or layers, torch ops), ``rows`` (only the rows a sparse
+        gradient holds), joined by ``+`` when a run used several (e.g. sparse embeddings and
+        dense layers, or a resume with another ``kernel``); ``none`` before the first step.
+        The compiled and eager steps differ in the last place, so this says which bits a run
+        computed."""
+        return "+".join(sorted(self._steps_run)) or "none"
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"steps_run": sorted(self._steps_run)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # a union: a resumed run also ran what its checkpoint had run
+        self._steps_run |= set(state_dict.get("steps_run", ()))
 
     def compression_done(self, trainer: L.Trainer) -> bool:
         """λ has reached its full value (checkpoint ranking starts then)."""
@@ -178,13 +198,17 @@ class L1Proximal(L.Callback):
             rows = touched_rows(t.weight)
             lr, adam = terms.get(id(t.weight), (0.0, None))
             strength = self.cfg.group_strength(t.group) * scale
+            if strength == 0.0:  # e.g. linear_strength=0: nothing to shrink
+                continue
             weight = t.weight.detach()
             if adam is None:
                 soft_threshold_(weight, lr * strength, rows)
+                self._steps_run.add("eager" if rows is None else "rows")
                 continue
             if isinstance(adam, _RowSums):
                 if rows is None:  # they come with sparse gradients only: no row moved
                     continue
+                self._steps_run.add("rows")
                 values = weight.index_select(0, rows)
                 denom = rowwise_denom(adam.sums.index_select(0, rows), adam.eps, weight.dim())
                 soft_threshold_(values, _adam_threshold(denom, lr * strength, True))
@@ -192,6 +216,7 @@ class L1Proximal(L.Callback):
                 continue
             v, bias2, eps = adam
             if rows is not None:
+                self._steps_run.add("rows")
                 values = weight.index_select(0, rows)
                 v_rows = v.index_select(0, rows)
                 soft_threshold_(
@@ -211,7 +236,9 @@ class L1Proximal(L.Callback):
         lr * λ)`` each: compiled, one fused pass per table (``kernel``), or eager."""
         size = sum(weight.numel() for weight, *_ in dense)
         if self._compiles(size) and self._compiled_step(dense):
+            self._steps_run.add("compiled")
             return
+        self._steps_run.add("eager")
         chunks = [
             (w_chunk, v_chunk, bias2, eps, lr_strength)
             for weight, v, bias2, eps, lr_strength in dense

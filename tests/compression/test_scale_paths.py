@@ -533,6 +533,7 @@ def test_l1_proximal_step_shrinks_touched_rows_as_the_dense_step_does() -> None:
     soft_threshold_(expected, 0.05 / (v_hat.sqrt() + 1e-8) * 0.5)
     untouched = table.detach().clone()
     cb.proximal_step(trainer, 1.0)
+    assert cb.steps_run() == "rows"
     rows = torch.tensor([1, 2])
     assert torch.allclose(table[rows], expected[rows], atol=1e-7)
     others = torch.ones(30, dtype=torch.bool)
@@ -706,9 +707,11 @@ def test_l1_in_the_row_hook_equals_the_proximal_step_after_it(
 
     monkeypatch.setattr(optim, "RowStep", Recorded)
     cfg = L1Config(strength=0.02, warmup_steps=5, targets=TargetSpec(groups=["embedding"]))
-    fused, _ = fit_sparse(tmp_path / "fused", L1Proximal(cfg), True, optimizer)
+    fused, fused_cb = fit_sparse(tmp_path / "fused", L1Proximal(cfg), True, optimizer)
     assert handed and not any(handed)  # the proximal step never reads them: not copied
-    plain, _ = fit_sparse(tmp_path / "plain", L1Proximal(cfg), False, optimizer)
+    plain, plain_cb = fit_sparse(tmp_path / "plain", L1Proximal(cfg), False, optimizer)
+    assert isinstance(fused_cb, L1Proximal) and isinstance(plain_cb, L1Proximal)
+    assert fused_cb.steps_run() == plain_cb.steps_run() == "rows"
     for name, value in plain.state_dict().items():
         assert torch.equal(fused.state_dict()[name], value), name
     zeros = int((fused.model.user_embedding.weight == 0).sum())

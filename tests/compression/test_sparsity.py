@@ -114,8 +114,10 @@ def test_dense_proximal_step_equals_the_per_table_soft_threshold(
     """The multi-tensor, chunked dense path against soft_threshold_ table by table."""
     monkeypatch.setattr(ops, "CHUNK", chunk)  # 48: several chunks per table, several groups
     cb, opt, expected = adam_stepped()
+    assert cb.steps_run() == "none"
     cb.proximal_step(SimpleNamespace(optimizers=[opt]), 1.0)
     assert cb._kernel_state is None  # 400 weights: eager under auto
+    assert cb.steps_run() == "eager"
     assert_thresholded(cb, expected)
 
 
@@ -129,7 +131,7 @@ def test_compiled_proximal_step_equals_the_per_table_soft_threshold() -> None:
     rounded, eager float sqrt on x86 not always)."""
     cb, opt, expected = adam_stepped("compiled")
     cb.proximal_step(SimpleNamespace(optimizers=[opt]), 1.0)
-    assert cb._kernel_state == "compiled"
+    assert cb._kernel_state == "compiled" and cb.steps_run() == "compiled"
     assert_thresholded(cb, expected)
     # another step, with another bias correction and λ scale, runs the same compiled graph
     for t in cb._targets:
@@ -152,12 +154,13 @@ def test_auto_kernel_compiles_when_the_dense_tables_reach_the_threshold_together
     cb, opt, expected = adam_stepped("auto")
     monkeypatch.setattr(sparsity, "COMPILE_MIN_WEIGHTS", 401)  # the two tables: 240 + 160
     cb.proximal_step(SimpleNamespace(optimizers=[opt]), 1.0)
-    assert calls == [] and cb._kernel_state is None
+    assert calls == [] and cb._kernel_state is None and cb.steps_run() == "eager"
     assert_thresholded(cb, expected)
     cb, opt, expected = adam_stepped("auto")
     monkeypatch.setattr(sparsity, "COMPILE_MIN_WEIGHTS", 400)
     cb.proximal_step(SimpleNamespace(optimizers=[opt]), 1.0)
     assert calls == [240, 160] and cb._kernel_state == "compiled"
+    assert cb.steps_run() == "compiled"
     assert_thresholded(cb, expected)
 
 
@@ -183,7 +186,7 @@ def test_a_failed_compile_falls_back_under_auto_and_stops_under_compiled(
     cb, opt, expected = adam_stepped("auto")
     with caplog.at_level("WARNING", logger=sparsity.__name__):
         cb.proximal_step(SimpleNamespace(optimizers=[opt]), 1.0)
-    assert cb._kernel_state == "eager" and calls == [240]
+    assert cb._kernel_state == "eager" and calls == [240] and cb.steps_run() == "eager"
     assert "compression.l1.kernel=auto: torch.compile could not build" in caplog.text
     assert "(OSError: no C++ compiler); it runs eagerly" in caplog.text
     assert_thresholded(cb, expected)  # every table shrunk once, eagerly
@@ -211,6 +214,25 @@ def test_a_failure_after_the_kernel_compiled_is_raised_as_it_is(
     assert calls == [240, 160] and cb._kernel_state == "compiled"
 
 
+def test_a_group_without_strength_is_skipped_and_the_state_keeps_how_the_step_ran(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    cb, opt, _ = adam_stepped()
+    cb.cfg.embedding_strength = 0.0  # both targets are embeddings
+    before = {t.name: t.weight.detach().clone() for t in cb._targets}
+    cb.proximal_step(SimpleNamespace(optimizers=[opt]), 1.0)
+    assert all(torch.equal(t.weight, before[t.name]) for t in cb._targets)
+    assert cb.steps_run() == "none" and cb.state_dict() == {"steps_run": []}
+    # a resumed run (or the parent of ddp_spawn workers) adds what its checkpoint ran
+    monkeypatch.setattr(sparsity, "_compiled_kernel", lambda: _stand_in([]))
+    cb, opt, expected = adam_stepped("compiled")
+    cb.proximal_step(SimpleNamespace(optimizers=[opt]), 1.0)
+    assert_thresholded(cb, expected)
+    cb.load_state_dict({"steps_run": ["eager", "rows"]})
+    assert cb.steps_run() == "compiled+eager+rows"
+    assert cb.state_dict() == {"steps_run": ["compiled", "eager", "rows"]}
+
+
 def test_unknown_kernel_is_rejected() -> None:
     with pytest.raises(ConfigError, match=r"compression\.l1\.kernel='fast' is not one of auto"):
         L1Config(kernel="fast")
@@ -233,6 +255,7 @@ def test_final_threshold_reaches_the_evaluated_and_saved_model(tmp_path: Path) -
         assert (weight.abs() >= threshold).logical_or(weight == 0).all(), name
         assert (weight == 0).float().mean() > 0.1, name
     assert record["compression"]["sparsity"] > 0.1
+    assert record["compression"]["l1_step"] == "none"  # strength 0: no step shrank anything
 
 
 def test_final_threshold_in_a_process_that_did_not_fit() -> None:
