@@ -161,26 +161,37 @@ CANDIDATES = torch.randint(0, N_ITEMS, (6, 11), generator=torch.Generator().manu
 CANDIDATE_USERS = torch.tensor([0, 12, 5, 5, 7, 1])
 
 
+# users scored at a time by candidate_dots: all six in one piece, or one at a time
+CHUNKS = {"one piece": models_base.CANDIDATE_CHUNK_ELEMENTS, "a user a chunk": 1}
+
+
+@pytest.mark.parametrize("chunk", CHUNKS.values(), ids=CHUNKS.keys())
 @pytest.mark.parametrize("name", NAMES)
-def test_candidate_scores_equal_pair_scores(name):
+def test_candidate_scores_equal_pair_scores(name, chunk, monkeypatch):
     """Each model's candidate path (users read once per user) scores as ``forward`` on every
-    pair: MF with the same arithmetic, bit for bit; the others up to float rounding."""
+    pair: MF with the same arithmetic, bit for bit; the others up to float rounding. Scored a
+    user at a time, the scores are the same bits as in one piece."""
     model = randomise(make(name))
     with torch.no_grad():
+        whole = model.score_candidates(CANDIDATE_USERS, CANDIDATES)
+        monkeypatch.setattr(models_base, "CANDIDATE_CHUNK_ELEMENTS", chunk)
         fast = model.score_candidates(CANDIDATE_USERS, CANDIDATES)
         expected = pair_scores(model, CANDIDATE_USERS, CANDIDATES)
     assert fast.shape == (6, 11) and expected.std() > 0.1
+    assert torch.equal(fast, whole)
     if name.startswith("mf"):
         assert torch.equal(fast, expected)
     else:
         torch.testing.assert_close(fast, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("chunk", CHUNKS.values(), ids=CHUNKS.keys())
 @pytest.mark.parametrize("name", NAMES)
-def test_candidate_scores_through_other_modules(name):
+def test_candidate_scores_through_other_modules(name, chunk, monkeypatch):
     """Compressed tables (modules other than ``nn.Embedding``) and layers that are not exactly
     ``nn.Linear`` take the candidate paths' general forms, with the same scores; rows handed
     out as views of a module's memory are read, never written."""
+    monkeypatch.setattr(models_base, "CANDIDATE_CHUNK_ELEMENTS", chunk)
     model = randomise(make(name))
     with torch.no_grad():
         expected = pair_scores(model, CANDIDATE_USERS, CANDIDATES)
