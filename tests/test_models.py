@@ -161,8 +161,13 @@ CANDIDATES = torch.randint(0, N_ITEMS, (6, 11), generator=torch.Generator().manu
 CANDIDATE_USERS = torch.tensor([0, 12, 5, 5, 7, 1])
 
 
-# users scored at a time by candidate_dots: all six in one piece, or one at a time
-CHUNKS = {"one piece": models_base.CANDIDATE_CHUNK_ELEMENTS, "a user a chunk": 1}
+# users scored at a time by candidate_dots: all six in one piece, one at a time, or 4 and 2 (MF's
+# and GMF's candidate vectors are 8 wide)
+CHUNKS = {
+    "one piece": models_base.CANDIDATE_CHUNK_ELEMENTS,
+    "a user a chunk": 1,
+    "4 then 2 users": 4 * 11 * 8,
+}
 
 
 @pytest.mark.parametrize("chunk", CHUNKS.values(), ids=CHUNKS.keys())
@@ -185,13 +190,27 @@ def test_candidate_scores_equal_pair_scores(name, chunk, monkeypatch):
         torch.testing.assert_close(fast, expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("chunk", CHUNKS.values(), ids=CHUNKS.keys())
+def test_candidate_chunks_split_plain_tables_only(monkeypatch):
+    """Only a plain ``nn.Embedding`` is read in chunks: another module (a fake-quantised table
+    quantises itself whole on a call of as many ids as it has rows) is called once."""
+    monkeypatch.setattr(models_base, "CANDIDATE_CHUNK_ELEMENTS", 1)
+    table = nn.Embedding(N_ITEMS, 8).requires_grad_(False)
+    calls = []
+    wrapped = WrappedEmbedding(table)
+    wrapped.register_forward_hook(lambda module, args, out: calls.append(args[0].shape))
+    vectors = torch.randn(6, 8)
+    with torch.no_grad():
+        chunked = models_base.candidate_dots(vectors, table, CANDIDATES)
+        whole = models_base.candidate_dots(vectors, wrapped, CANDIDATES)
+    assert calls == [CANDIDATES.shape]
+    assert torch.equal(chunked, whole)
+
+
 @pytest.mark.parametrize("name", NAMES)
-def test_candidate_scores_through_other_modules(name, chunk, monkeypatch):
+def test_candidate_scores_through_other_modules(name):
     """Compressed tables (modules other than ``nn.Embedding``) and layers that are not exactly
     ``nn.Linear`` take the candidate paths' general forms, with the same scores; rows handed
     out as views of a module's memory are read, never written."""
-    monkeypatch.setattr(models_base, "CANDIDATE_CHUNK_ELEMENTS", chunk)
     model = randomise(make(name))
     with torch.no_grad():
         expected = pair_scores(model, CANDIDATE_USERS, CANDIDATES)

@@ -129,7 +129,8 @@ class L1Proximal(L.Callback):
         (``compression.l1_step``): ``compiled`` (dense tables, one fused pass: ``kernel``),
         ``eager`` (dense tables or layers, torch ops), ``rows`` (only the rows a sparse
         gradient holds), joined by ``+`` when a run used several (e.g. sparse embeddings and
-        dense layers, or a resume with another ``kernel``); ``none`` before the first step.
+        dense layers, or a resume with another ``kernel``); ``none`` when no step has shrunk
+        anything yet (before ``start_step``, or every strength 0).
         The compiled and eager steps differ in the last place, so this says which bits a run
         computed."""
         return "+".join(sorted(self._steps_run)) or "none"
@@ -202,6 +203,8 @@ class L1Proximal(L.Callback):
                 continue
             weight = t.weight.detach()
             if adam is None:
+                if lr * strength <= 0:  # e.g. a target no optimizer holds: nothing moves
+                    continue
                 soft_threshold_(weight, lr * strength, rows)
                 self._steps_run.add("eager" if rows is None else "rows")
                 continue

@@ -43,16 +43,19 @@ def candidate_dots(
     ``candidates[b, c]``, summed as ``(p * q).sum(-1)`` is (the same rounding as a model's
     forward on each pair). Without autograd the product is written into the gathered rows when
     they are memory of their own (not the module's parameters or buffers): at 1,024 users x 100
-    candidates x 64 that saves a 26 MB temporary per batch; and the users are taken
-    :data:`CANDIDATE_CHUNK_ELEMENTS` gathered values at a time, so that the gather, the product
-    and the sum pass over memory still in cache (the same sums: each is over one row)."""
+    candidates x 64 that saves a 26 MB temporary per batch. A plain ``nn.Embedding`` on CPU is
+    read :data:`CANDIDATE_CHUNK_ELEMENTS` gathered values at a time, so that the gather, the
+    product and the sum pass over memory still in cache: the same bits, each sum being over one
+    row. Other modules are read in one piece (a fake-quantised table quantises itself whole
+    once per call of as many ids as it has rows; on CUDA chunks would only add launches)."""
     needs_grad = torch.is_grad_enabled() and (
         vectors.requires_grad or any(p.requires_grad for p in embedding.parameters())
     )
     if needs_grad:
         return (rows(embedding, candidates) * vectors[:, None, :]).sum(-1)
     per_chunk = max(1, CANDIDATE_CHUNK_ELEMENTS // max(1, candidates.shape[1] * vectors.shape[1]))
-    if len(candidates) <= per_chunk:
+    plain = type(embedding) is nn.Embedding and candidates.device.type == "cpu"
+    if not plain or len(candidates) <= per_chunk:
         return _candidate_dots(vectors, embedding, candidates)
     parts = zip(vectors.split(per_chunk), candidates.split(per_chunk), strict=True)
     return torch.cat([_candidate_dots(v, embedding, c) for v, c in parts])

@@ -223,6 +223,10 @@ def test_a_group_without_strength_is_skipped_and_the_state_keeps_how_the_step_ra
     cb.proximal_step(SimpleNamespace(optimizers=[opt]), 1.0)
     assert all(torch.equal(t.weight, before[t.name]) for t in cb._targets)
     assert cb.steps_run() == "none" and cb.state_dict() == {"steps_run": []}
+    cb.cfg.embedding_strength = None
+    cb.proximal_step(SimpleNamespace(optimizers=[]), 1.0)  # no optimizer holds them: lr 0
+    assert all(torch.equal(t.weight, before[t.name]) for t in cb._targets)
+    assert cb.steps_run() == "none"
     # a resumed run (or the parent of ddp_spawn workers) adds what its checkpoint ran
     monkeypatch.setattr(sparsity, "_compiled_kernel", lambda: _stand_in([]))
     cb, opt, expected = adam_stepped("compiled")
