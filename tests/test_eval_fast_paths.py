@@ -132,3 +132,51 @@ def test_evaluation_of_a_constant_model_ranks_held_out_items_last() -> None:
     got = evaluated(dm, module)
     assert max(module.eval_cfg.ks) == 20
     assert got["hr@20"] == 0.0 and got["ndcg@20"] == 0.0
+
+
+@pytest.mark.parametrize("model", ["mf", "gmf", "neumf"])
+def test_scores_written_into_one_buffer_equal_fresh_ones(model: str) -> None:
+    """The test loop scores every batch into one buffer (a fresh matrix of tens of MB is
+    page-faulted anew each batch), released at the epoch's end: the same metrics, bit for bit,
+    as a model whose ``score_all`` takes no buffer."""
+    dm, module = tiny(model, 7)
+    assert len(dm.test_data.batches) > 3  # the last batch is smaller: a part of the buffer
+
+    class Fresh(type(module.model)):  # type: ignore[misc]
+        def score_all(self, users: torch.Tensor) -> torch.Tensor:  # no out: called as before
+            return super().score_all(users)
+
+    buffered = evaluated(dm, module)
+    # MF and GMF write into it; NeuMF scores in chunks and leaves it untouched
+    buffer = module._scores_buffer
+    assert buffer is not None and buffer.numel() == 7 * dm.num_items
+    writes = model != "neumf"
+    first = dm.test_data.batches[0]["users"]
+    with torch.no_grad():
+        scores = module._score_all(first)
+    assert (scores.data_ptr() == buffer.data_ptr()) is writes
+    module.on_test_epoch_end()
+    assert module._scores_buffer is None
+    module.model.__class__ = Fresh
+    module.test_metrics["ranking"].reset()
+    assert evaluated(dm, module) == buffered
+    assert module._scores_buffer is None
+
+
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_mf_and_gmf_scores_into_a_buffer_are_the_same_bits(use_bias: bool) -> None:
+    from recsys_compress.models import GMF, MF
+
+    users = torch.tensor([3, 0, 7, 7, 2])
+    for model in (MF(10, 40, 8, use_bias=use_bias), GMF(10, 40, 8)):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_()
+            fresh = model.score_all(users)
+            buffer = torch.full((5 * 40 + 13,), float("nan"))
+            into = model.score_all(users, out=buffer)
+            assert into.data_ptr() == buffer.data_ptr() and torch.equal(into, fresh)
+            # a buffer of another dtype, or too small, is not used
+            for wrong in (torch.empty(5 * 40, dtype=torch.float64), torch.empty(5 * 40 - 1)):
+                other = model.score_all(users, out=wrong)
+                assert other.data_ptr() != wrong.data_ptr() and torch.equal(other, fresh)

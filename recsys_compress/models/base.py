@@ -86,6 +86,23 @@ def all_rows(embedding: nn.Module, num_rows: int) -> torch.Tensor:
     return embedding(torch.arange(num_rows, device=device))
 
 
+def scores_view(
+    out: torch.Tensor | None, like: torch.Tensor, rows: int, cols: int
+) -> torch.Tensor | None:
+    """``out``'s first ``rows * cols`` elements as a ``[rows, cols]`` matrix to write scores
+    computed from ``like`` into, or None where it does not fit: no buffer, another dtype or
+    device than ``like``, too few elements, or autocast on (its matmuls pick their own dtype)."""
+    if (
+        out is None
+        or out.dtype != like.dtype
+        or out.device != like.device
+        or out.numel() < rows * cols
+        or torch.is_autocast_enabled(like.device.type)
+    ):
+        return None
+    return out.view(-1)[: rows * cols].view(rows, cols)
+
+
 def init_embedding(embedding: nn.Embedding, std: float) -> None:
     """N(0, std) as in the NCF reference code (std=0.01)."""
     nn.init.normal_(embedding.weight, mean=0.0, std=std)
@@ -101,8 +118,13 @@ class Recommender(nn.Module):
     num_users: int
     num_items: int
 
-    def score_all(self, users: torch.Tensor) -> torch.Tensor:
-        """``[len(users), num_items]`` scores, computed in chunks of pairs to bound memory."""
+    def score_all(self, users: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``[len(users), num_items]`` scores, computed in chunks of pairs to bound memory.
+
+        ``out``: a buffer of at least ``len(users) * num_items`` elements that a model may write
+        the scores into and return a view of (:func:`scores_view`), so that an evaluation's
+        batches reuse one matrix; a model whose scores come another way ignores it, as this
+        generic form does. The scores are the same either way."""
         rows_per_chunk = max(1, MAX_CHUNK_ELEMENTS // (self.num_items * 64))
         items = torch.arange(self.num_items, device=users.device)
         out = []

@@ -11,6 +11,7 @@ from recsys_compress.models.base import (
     candidate_dots,
     init_embedding,
     rows,
+    scores_view,
 )
 
 
@@ -77,13 +78,14 @@ class MF(Recommender):
             scores += self.global_bias
         return scores
 
-    def score_all(self, users: torch.Tensor) -> torch.Tensor:
+    def score_all(self, users: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         user_vectors = self.user_embedding(users)
         item_table = all_rows(self.item_embedding, self.num_items)
+        view = scores_view(out, user_vectors, len(users), self.num_items)
         if not self.use_bias:
-            return user_vectors @ item_table.T
+            return torch.mm(user_vectors, item_table.T, out=view)
         # One fused matmul + row bias, then one in-place pass: evaluation is dominated by passes
         # over the [users, items] matrix.
         item_bias = all_rows(self.item_bias, self.num_items).squeeze(-1) + self.global_bias
-        scores = torch.addmm(item_bias, user_vectors, item_table.T)
+        scores = torch.addmm(item_bias, user_vectors, item_table.T, out=view)
         return scores.add_(self.user_bias(users))

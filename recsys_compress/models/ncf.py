@@ -14,6 +14,7 @@ from recsys_compress.models.base import (
     candidate_dots,
     init_embedding,
     rows,
+    scores_view,
 )
 
 
@@ -128,12 +129,15 @@ class GMF(Recommender):
         pair = rows(self.user_embedding, users) * rows(self.item_embedding, items)
         return self.predict(pair).squeeze(-1)
 
-    def score_all(self, users: torch.Tensor) -> torch.Tensor:
+    def score_all(self, users: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         if type(self.predict) is not nn.Linear:
             return super().score_all(users)
         weighted_users = self.user_embedding(users) * self.predict.weight
         item_table = all_rows(self.item_embedding, self.num_items)
-        return weighted_users @ item_table.T + self.predict.bias
+        view = scores_view(out, weighted_users, len(users), self.num_items)
+        if view is None:
+            return weighted_users @ item_table.T + self.predict.bias
+        return torch.mm(weighted_users, item_table.T, out=view).add_(self.predict.bias)
 
     def score_candidates(self, users: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         """``h^T (p_u * q_c) + b`` as ``(h * p_u) . q_c + b``: each user's vector read and
@@ -171,7 +175,8 @@ class MLP(Recommender):
     def score_candidates(self, users: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         return self.predict(self.mlp.candidates(users, candidates)).squeeze(-1)
 
-    def score_all(self, users: torch.Tensor) -> torch.Tensor:
+    def score_all(self, users: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        # computed in chunks of users (their MLP intermediates are the large part): out unused
         first = self.mlp.tower[0]
         return _score_all_chunked(self, users, getattr(first, "out_features", 64))
 
@@ -214,7 +219,8 @@ class NeuMF(Recommender):
         pair = torch.cat([gmf, self.mlp.candidates(users, candidates)], dim=-1)
         return self.predict(pair).squeeze(-1)
 
-    def score_all(self, users: torch.Tensor) -> torch.Tensor:
+    def score_all(self, users: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        # computed in chunks of users (their MLP intermediates are the large part): out unused
         first = self.mlp.tower[0]
         width = getattr(first, "out_features", 64) + self.gmf_user_embedding.embedding_dim
         return _score_all_chunked(self, users, width)
