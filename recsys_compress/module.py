@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import inspect
 import logging
 from collections import OrderedDict
@@ -137,10 +136,15 @@ class TrainingDivergedError(RecsysCompressError):
     so ``checkpoints/last.ckpt`` keeps the last good state."""
 
 
-@functools.cache
-def _takes_out(model_type: type) -> bool:
-    """Whether ``model_type.score_all`` takes an ``out`` buffer (:meth:`Recommender.score_all`)."""
-    return "out" in inspect.signature(model_type.score_all).parameters
+def _takes_out(model: nn.Module) -> bool:
+    """Whether ``model.score_all`` takes an ``out`` buffer (:meth:`Recommender.score_all`): MF
+    and GMF do; NeuMF and MLP, which score in chunks, and custom models written before it do
+    not. The bound method is inspected (a wrapper or an instance attribute may differ from the
+    class's): a few microseconds a batch."""
+    try:
+        return "out" in inspect.signature(model.score_all).parameters
+    except (AttributeError, TypeError, ValueError):
+        return False
 
 
 class RecommenderModule(L.LightningModule):
@@ -367,12 +371,16 @@ class RecommenderModule(L.LightningModule):
         timing loop). CUDA's caching allocator reuses its memory already. Models whose
         ``score_all`` takes no ``out`` (custom ones written before it) are called as before."""
         model = self.model
-        if users.device.type != "cpu" or not _takes_out(type(model)):
+        if users.device.type != "cpu" or torch.is_grad_enabled() or not _takes_out(model):
             return model.score_all(users)
         need = len(users) * model.num_items
         buffer = self._scores_buffer
-        if buffer is None or buffer.numel() < need:
-            buffer = self._scores_buffer = torch.empty(need, dtype=torch.float32)
+        # an inference tensor (made under torch.inference_mode) cannot be written outside it
+        stale = (
+            buffer is not None and buffer.is_inference() and not torch.is_inference_mode_enabled()
+        )
+        if buffer is None or buffer.numel() < need or stale:
+            buffer = self._scores_buffer = torch.empty(need, device=users.device)
         return model.score_all(users, out=buffer)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:

@@ -147,14 +147,28 @@ def test_scores_written_into_one_buffer_equal_fresh_ones(model: str) -> None:
             return super().score_all(users)
 
     buffered = evaluated(dm, module)
-    # MF and GMF write into it; NeuMF scores in chunks and leaves it untouched
+    # MF and GMF write into it; NeuMF scores in chunks, takes no buffer, and none is made
     buffer = module._scores_buffer
-    assert buffer is not None and buffer.numel() == 7 * dm.num_items
-    writes = model != "neumf"
     first = dm.test_data.batches[0]["users"]
-    with torch.no_grad():
-        scores = module._score_all(first)
-    assert (scores.data_ptr() == buffer.data_ptr()) is writes
+    if model == "neumf":
+        assert buffer is None
+    else:
+        assert buffer is not None and buffer.numel() == 7 * dm.num_items
+        with torch.no_grad():
+            assert module._score_all(first).data_ptr() == buffer.data_ptr()
+        # with autograd on (a step called outside an evaluation loop) it is not used
+        with torch.enable_grad():
+            scores = module._score_all(first)
+        assert scores.data_ptr() != buffer.data_ptr() and scores.requires_grad
+        # a buffer made under inference_mode cannot be written outside it: a new one is made
+        module.on_validation_epoch_end()
+        assert module._scores_buffer is None
+        with torch.inference_mode():
+            module._score_all(first)
+        assert module._scores_buffer is not None and module._scores_buffer.is_inference()
+        with torch.no_grad():
+            module._score_all(first)
+        assert not module._scores_buffer.is_inference()
     module.on_test_epoch_end()
     assert module._scores_buffer is None
     module.model.__class__ = Fresh
@@ -176,7 +190,12 @@ def test_mf_and_gmf_scores_into_a_buffer_are_the_same_bits(use_bias: bool) -> No
             buffer = torch.full((5 * 40 + 13,), float("nan"))
             into = model.score_all(users, out=buffer)
             assert into.data_ptr() == buffer.data_ptr() and torch.equal(into, fresh)
-            # a buffer of another dtype, or too small, is not used
-            for wrong in (torch.empty(5 * 40, dtype=torch.float64), torch.empty(5 * 40 - 1)):
+            # a buffer of another dtype, too small or not contiguous is not used
+            wrongs = (
+                torch.empty(5 * 40, dtype=torch.float64),
+                torch.empty(5 * 40 - 1),
+                torch.empty(5 * 40 * 2)[::2],
+            )
+            for wrong in wrongs:
                 other = model.score_all(users, out=wrong)
                 assert other.data_ptr() != wrong.data_ptr() and torch.equal(other, fresh)

@@ -91,12 +91,15 @@ def scores_view(
 ) -> torch.Tensor | None:
     """``out``'s first ``rows * cols`` elements as a ``[rows, cols]`` matrix to write scores
     computed from ``like`` into, or None where it does not fit: no buffer, another dtype or
-    device than ``like``, too few elements, or autocast on (its matmuls pick their own dtype)."""
+    device than ``like``, too few elements, not contiguous, autograd on (``out=`` ops record no
+    gradient) or autocast on (its matmuls pick their own dtype)."""
     if (
         out is None
         or out.dtype != like.dtype
         or out.device != like.device
         or out.numel() < rows * cols
+        or not out.is_contiguous()
+        or torch.is_grad_enabled()
         or torch.is_autocast_enabled(like.device.type)
     ):
         return None
@@ -127,12 +130,12 @@ class Recommender(nn.Module):
         generic form does. The scores are the same either way."""
         rows_per_chunk = max(1, MAX_CHUNK_ELEMENTS // (self.num_items * 64))
         items = torch.arange(self.num_items, device=users.device)
-        out = []
+        parts = []
         for chunk in users.split(rows_per_chunk):
             pair_users = chunk.repeat_interleave(self.num_items)
             pair_items = items.repeat(len(chunk))
-            out.append(self(pair_users, pair_items).view(len(chunk), self.num_items))
-        return torch.cat(out)
+            parts.append(self(pair_users, pair_items).view(len(chunk), self.num_items))
+        return torch.cat(parts)
 
     def score_difference(
         self, users: torch.Tensor, pos_items: torch.Tensor, neg_items: torch.Tensor

@@ -175,8 +175,7 @@ class MLP(Recommender):
     def score_candidates(self, users: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         return self.predict(self.mlp.candidates(users, candidates)).squeeze(-1)
 
-    def score_all(self, users: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        # computed in chunks of users (their MLP intermediates are the large part): out unused
+    def score_all(self, users: torch.Tensor) -> torch.Tensor:  # in chunks: takes no ``out``
         first = self.mlp.tower[0]
         return _score_all_chunked(self, users, getattr(first, "out_features", 64))
 
@@ -219,8 +218,7 @@ class NeuMF(Recommender):
         pair = torch.cat([gmf, self.mlp.candidates(users, candidates)], dim=-1)
         return self.predict(pair).squeeze(-1)
 
-    def score_all(self, users: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        # computed in chunks of users (their MLP intermediates are the large part): out unused
+    def score_all(self, users: torch.Tensor) -> torch.Tensor:  # in chunks: takes no ``out``
         first = self.mlp.tower[0]
         width = getattr(first, "out_features", 64) + self.gmf_user_embedding.embedding_dim
         return _score_all_chunked(self, users, width)
