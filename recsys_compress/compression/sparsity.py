@@ -201,17 +201,19 @@ class L1Proximal(L.Callback):
             strength = self.cfg.group_strength(t.group) * scale
             if strength == 0.0:  # e.g. linear_strength=0: nothing to shrink
                 continue
+            if adam is None and lr * strength <= 0:  # e.g. a target no optimizer holds
+                continue
+            if rows is not None:  # each branch below shrinks these rows only
+                self._steps_run.add("rows")
             weight = t.weight.detach()
             if adam is None:
-                if lr * strength <= 0:  # e.g. a target no optimizer holds: nothing moves
-                    continue
                 soft_threshold_(weight, lr * strength, rows)
-                self._steps_run.add("eager" if rows is None else "rows")
+                if rows is None:
+                    self._steps_run.add("eager")
                 continue
             if isinstance(adam, _RowSums):
                 if rows is None:  # they come with sparse gradients only: no row moved
                     continue
-                self._steps_run.add("rows")
                 values = weight.index_select(0, rows)
                 denom = rowwise_denom(adam.sums.index_select(0, rows), adam.eps, weight.dim())
                 soft_threshold_(values, _adam_threshold(denom, lr * strength, True))
@@ -219,7 +221,6 @@ class L1Proximal(L.Callback):
                 continue
             v, bias2, eps = adam
             if rows is not None:
-                self._steps_run.add("rows")
                 values = weight.index_select(0, rows)
                 v_rows = v.index_select(0, rows)
                 soft_threshold_(
