@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import logging
 from collections import OrderedDict
 from typing import Any
@@ -19,7 +18,7 @@ from recsys_compress import ops
 from recsys_compress.config import EvalConfig, LossConfig, OptimConfig
 from recsys_compress.errors import RecsysCompressError
 from recsys_compress.metrics import FullRankingMetrics, RatingMetrics, SampledRankingMetrics
-from recsys_compress.models.base import Recommender
+from recsys_compress.models.base import Recommender, takes_out
 from recsys_compress.optim import RowSparseAdam, RowWiseAdagrad, optimizer_step
 
 log = logging.getLogger(__name__)
@@ -134,17 +133,6 @@ def epoch_summary(trainer: L.Trainer, loss_sum: torch.Tensor, count: int) -> str
 class TrainingDivergedError(RecsysCompressError):
     """The loss or the weights became NaN / inf. Raised before the bad weights reach a checkpoint,
     so ``checkpoints/last.ckpt`` keeps the last good state."""
-
-
-def _takes_out(model: nn.Module) -> bool:
-    """Whether ``model.score_all`` takes an ``out`` buffer (:meth:`Recommender.score_all`): MF
-    and GMF do; NeuMF and MLP, which score in chunks, and custom models written before it do
-    not. The bound method is inspected (a wrapper or an instance attribute may differ from the
-    class's): a few microseconds a batch."""
-    try:
-        return "out" in inspect.signature(model.score_all).parameters
-    except (AttributeError, TypeError, ValueError):
-        return False
 
 
 class RecommenderModule(L.LightningModule):
@@ -371,7 +359,7 @@ class RecommenderModule(L.LightningModule):
         timing loop). CUDA's caching allocator reuses its memory already. Models whose
         ``score_all`` takes no ``out`` (custom ones written before it) are called as before."""
         model = self.model
-        if users.device.type != "cpu" or torch.is_grad_enabled() or not _takes_out(model):
+        if users.device.type != "cpu" or torch.is_grad_enabled() or not takes_out(model):
             return model.score_all(users)
         need = len(users) * model.num_items
         buffer = self._scores_buffer

@@ -11,13 +11,13 @@ import pytest
 import torch
 from torch import nn
 
-from recsys_compress import load_compressed
+from recsys_compress import export, load_compressed
 from recsys_compress.compression.lowrank import LowRankEmbedding
 from recsys_compress.compression.qat import QuantScheme, convert_module, to_fake_quant
 from recsys_compress.compression.targets import replace_module
 from recsys_compress.config import ModelConfig
 from recsys_compress.errors import DataError
-from recsys_compress.export import export_model
+from recsys_compress.export import CompressedRecommender, export_model, recommend_chunk_rows
 from recsys_compress.models import Recommender, build_model
 
 N_USERS, N_ITEMS, DIM = 60, 90, 32
@@ -105,6 +105,66 @@ def test_recommend_is_the_top_k_of_the_exported_model(tmp_path: Path, method: st
     top = torch.topk(expected_scores[torch.from_numpy(internal)], 10, dim=1).indices.numpy()
     assert recs.tolist() == item_ids[top].tolist()
     assert loaded.recommend(list(user_ids[internal]), k=10).tolist() == recs.tolist()
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_recommend_scores_users_in_chunks_into_one_buffer(
+    tmp_path: Path, method: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Chunks of 2 users (an uneven last one): the same recommendations as one score matrix,
+    every chunk written into the same buffer, which holds one chunk's scores only."""
+    path = tmp_path / "model.safetensors"
+    user_ids, item_ids = RAW_ID_KINDS["range"]
+    export_model(compressed_model(method), MODEL_CFG, user_ids, item_ids, path)
+    loaded = load_compressed(path)
+    internal = np.array([3, 0, 59, 3, 17])
+    with torch.no_grad():
+        scores = loaded.model.score_all(torch.from_numpy(internal))
+    expected = item_ids[torch.topk(scores, 7, dim=1).indices.numpy()]
+    calls = []
+    score_all = loaded.model.score_all
+
+    def spy(users: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        calls.append((users.tolist(), out.data_ptr(), out.numel()))
+        return score_all(users, out=out)
+
+    loaded.model.score_all = spy
+    monkeypatch.setattr(export, "RECOMMEND_MIN_ROWS", 2)
+    monkeypatch.setattr(export, "RECOMMEND_CHUNK_ELEMENTS", 1)
+    assert loaded.recommend(user_ids[internal], k=7).tolist() == expected.tolist()
+    assert [users for users, _, _ in calls] == [[3, 0], [59, 3], [17]]
+    assert len({ptr for _, ptr, _ in calls}) == 1
+    assert {numel for _, _, numel in calls} == {2 * N_ITEMS}
+
+
+@pytest.mark.parametrize("name", ["neumf", "mlp"])
+def test_recommend_in_chunks_for_models_that_take_no_buffer(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name=name, dim=8, mlp_layers=[16, 8]), N_USERS, N_ITEMS)
+    user_ids, item_ids = RAW_ID_KINDS["strings"]
+    served = CompressedRecommender(model, user_ids, item_ids)
+    internal = np.array([5, 1, 44, 5, 30, 2, 9])
+    with torch.no_grad():
+        top = torch.topk(model.eval().score_all(torch.from_numpy(internal)), 5, dim=1).indices
+    calls = []
+    score_all = model.score_all
+    model.score_all = lambda users: calls.append(len(users)) or score_all(users)
+    monkeypatch.setattr(export, "RECOMMEND_MIN_ROWS", 3)
+    monkeypatch.setattr(export, "RECOMMEND_CHUNK_ELEMENTS", 1)
+    assert served.recommend(user_ids[internal], k=5).tolist() == item_ids[top].tolist()
+    assert calls == [3, 3, 1]
+
+
+def test_recommend_chunk_rows() -> None:
+    """4 MB of scores a chunk at small catalogues (ML-1M's 3,706 items: 282 users), never
+    fewer than 64 users (at 100k items: 26 MB)."""
+    assert recommend_chunk_rows(3706) == 282
+    assert recommend_chunk_rows(1) == 1 << 20
+    assert recommend_chunk_rows(16384) == 64
+    assert recommend_chunk_rows(100_000) == 64
+    assert recommend_chunk_rows(0) == 1 << 20
 
 
 def test_compressed_tables_stay_compressed_in_memory(tmp_path: Path) -> None:

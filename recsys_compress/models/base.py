@@ -8,6 +8,8 @@ take shortcuts that read ``.weight`` directly only when a module is exactly ``nn
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
@@ -104,6 +106,17 @@ def scores_view(
     ):
         return None
     return out.view(-1)[: rows * cols].view(rows, cols)
+
+
+def takes_out(model: nn.Module) -> bool:
+    """Whether ``model.score_all`` takes an ``out`` buffer (:meth:`Recommender.score_all`): MF
+    and GMF do; NeuMF and MLP, which score in chunks, and custom models written before it do
+    not. The bound method is inspected (a wrapper or an instance attribute may differ from the
+    class's): a few microseconds a call."""
+    try:
+        return "out" in inspect.signature(model.score_all).parameters
+    except (AttributeError, TypeError, ValueError):
+        return False
 
 
 def init_embedding(embedding: nn.Embedding, std: float) -> None:
