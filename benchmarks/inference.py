@@ -13,6 +13,11 @@ ratios were taken against before 2026-12-06 and which flattered every artifact.
 Targets: each artifact recommends for 1,000 users within 1.5x the dense model's latency and
 loads no slower than the dense checkpoint (ratio <= 1.0). Timed on one thread, interleaved with
 the reference (see :mod:`benchmarks.evaluation` for why).
+
+Two figures without a target time ``recommend``'s chunks of users (each chunk's scores written
+into one buffer, top-k per chunk) against one score matrix for all the users and one top-k (what
+``recommend`` did before 2026-12-07), with the same recommendations: the dense model above (3,706
+items) and an MF-64 of random weights with 100k items, where one matrix for 1,000 users is 400 MB.
 """
 
 from __future__ import annotations
@@ -26,12 +31,13 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from benchmarks.common import Figure, interleaved_medians
-from recsys_compress.config import TrainConfig, to_train_config
+from recsys_compress.config import ModelConfig, TrainConfig, to_train_config
 from recsys_compress.export import (
     CompressedRecommender,
     load_compressed,
     load_run_model,
     load_run_state,
+    recommend_chunk_rows,
 )
 from recsys_compress.models import build_model
 
@@ -45,6 +51,48 @@ METHODS = {
 }
 NUM_USERS = 1000
 K = 10
+LARGE_ITEMS = 100_000
+
+
+def one_matrix(served: CompressedRecommender, user_ids: np.ndarray, k: int) -> np.ndarray:
+    """The plain reference of ``recommend``: every user's scores in one matrix, one top-k."""
+    users = torch.from_numpy(served.user_index(user_ids))
+    with torch.no_grad():
+        top = torch.topk(served.model.score_all(users), k, dim=1).indices
+    return served.item_ids[top.numpy()]
+
+
+def chunked_against_one_matrix(
+    served: CompressedRecommender, user_ids: np.ndarray, repeat: int
+) -> dict[str, float]:
+    """``recommend`` and :func:`one_matrix` timed in alternation, after checking that they
+    recommend the same items."""
+    if not np.array_equal(served.recommend(user_ids, K), one_matrix(served, user_ids, K)):
+        raise AssertionError("recommend's chunks and one score matrix recommend different items")
+    times = interleaved_medians(
+        {
+            "chunks": lambda: served.recommend(user_ids, K),
+            "one matrix": lambda: one_matrix(served, user_ids, K),
+        },
+        repeat,
+    )
+    num_items = served.model.num_items
+    rows = min(recommend_chunk_rows(num_items), len(user_ids))
+    return {
+        "ms": times["chunks"] * 1e3,
+        "one_matrix_ms": times["one matrix"] * 1e3,
+        "num_items": num_items,
+        "users_per_chunk": rows,
+        "buffer_mb": rows * num_items * 4 / 1e6,
+        "one_matrix_mb": len(user_ids) * num_items * 4 / 1e6,
+    }
+
+
+def large_catalogue_model() -> CompressedRecommender:
+    """MF-64 of random weights with :data:`LARGE_ITEMS` items and 2,000 users."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name="mf", dim=64), 2 * NUM_USERS, LARGE_ITEMS)
+    return CompressedRecommender(model, np.arange(2 * NUM_USERS), np.arange(LARGE_ITEMS))
 
 
 def run_config(overrides: list[str], epochs: int) -> TrainConfig:
@@ -117,6 +165,10 @@ def run(quick: bool) -> list[Figure]:
             }
             loads.update({name: (lambda p=p: load_compressed(p)) for name, p in artifacts.items()})
             load_s = interleaved_medians(loads, repeat)
+            chunking = {"3,706": chunked_against_one_matrix(models["dense"], users, repeat)}
+            large = large_catalogue_model()
+            large_users = np.random.default_rng(1).choice(large.user_ids, NUM_USERS, replace=False)
+            chunking["100k"] = chunked_against_one_matrix(large, large_users, max(3, repeat // 3))
             dense_bytes = (root / "dense" / "model.pt").stat().st_size
             sizes = {name: path.stat().st_size for name, path in artifacts.items()}
     finally:
@@ -153,4 +205,14 @@ def run(quick: bool) -> list[Figure]:
                 details=loading,
             ),
         ]
+    for label, details in chunking.items():
+        figures.append(
+            Figure(
+                SECTION,
+                f"recommend {NUM_USERS} users k={K}, dense MF-64 with {label} items: "
+                "in chunks into one buffer / one score matrix",
+                details["ms"] / details["one_matrix_ms"],
+                details=details,
+            )
+        )
     return figures

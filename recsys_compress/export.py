@@ -38,7 +38,7 @@ from recsys_compress.compression.targets import replace_module
 from recsys_compress.config import ModelConfig, to_train_config
 from recsys_compress.errors import DataError, RecsysCompressError
 from recsys_compress.models import Recommender, build_model
-from recsys_compress.models.base import takes_out
+from recsys_compress.models.base import tables_read_once, takes_out
 from recsys_compress.results import RESULTS_FILE, read_record, write_bytes
 
 # The artifact format written: version 2 holds a CRC-32 of its payload (payload_checksum) in
@@ -232,7 +232,9 @@ class CompressedRecommender:
 
         Users are scored in chunks (:func:`recommend_chunk_rows`), each chunk's scores written
         into one buffer that the call reuses, so that memory stays bounded whatever the number
-        of users, and a chunk's scores are still in cache when top-k reads them."""
+        of users, and a chunk's scores are still in cache when top-k reads them. A compressed
+        item table is expanded once a call (:func:`~recsys_compress.models.base.tables_read_once`).
+        """
         users = torch.from_numpy(self.user_index(user_ids))
         model = self.model
         k = min(k, model.num_items)
@@ -241,12 +243,13 @@ class CompressedRecommender:
         buffer = None
         if takes_out(model) and len(users):
             buffer = torch.empty(min(rows, len(users)) * model.num_items)
-        for start in range(0, len(users), rows):
-            chunk = users[start : start + rows]
-            scores = (
-                model.score_all(chunk) if buffer is None else model.score_all(chunk, out=buffer)
-            )
-            top[start : start + len(chunk)] = torch.topk(scores, k, dim=1).indices
+        with tables_read_once():  # a quantised or factorised table built once, not per chunk
+            for start in range(0, len(users), rows):
+                chunk = users[start : start + rows]
+                scores = (
+                    model.score_all(chunk) if buffer is None else model.score_all(chunk, out=buffer)
+                )
+                top[start : start + len(chunk)] = torch.topk(scores, k, dim=1).indices
         return self.item_ids[top.numpy()]
 
 

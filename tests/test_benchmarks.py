@@ -134,6 +134,39 @@ def test_the_full_ranking_references_rank_as_ours(model: str) -> None:
     assert 0.02 < float(ours["recall@20"]) < 0.9
 
 
+def test_the_recommend_reference_is_one_matrix_and_checked_against_ours(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The inference section's chunked-against-one-matrix figure: the reference is the top-k of
+    one score matrix, the details name the chunk ours used, and a recommend that differs from
+    the reference stops the figure instead of timing it."""
+    import numpy as np
+
+    from benchmarks.inference import chunked_against_one_matrix, one_matrix
+    from recsys_compress import export
+    from recsys_compress.config import ModelConfig
+    from recsys_compress.export import CompressedRecommender
+    from recsys_compress.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name="mf", dim=8), 40, 30).eval()
+    served = CompressedRecommender(model, np.arange(40) + 100, np.arange(30) * 3)
+    users = np.array([101, 139, 105, 120, 133])
+    with torch.no_grad():
+        expected = torch.topk(model.score_all(torch.tensor([1, 39, 5, 20, 33])), 10).indices
+    assert one_matrix(served, users, 10).tolist() == (expected.numpy() * 3).tolist()
+    monkeypatch.setattr(export, "RECOMMEND_MIN_ROWS", 2)
+    details = chunked_against_one_matrix(served, users, 2)
+    assert details["num_items"] == 30 and details["users_per_chunk"] == 5
+    assert details["buffer_mb"] == pytest.approx(5 * 30 * 4 / 1e6)
+    assert details["ms"] > 0 and details["one_matrix_ms"] > 0
+    monkeypatch.setattr(export, "RECOMMEND_CHUNK_ELEMENTS", 1)
+    assert chunked_against_one_matrix(served, users, 2)["users_per_chunk"] == 2
+    served.recommend = lambda user_ids, k: one_matrix(served, user_ids, k)[::-1]
+    with pytest.raises(AssertionError, match="recommend different items"):
+        chunked_against_one_matrix(served, users, 2)
+
+
 def test_the_training_reference_trains_as_ours(tmp_path: Path) -> None:
     """The benchmark's plain epoch (the epoch's tensors sliced into batches, forward, backward,
     step) and our Lightning epoch, from the same weights, end at the same weights: the

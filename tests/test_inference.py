@@ -129,12 +129,19 @@ def test_recommend_scores_users_in_chunks_into_one_buffer(
         return score_all(users, out=out)
 
     loaded.model.score_all = spy
+    table = loaded.model.item_embedding
+    whole_table_reads = []
+    table.register_forward_hook(
+        lambda module, args, output: whole_table_reads.append(len(args[0]) == N_ITEMS)
+    )
     monkeypatch.setattr(export, "RECOMMEND_MIN_ROWS", 2)
     monkeypatch.setattr(export, "RECOMMEND_CHUNK_ELEMENTS", 1)
     assert loaded.recommend(user_ids[internal], k=7).tolist() == expected.tolist()
     assert [users for users, _, _ in calls] == [[3, 0], [59, 3], [17]]
     assert len({ptr for _, ptr, _ in calls}) == 1
     assert {numel for _, _, numel in calls} == {2 * N_ITEMS}
+    # a quantised or factorised item table is expanded once a call, not once a chunk
+    assert whole_table_reads == ([] if type(table) is nn.Embedding else [True])
 
 
 @pytest.mark.parametrize("name", ["neumf", "mlp"])

@@ -703,3 +703,35 @@ def test_row_copies_of_unaligned_and_empty_tensors_fall_back() -> None:
     assert torch.equal(ops.copy_rows_(table, none, torch.empty(0, 64)), torch.ones(5, 64))
     assert torch.equal(ops.zero_rows_(table, none), torch.ones(5, 64))
     assert ops.copy_rows_(torch.empty(0, 64), none, torch.empty(0, 64)).shape == (0, 64)
+
+
+def test_all_rows_builds_a_compressed_table_once_per_read_once_block() -> None:
+    """Inside ``tables_read_once`` with autograd off, a module that is not a plain
+    ``nn.Embedding`` is run once over all its rows; outside it, or with autograd on (training
+    through a fake-quantised table), every call runs it, and a plain table is its weight."""
+    from recsys_compress.compression.lowrank import LowRankEmbedding
+
+    torch.manual_seed(0)
+    table, _ = LowRankEmbedding.from_module(nn.Embedding(12, 6), 3)
+    runs = []
+    table.register_forward_hook(lambda module, args, output: runs.append(len(args[0])))
+    with torch.no_grad():
+        expected = table(torch.arange(12))
+        runs.clear()
+        first = models_base.all_rows(table, 12)
+        assert torch.equal(first, expected) and runs == [12]
+        with models_base.tables_read_once():
+            inside = models_base.all_rows(table, 12)
+            assert models_base.all_rows(table, 12) is inside and runs == [12, 12]
+            with models_base.tables_read_once():  # a nested block starts afresh
+                models_base.all_rows(table, 12)
+                assert runs == [12, 12, 12]
+            assert models_base.all_rows(table, 12) is inside and runs == [12, 12, 12]
+            plain = nn.Embedding(4, 2)
+            assert models_base.all_rows(plain, 4) is plain.weight
+        models_base.all_rows(table, 12)
+        assert runs == [12, 12, 12, 12]
+    with models_base.tables_read_once():
+        graded = models_base.all_rows(table, 12)
+        again = models_base.all_rows(table, 12)
+        assert graded.requires_grad and graded is not again and runs[-2:] == [12, 12]
