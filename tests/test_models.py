@@ -732,6 +732,9 @@ def test_all_rows_builds_a_compressed_table_once_per_read_once_block() -> None:
         models_base.all_rows(table, 12)
         assert runs == [12, 12, 12, 12]
     with models_base.tables_read_once():
+        with torch.no_grad():
+            kept = models_base.all_rows(table, 12)
         graded = models_base.all_rows(table, 12)
         again = models_base.all_rows(table, 12)
-        assert graded.requires_grad and graded is not again and runs[-2:] == [12, 12]
+        assert graded.requires_grad and again.requires_grad and not kept.requires_grad
+        assert graded is not again and runs[-3:] == [12, 12, 12]
