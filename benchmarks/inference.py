@@ -16,8 +16,11 @@ the reference (see :mod:`benchmarks.evaluation` for why).
 
 Two figures without a target time ``recommend``'s chunks of users (each chunk's scores written
 into one buffer, top-k per chunk) against one score matrix for all the users and one top-k (what
-``recommend`` did before 2026-12-07), with the same recommendations: the dense model above (3,706
-items) and an MF-64 of random weights with 100k items, where one matrix for 1,000 users is 400 MB.
+``recommend`` did before 2026-12-07), with the same recommendations: the dense model above (its
+~3,700 items) and an MF-64 of random weights with 100k items, where one matrix for 1,000 users
+is 400 MB. At that size an int8 copy of the same model (its tables quantised as an int8 QAT
+artifact holds them) is timed against it, with the artifacts' target: its item table, which each
+chunk reads whole, is dequantised once a call.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from benchmarks.common import Figure, interleaved_medians
+from recsys_compress.compression.qat import QuantScheme, convert_module, to_fake_quant
+from recsys_compress.compression.targets import replace_module
 from recsys_compress.config import ModelConfig, TrainConfig, to_train_config
 from recsys_compress.export import (
     CompressedRecommender,
@@ -88,10 +93,16 @@ def chunked_against_one_matrix(
     }
 
 
-def large_catalogue_model() -> CompressedRecommender:
-    """MF-64 of random weights with :data:`LARGE_ITEMS` items and 2,000 users."""
+def large_catalogue_model(int8: bool = False) -> CompressedRecommender:
+    """MF-64 of random weights with :data:`LARGE_ITEMS` items and 2,000 users; ``int8``: its
+    tables quantised as an int8 artifact holds them (per-row scales)."""
     torch.manual_seed(0)
     model = build_model(ModelConfig(name="mf", dim=64), 2 * NUM_USERS, LARGE_ITEMS)
+    if int8:
+        scheme = QuantScheme(8, None, True, "float16")
+        for name in ("user_embedding", "item_embedding"):
+            fake = to_fake_quant(model.get_submodule(name), scheme)
+            replace_module(model, name, convert_module(fake))
     return CompressedRecommender(model, np.arange(2 * NUM_USERS), np.arange(LARGE_ITEMS))
 
 
@@ -165,10 +176,24 @@ def run(quick: bool) -> list[Figure]:
             }
             loads.update({name: (lambda p=p: load_compressed(p)) for name, p in artifacts.items()})
             load_s = interleaved_medians(loads, repeat)
-            chunking = {"3,706": chunked_against_one_matrix(models["dense"], users, repeat)}
+            dense = models["dense"]
+            chunking = {
+                f"{dense.model.num_items:,}": chunked_against_one_matrix(dense, users, repeat)
+            }
             large = large_catalogue_model()
             large_users = np.random.default_rng(1).choice(large.user_ids, NUM_USERS, replace=False)
-            chunking["100k"] = chunked_against_one_matrix(large, large_users, max(3, repeat // 3))
+            large_repeat = max(3, repeat // 3)
+            chunking[f"{LARGE_ITEMS:,}"] = chunked_against_one_matrix(
+                large, large_users, large_repeat
+            )
+            large_int8 = large_catalogue_model(int8=True)
+            large_s = interleaved_medians(
+                {
+                    "int8": lambda: large_int8.recommend(large_users, K),
+                    "dense": lambda: large.recommend(large_users, K),
+                },
+                large_repeat,
+            )
             dense_bytes = (root / "dense" / "model.pt").stat().st_size
             sizes = {name: path.stat().st_size for name, path in artifacts.items()}
     finally:
@@ -205,6 +230,15 @@ def run(quick: bool) -> list[Figure]:
                 details=loading,
             ),
         ]
+    figures.append(
+        Figure(
+            SECTION,
+            f"recommend {NUM_USERS} users k={K}, MF-64 with {LARGE_ITEMS:,} items: int8 / dense",
+            large_s["int8"] / large_s["dense"],
+            1.5,
+            details={"ms": large_s["int8"] * 1e3, "dense_ms": large_s["dense"] * 1e3},
+        )
+    )
     for label, details in chunking.items():
         figures.append(
             Figure(

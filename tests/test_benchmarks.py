@@ -167,6 +167,23 @@ def test_the_recommend_reference_is_one_matrix_and_checked_against_ours(
         chunked_against_one_matrix(served, users, 2)
 
 
+def test_the_large_catalogue_int8_model_is_the_dense_one_quantised(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from benchmarks import inference
+
+    monkeypatch.setattr(inference, "LARGE_ITEMS", 50)
+    dense, int8 = inference.large_catalogue_model(), inference.large_catalogue_model(int8=True)
+    assert int8.model.item_embedding.qweight.dtype == torch.int8
+    assert int8.model.user_embedding.qweight.shape == (2 * inference.NUM_USERS, 64)
+    users = torch.arange(0, 2000, 97)
+    with torch.no_grad():
+        exact, quantised = dense.model.score_all(users), int8.model.score_all(users)
+    assert exact.shape == (len(users), 50)
+    assert not torch.equal(exact, quantised)
+    assert torch.allclose(exact, quantised, atol=0.02 * float(exact.abs().max()))
+
+
 def test_the_training_reference_trains_as_ours(tmp_path: Path) -> None:
     """The benchmark's plain epoch (the epoch's tensors sliced into batches, forward, backward,
     step) and our Lightning epoch, from the same weights, end at the same weights: the
