@@ -101,7 +101,9 @@ def test_neumf_scores_in_small_chunks_equal_one_chunk(monkeypatch: pytest.Monkey
     users = torch.arange(dm.num_users)
     with torch.no_grad():
         whole = module.model.score_all(users)
-        monkeypatch.setattr("recsys_compress.models.ncf.MAX_CHUNK_ELEMENTS", 3 * dm.num_items * 40)
+        monkeypatch.setattr(
+            "recsys_compress.models.ncf.TOWER_CHUNK_ELEMENTS", 3 * dm.num_items * 40
+        )
         torch.testing.assert_close(module.model.score_all(users), whole)
 
 
@@ -134,7 +136,7 @@ def test_evaluation_of_a_constant_model_ranks_held_out_items_last() -> None:
     assert got["hr@20"] == 0.0 and got["ndcg@20"] == 0.0
 
 
-@pytest.mark.parametrize("model", ["mf", "gmf", "neumf"])
+@pytest.mark.parametrize("model", ["mf", "gmf", "neumf", "mlp"])
 def test_scores_written_into_one_buffer_equal_fresh_ones(model: str) -> None:
     """The test loop scores every batch into one buffer (a fresh matrix of tens of MB is
     page-faulted anew each batch), released at the epoch's end: the same metrics, bit for bit,
@@ -147,28 +149,25 @@ def test_scores_written_into_one_buffer_equal_fresh_ones(model: str) -> None:
             return super().score_all(users)
 
     buffered = evaluated(dm, module)
-    # MF and GMF write into it; NeuMF scores in chunks, takes no buffer, and none is made
+    # every model writes into it (NeuMF and MLP a chunk of users at a time)
     buffer = module._scores_buffer
     first = dm.test_data.batches[0]["users"]
-    if model == "neumf":
-        assert buffer is None
-    else:
-        assert buffer is not None and buffer.numel() == 7 * dm.num_items
-        with torch.no_grad():
-            assert module._score_all(first).data_ptr() == buffer.data_ptr()
-        # with autograd on (a step called outside an evaluation loop) it is not used
-        with torch.enable_grad():
-            scores = module._score_all(first)
-        assert scores.data_ptr() != buffer.data_ptr() and scores.requires_grad
-        # a buffer made under inference_mode cannot be written outside it: a new one is made
-        module.on_validation_epoch_end()
-        assert module._scores_buffer is None
-        with torch.inference_mode():
-            module._score_all(first)
-        assert module._scores_buffer is not None and module._scores_buffer.is_inference()
-        with torch.no_grad():
-            module._score_all(first)
-        assert not module._scores_buffer.is_inference()
+    assert buffer is not None and buffer.numel() == 7 * dm.num_items
+    with torch.no_grad():
+        assert module._score_all(first).data_ptr() == buffer.data_ptr()
+    # with autograd on (a step called outside an evaluation loop) it is not used
+    with torch.enable_grad():
+        scores = module._score_all(first)
+    assert scores.data_ptr() != buffer.data_ptr() and scores.requires_grad
+    # a buffer made under inference_mode cannot be written outside it: a new one is made
+    module.on_validation_epoch_end()
+    assert module._scores_buffer is None
+    with torch.inference_mode():
+        module._score_all(first)
+    assert module._scores_buffer is not None and module._scores_buffer.is_inference()
+    with torch.no_grad():
+        module._score_all(first)
+    assert not module._scores_buffer.is_inference()
     module.on_test_epoch_end()
     assert module._scores_buffer is None
     module.model.__class__ = Fresh
@@ -199,3 +198,37 @@ def test_mf_and_gmf_scores_into_a_buffer_are_the_same_bits(use_bias: bool) -> No
             for wrong in wrongs:
                 other = model.score_all(users, out=wrong)
                 assert other.data_ptr() != wrong.data_ptr() and torch.equal(other, fresh)
+
+
+@pytest.mark.parametrize("name", ["neumf", "mlp"])
+def test_neumf_and_mlp_scores_into_a_buffer_are_the_same_bits(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Chunks of two users (an uneven last one) written into their rows of the buffer: the same
+    bits as the chunks concatenated; a buffer that does not fit, or an output layer that is not
+    a plain ``nn.Linear``, gives the fresh path."""
+    from torch import nn
+
+    from recsys_compress.config import ModelConfig
+    from recsys_compress.models import build_model
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(name=name, dim=8, mlp_dim=8, mlp_layers=[16, 8])
+    model = build_model(cfg, 10, 40).eval()
+    users = torch.tensor([3, 0, 7, 7, 2])
+    monkeypatch.setattr("recsys_compress.models.ncf.TOWER_CHUNK_ELEMENTS", 2 * 40 * 16)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_()
+        fresh = model.score_all(users)
+        buffer = torch.full((5 * 40 + 13,), float("nan"))
+        into = model.score_all(users, out=buffer)
+        assert into.data_ptr() == buffer.data_ptr() and torch.equal(into, fresh)
+        assert torch.isnan(buffer[5 * 40 :]).all()
+        for wrong in (torch.empty(5 * 40, dtype=torch.float64), torch.empty(5 * 40 - 1)):
+            other = model.score_all(users, out=wrong)
+            assert other.data_ptr() != wrong.data_ptr() and torch.equal(other, fresh)
+        model.predict = nn.Sequential(model.predict)
+        wrapped = model.score_all(users, out=buffer)
+        assert wrapped.data_ptr() != buffer.data_ptr()
+        torch.testing.assert_close(wrapped.squeeze(-1), fresh)

@@ -80,7 +80,7 @@ def test_score_all_chunks_give_the_same_scores(name, monkeypatch):
     with torch.no_grad():
         whole = model.score_all(users)
         # one user per chunk
-        monkeypatch.setattr(models_ncf, "MAX_CHUNK_ELEMENTS", 1)
+        monkeypatch.setattr(models_ncf, "TOWER_CHUNK_ELEMENTS", 1)
         chunked = model.score_all(users)
     torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=1e-6)
 
@@ -94,7 +94,7 @@ def test_generic_score_all_path_matches_fast_path(name, monkeypatch):
         model.mlp.tower[0] = nn.Sequential(model.mlp.tower[0])  # not exactly nn.Linear any more
         generic = model.score_all(users)
         expected = model(*all_pairs(users)).view(len(users), N_ITEMS)
-        monkeypatch.setattr(models_ncf, "MAX_CHUNK_ELEMENTS", 1)
+        monkeypatch.setattr(models_ncf, "TOWER_CHUNK_ELEMENTS", 1)
         generic_chunked = model.score_all(users)
     torch.testing.assert_close(generic, fast, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(generic, expected, atol=1e-5, rtol=1e-5)
