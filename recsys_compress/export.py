@@ -242,7 +242,9 @@ class CompressedRecommender:
         top = torch.empty(len(users), k, dtype=torch.long)
         buffer = None
         if takes_out(model) and len(users):
-            buffer = torch.empty(min(rows, len(users)) * model.num_items)
+            floats = (p.dtype for p in model.parameters() if p.is_floating_point())
+            dtype = next(floats, torch.get_default_dtype())  # the scores' dtype: a bf16 model's
+            buffer = torch.empty(min(rows, len(users)) * model.num_items, dtype=dtype)
         with tables_read_once():  # a quantised or factorised table built once, not per chunk
             for start in range(0, len(users), rows):
                 chunk = users[start : start + rows]

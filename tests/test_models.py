@@ -707,8 +707,9 @@ def test_row_copies_of_unaligned_and_empty_tensors_fall_back() -> None:
 
 def test_all_rows_builds_a_compressed_table_once_per_read_once_block() -> None:
     """Inside ``tables_read_once`` with autograd off, a module that is not a plain
-    ``nn.Embedding`` is run once over all its rows; outside it, or with autograd on (training
-    through a fake-quantised table), every call runs it, and a plain table is its weight."""
+    ``nn.Embedding`` is run once over all its rows; outside it, with autograd on (training
+    through a fake-quantised table) or under autocast, every call runs it, and a plain table is
+    its weight."""
     from recsys_compress.compression.lowrank import LowRankEmbedding
 
     torch.manual_seed(0)
@@ -723,10 +724,11 @@ def test_all_rows_builds_a_compressed_table_once_per_read_once_block() -> None:
         with models_base.tables_read_once():
             inside = models_base.all_rows(table, 12)
             assert models_base.all_rows(table, 12) is inside and runs == [12, 12]
-            with models_base.tables_read_once():  # a nested block starts afresh
-                models_base.all_rows(table, 12)
-                assert runs == [12, 12, 12]
-            assert models_base.all_rows(table, 12) is inside and runs == [12, 12, 12]
+            with models_base.tables_read_once():  # a nested block shares the outer's tables
+                assert models_base.all_rows(table, 12) is inside and runs == [12, 12]
+            assert models_base.all_rows(table, 12) is inside and runs == [12, 12]
+            with torch.autocast("cpu", torch.bfloat16):  # nothing kept or reused under autocast
+                assert models_base.all_rows(table, 12) is not inside and runs == [12, 12, 12]
             plain = nn.Embedding(4, 2)
             assert models_base.all_rows(plain, 4) is plain.weight
         models_base.all_rows(table, 12)
@@ -738,3 +740,72 @@ def test_all_rows_builds_a_compressed_table_once_per_read_once_block() -> None:
         again = models_base.all_rows(table, 12)
         assert graded.requires_grad and again.requires_grad and not kept.requires_grad
         assert graded is not again and runs[-3:] == [12, 12, 12]
+
+
+def _tower_input(model: nn.Module, users: torch.Tensor) -> torch.Tensor:
+    """The first tower layer's output for every (user, item) pair, as ``all_items`` builds it."""
+    mlp = model.mlp
+    first = mlp.tower[0]
+    dim = mlp.user_embedding.embedding_dim
+    user_part = mlp.user_embedding(users) @ first.weight[:, :dim].T
+    return user_part[:, None, :] + mlp.item_half()[None, :, :]
+
+
+@pytest.mark.parametrize("name", ["mlp", "neumf"])
+def test_the_rest_of_the_tower_runs_its_own_layers_only_where_they_are_plain(name):
+    """In eval mode (Dropout inert) the in-place path gives the tower's bits; a train-mode
+    Dropout, a layer that is not plain or a hook sends the input through the modules."""
+    model = randomise(make(name, dropout=0.5))
+    users = torch.tensor([0, 4, 4, 11])
+    assert any(type(m) is nn.Dropout for m in model.mlp.tower)
+    with torch.no_grad():
+        hidden = _tower_input(model, users)
+        expected = model.mlp.tower[1:](hidden.clone())
+        assert torch.equal(model.mlp.rest_of_tower(hidden.clone()), expected)
+        model.train()  # dropout acts: the same random draws as the modules' own
+        torch.manual_seed(3)
+        dropped = model.mlp.tower[1:](hidden.clone())
+        torch.manual_seed(3)
+        assert torch.equal(model.mlp.rest_of_tower(hidden.clone()), dropped)
+        assert not torch.equal(dropped, expected)
+        model.eval()
+        calls = []
+        handle = model.mlp.tower[3].register_forward_hook(lambda *args: calls.append(1))
+        assert torch.equal(model.mlp.rest_of_tower(hidden.clone()), expected) and calls == [1]
+        handle.remove()
+        model.mlp.tower[3] = nn.Sequential(model.mlp.tower[3])
+        assert torch.equal(model.mlp.rest_of_tower(hidden.clone()), expected)
+
+
+@pytest.mark.parametrize("name", ["mlp", "neumf"])
+def test_full_ranking_of_no_users_and_with_autograd(name):
+    model = randomise(make(name))
+    none = torch.empty(0, dtype=torch.long)
+    with torch.no_grad():
+        assert model.score_all(none).shape == (0, N_ITEMS)
+        assert model.score_all(none, out=torch.empty(5)).shape == (0, N_ITEMS)
+    users = torch.tensor([2, 9])
+    scores = model.score_all(users)  # autograd on: no buffer, a graph to the weights
+    scores.sum().backward()
+    assert model.mlp.tower[0].weight.grad is not None
+    expected = model(*all_pairs(users)).view(2, N_ITEMS)
+    torch.testing.assert_close(scores.detach(), expected.detach(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_neumf_full_ranking_in_other_dtypes_and_under_autocast(dtype):
+    """bf16 and float64 models, and a float32 model under CPU autocast (Lightning's
+    ``bf16-mixed`` evaluation), score all items as ``forward`` does on every pair."""
+    model = randomise(make("neumf")).to(dtype)
+    users = torch.tensor([1, 5, 12])
+    with torch.no_grad():
+        scores = model.score_all(users)
+        expected = model(*all_pairs(users)).view(3, N_ITEMS)
+    assert scores.dtype == dtype
+    tol = 1e-9 if dtype == torch.float64 else 0.05
+    torch.testing.assert_close(scores, expected, atol=tol, rtol=tol)
+    model = randomise(make("neumf"))
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        mixed = model.score_all(users)
+        expected = model(*all_pairs(users)).view(3, N_ITEMS)
+    torch.testing.assert_close(mixed.float(), expected.float(), atol=0.05, rtol=0.05)

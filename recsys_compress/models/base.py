@@ -18,7 +18,8 @@ from torch import nn
 
 from recsys_compress.ops import gather_rows, gathered_table
 
-# Cap on the elements of one intermediate tensor when scoring all items (about 64 MB of float32).
+# Cap on the elements of one intermediate tensor of the generic Recommender.score_all, which
+# runs forward on every (user, item) pair (about 64 MB of float32; MLP and NeuMF have their own).
 MAX_CHUNK_ELEMENTS = 1 << 24
 # Gathered candidate values scored at a time (4 MB of float32: 163 users x 100 candidates x 64).
 # Scoring 1,024 users x 100 candidates x 64 in one piece (26 MB) took 26 / 38 / 46 ns a candidate
@@ -95,7 +96,12 @@ def tables_read_once() -> Iterator[None]:
     not a plain ``nn.Embedding`` (a quantised, factorised or fake-quantised one) once, and
     later calls return it: for work that reads whole tables many times while the weights stay
     as they are, such as :meth:`~recsys_compress.export.CompressedRecommender.recommend`'s
-    chunks of users (an int8 table of 100k x 64 takes ~5-13 ms to dequantise)."""
+    chunks of users (an int8 table of 100k x 64 takes ~5-13 ms to dequantise). A block inside
+    another shares the outer one's tables. Nothing is kept under autocast (a table built there
+    has autocast's dtype)."""
+    if _READ_ONCE.get() is not None:
+        yield
+        return
     token = _READ_ONCE.set({})
     try:
         yield
@@ -108,14 +114,16 @@ def all_rows(embedding: nn.Module, num_rows: int) -> torch.Tensor:
     built once per :func:`tables_read_once` block."""
     if type(embedding) is nn.Embedding:
         return embedding.weight
+    device = next(embedding.parameters()).device
     built = _READ_ONCE.get()
-    if built is not None and not torch.is_grad_enabled():
+    if built is not None and (torch.is_grad_enabled() or torch.is_autocast_enabled(device.type)):
+        built = None
+    if built is not None:
         module, table = built.get(id(embedding), (None, None))
         if module is embedding and table is not None and len(table) == num_rows:
             return table
-    device = next(embedding.parameters()).device
     table = embedding(torch.arange(num_rows, device=device))
-    if built is not None and not torch.is_grad_enabled():
+    if built is not None:
         built[id(embedding)] = (embedding, table)
     return table
 
@@ -141,10 +149,10 @@ def scores_view(
 
 
 def takes_out(model: nn.Module) -> bool:
-    """Whether ``model.score_all`` takes an ``out`` buffer (:meth:`Recommender.score_all`): MF
-    and GMF do; NeuMF and MLP, which score in chunks, and custom models written before it do
-    not. The bound method is inspected (a wrapper or an instance attribute may differ from the
-    class's): a few microseconds a call."""
+    """Whether ``model.score_all`` takes an ``out`` buffer (:meth:`Recommender.score_all`): the
+    built-in models do (NeuMF and MLP a chunk of users at a time); custom models written before
+    it may not. The bound method is inspected (a wrapper or an instance attribute may differ
+    from the class's): a few microseconds a call."""
     try:
         return "out" in inspect.signature(model.score_all).parameters
     except (AttributeError, TypeError, ValueError):

@@ -14,17 +14,18 @@ from recsys_compress.models.base import (
     init_embedding,
     rows,
     scores_view,
+    tables_read_once,
 )
 
 # Pairs of NeuMF / MLP full ranking computed at a time, times the first tower layer's width:
-# a chunk's widest intermediate (that layer's output for every pair) holds at most this many
-# elements, 2^21 (8 MB), so that a chunk's passes stay in cache. NeuMF-32 with a [64, 32, 16]
-# tower, against the code before 2026-12-07 (2^24 a chunk, a pair-wide GMF product and
-# concatenation, ReLU out of place), alternated in one process, medians of 5: ML-100K's 943 x
-# 1,682 191-309 -> 85-118 ms on 2 threads, 275 -> 161 ms on one; 1,024 users x ML-1M's 3,706
-# items 717 -> 235 ms and 670-874 -> 375-401 ms (the old code's fresh 64 MB intermediates took
-# up to 220k page faults a call). 2^22 and 2^23 took 469 and 502 ms there on one thread, 2^20
-# and 2^19 435 and 580 ms.
+# a chunk's widest intermediate (that layer's output for every pair) holds about this many
+# elements (one user a chunk at least), 2^21 (8 MB), so that a chunk's passes stay in cache.
+# NeuMF-32 with a [64, 32, 16] tower, against the code before 2026-12-07 (2^24 a chunk, a
+# pair-wide GMF product and concatenation, ReLU out of place), alternated in one process,
+# medians of 5: ML-100K's 943 x 1,682 191-309 -> 85-118 ms on 2 threads, 275 -> 161 ms on one;
+# 1,024 users x ML-1M's 3,706 items 717 -> 235 ms on 2 threads, 670-874 -> 375-401 ms on one
+# (the old code's fresh 64 MB intermediates took up to 220k page faults a call). There, on one
+# thread, 2^22 and 2^23 took 469 and 502 ms, 2^20 and 2^19 435 and 580 ms.
 TOWER_CHUNK_ELEMENTS = 1 << 21
 
 
@@ -100,7 +101,7 @@ class _MLPBranch(nn.Module):
                 x = x.relu_()
             elif type(module) is nn.Linear:
                 flat = torch.addmm(module.bias, x.view(-1, x.shape[-1]), module.weight.T)
-                x = flat.view(*x.shape[:-1], -1)
+                x = flat.view(*x.shape[:-1], flat.shape[-1])
         return x
 
     def candidates(self, users: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
@@ -120,22 +121,33 @@ class _MLPBranch(nn.Module):
         ).view(*candidates.shape, -1)
         return self.rest_of_tower(item_part + user_part[:, None, :])
 
-    def all_items(self, users: torch.Tensor) -> torch.Tensor:
+    def item_half(self) -> torch.Tensor | None:
+        """``W_i q + b`` for every item: the first layer's item half and bias, projected once
+        for all of a full ranking's chunks of users; None unless that layer is a plain
+        ``nn.Linear`` (the user and item tables have the same width)."""
+        first = self.tower[0]
+        if type(first) is not nn.Linear:
+            return None
+        item_vectors = all_rows(self.item_embedding, self.num_items)
+        return item_vectors @ first.weight[:, -item_vectors.shape[-1] :].T + first.bias
+
+    def all_items(self, users: torch.Tensor, item_half: torch.Tensor | None = None) -> torch.Tensor:
         """``[B, num_items, out_dim]`` tower outputs for every item.
 
         When the first layer is a plain ``nn.Linear``, ``W [p; q] + b = W_u p + (W_i q + b)``: the
         user and item halves are projected once and summed by broadcasting, instead of running
-        the first layer on ``B x num_items`` concatenated pairs. Otherwise pairs are built.
+        the first layer on ``B x num_items`` concatenated pairs (``item_half``: the item half
+        from :meth:`item_half`, if the caller has it). Otherwise pairs are built.
         """
         user_vectors = self.user_embedding(users)
-        item_vectors = all_rows(self.item_embedding, self.num_items)
         first = self.tower[0]
         if type(first) is nn.Linear:
+            if item_half is None:
+                item_half = self.item_half()
             dim = user_vectors.shape[-1]
             user_part = user_vectors @ first.weight[:, :dim].T
-            item_part = item_vectors @ first.weight[:, dim:].T + first.bias
-            hidden = user_part[:, None, :] + item_part[None, :, :]
-            return self.rest_of_tower(hidden)
+            return self.rest_of_tower(user_part[:, None, :] + item_half[None, :, :])
+        item_vectors = all_rows(self.item_embedding, self.num_items)
         pair = torch.cat(
             [
                 user_vectors[:, None, :].expand(-1, self.num_items, -1),
@@ -150,18 +162,23 @@ def _score_all_chunked(
     model: MLP | NeuMF, users: torch.Tensor, out: torch.Tensor | None
 ) -> torch.Tensor:
     """``model._score_chunk`` over chunks of users whose widest intermediate (the first tower
-    layer's output for each pair) stays under :data:`TOWER_CHUNK_ELEMENTS`, each chunk written
-    into its rows of ``out`` where it fits (:func:`scores_view`), else concatenated."""
+    layer's output for each pair) holds about :data:`TOWER_CHUNK_ELEMENTS` (one user a chunk
+    at least), each chunk written into its rows of ``out`` where it fits (:func:`scores_view`),
+    else concatenated. The item side (the first layer's item half, compressed tables) is
+    computed once for all the chunks."""
     first = model.mlp.tower[0]
     width = getattr(first, "out_features", 64)
     rows = max(1, TOWER_CHUNK_ELEMENTS // max(1, model.num_items * width))
-    like = model.predict.weight if type(model.predict) is nn.Linear else None
+    like = model.predict.weight if _plain_layer(model.predict) else None
     view = None if like is None else scores_view(out, like, len(users), model.num_items)
-    if view is None:
-        return torch.cat([model._score_chunk(chunk) for chunk in users.split(rows)])
-    for start in range(0, len(users), rows):
-        chunk = users[start : start + rows]
-        model._score_chunk(chunk, out=view[start : start + len(chunk)])
+    with tables_read_once():
+        item_half = model.mlp.item_half()
+        if view is None:
+            parts = [model._score_chunk(chunk, item_half=item_half) for chunk in users.split(rows)]
+            return torch.cat(parts)
+        for start in range(0, len(users), rows):
+            chunk = users[start : start + rows]
+            model._score_chunk(chunk, out=view[start : start + len(chunk)], item_half=item_half)
     return view
 
 
@@ -221,10 +238,16 @@ class MLP(Recommender):
     def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         return self.predict(self.mlp(users, items)).squeeze(-1)
 
-    def _score_chunk(self, users: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    def _score_chunk(
+        self,
+        users: torch.Tensor,
+        out: torch.Tensor | None = None,
+        item_half: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """``[len(users), num_items]`` scores; ``out``: a contiguous matrix of that shape to
-        write them into (only with a plain ``nn.Linear`` output layer)."""
-        hidden = self.mlp.all_items(users)
+        write them into (only with a plain ``nn.Linear`` output layer); ``item_half``: see
+        :meth:`_MLPBranch.all_items`."""
+        hidden = self.mlp.all_items(users, item_half)
         if out is None:
             return self.predict(hidden).squeeze(-1)
         flat = hidden.view(-1, hidden.shape[-1])  # nn.Linear's own addmm, written into out
@@ -264,16 +287,28 @@ class NeuMF(Recommender):
         gmf = rows(self.gmf_user_embedding, users) * rows(self.gmf_item_embedding, items)
         return self.predict(torch.cat([gmf, self.mlp(users, items)], dim=-1)).squeeze(-1)
 
-    def _score_chunk(self, users: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    def _score_chunk(
+        self,
+        users: torch.Tensor,
+        out: torch.Tensor | None = None,
+        item_half: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """``[len(users), num_items]`` scores (into ``out`` where given, a contiguous matrix of
-        that shape). With a plain ``nn.Linear`` output layer ``w = [w_g; w_m]``, the score
-        ``w_g . (p_u * q_i) + w_m . h_ui + b`` is computed as ``(w_g * p_u) . q_i`` (one matmul,
-        as GMF's) plus the tower's outputs times ``w_m``: no pair-wide GMF product or
-        concatenation. ``forward`` up to float rounding."""
+        that shape; ``item_half``: see :meth:`_MLPBranch.all_items`). With a plain
+        ``nn.Linear`` output layer ``w = [w_g; w_m]`` in float32 or float64 and autocast off,
+        the score ``w_g . (p_u * q_i) + w_m . h_ui + b`` is computed as ``(w_g * p_u) . q_i``
+        (one matmul, as GMF's) plus the tower's outputs times ``w_m``: no pair-wide GMF product
+        or concatenation, ``forward`` up to float rounding. Otherwise (a bf16 model would round
+        twice; autocast gives the parts different dtypes) the pairs are concatenated."""
         gmf_users = self.gmf_user_embedding(users)
         gmf_items = all_rows(self.gmf_item_embedding, self.num_items)
-        hidden = self.mlp.all_items(users)
-        if type(self.predict) is not nn.Linear:
+        hidden = self.mlp.all_items(users, item_half)
+        split = (
+            _plain_layer(self.predict)
+            and self.predict.weight.dtype in (torch.float32, torch.float64)
+            and not torch.is_autocast_enabled(gmf_users.device.type)
+        )
+        if not split:
             gmf = gmf_users[:, None, :] * gmf_items[None, :, :]
             return self.predict(torch.cat([gmf, hidden], dim=-1)).squeeze(-1)
         weight = self.predict.weight[0]
