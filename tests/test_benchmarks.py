@@ -162,6 +162,18 @@ def test_the_recommend_reference_is_one_matrix_and_checked_against_ours(
     assert details["ms"] > 0 and details["one_matrix_ms"] > 0
     monkeypatch.setattr(export, "RECOMMEND_CHUNK_ELEMENTS", 1)
     assert chunked_against_one_matrix(served, users, 2)["users_per_chunk"] == 2
+    reference = one_matrix(served, users, 10)
+    # a near-tie ordered the other way: two items of the same score swapped
+    with torch.no_grad():
+        model.item_embedding.weight[3] = model.item_embedding.weight[reference[0, 4] // 3]
+        model.item_bias.weight[3] = model.item_bias.weight[reference[0, 4] // 3]
+    tied = one_matrix(served, users, 10)
+    assert 9 in tied[0]
+    swapped = tied.copy()
+    first, second = sorted(np.flatnonzero(np.isin(tied[0], [9, reference[0, 4]])))
+    swapped[0, [first, second]] = swapped[0, [second, first]]
+    served.recommend = lambda user_ids, k: swapped
+    chunked_against_one_matrix(served, users, 2)
     served.recommend = lambda user_ids, k: one_matrix(served, user_ids, k)[::-1]
     with pytest.raises(AssertionError, match="recommend different items"):
         chunked_against_one_matrix(served, users, 2)

@@ -101,8 +101,9 @@ def test_neumf_scores_in_small_chunks_equal_one_chunk(monkeypatch: pytest.Monkey
     users = torch.arange(dm.num_users)
     with torch.no_grad():
         whole = module.model.score_all(users)
+        width = module.model.mlp.tower[0].out_features  # 3 users a chunk
         monkeypatch.setattr(
-            "recsys_compress.models.ncf.TOWER_CHUNK_ELEMENTS", 3 * dm.num_items * 40
+            "recsys_compress.models.ncf.TOWER_CHUNK_ELEMENTS", 3 * dm.num_items * width
         )
         torch.testing.assert_close(module.model.score_all(users), whole)
 

@@ -145,9 +145,11 @@ def test_recommend_scores_users_in_chunks_into_one_buffer(
 
 
 @pytest.mark.parametrize("name", ["neumf", "mlp"])
-def test_recommend_in_chunks_for_models_that_take_no_buffer(
-    name: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_recommend_with_neumf_and_mlp_in_chunks(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """NeuMF and MLP write each chunk of users into the call's buffer, themselves a few users
+    at a time; a model whose ``score_all`` takes no buffer is called chunk by chunk as well."""
+    from recsys_compress.models import ncf
+
     torch.manual_seed(0)
     model = build_model(ModelConfig(name=name, dim=8, mlp_layers=[16, 8]), N_USERS, N_ITEMS)
     user_ids, item_ids = RAW_ID_KINDS["strings"]
@@ -155,12 +157,26 @@ def test_recommend_in_chunks_for_models_that_take_no_buffer(
     internal = np.array([5, 1, 44, 5, 30, 2, 9])
     with torch.no_grad():
         top = torch.topk(model.eval().score_all(torch.from_numpy(internal)), 5, dim=1).indices
-    calls = []
-    score_all = model.score_all
-    model.score_all = lambda users: calls.append(len(users)) or score_all(users)
+    expected = item_ids[top].tolist()
     monkeypatch.setattr(export, "RECOMMEND_MIN_ROWS", 3)
     monkeypatch.setattr(export, "RECOMMEND_CHUNK_ELEMENTS", 1)
-    assert served.recommend(user_ids[internal], k=5).tolist() == item_ids[top].tolist()
+    monkeypatch.setattr(ncf, "TOWER_CHUNK_ELEMENTS", 2 * N_ITEMS * 16)  # 2 users a tower chunk
+    buffers = []
+    score_all = model.score_all
+
+    def spy(users: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        scores = score_all(users, out=out)
+        buffers.append((len(users), out.data_ptr(), scores.data_ptr()))
+        return scores
+
+    model.score_all = spy
+    assert served.recommend(user_ids[internal], k=5).tolist() == expected
+    assert [n for n, _, _ in buffers] == [3, 3, 1]
+    assert len({ptr for _, ptr, _ in buffers}) == 1  # one buffer, and the scores are in it
+    assert all(ptr == written for _, ptr, written in buffers)
+    calls = []
+    model.score_all = lambda users: calls.append(len(users)) or score_all(users)
+    assert served.recommend(user_ids[internal], k=5).tolist() == expected
     assert calls == [3, 3, 1]
 
 

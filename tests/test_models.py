@@ -801,7 +801,11 @@ def test_neumf_full_ranking_in_other_dtypes_and_under_autocast(dtype):
     with torch.no_grad():
         scores = model.score_all(users)
         expected = model(*all_pairs(users)).view(3, N_ITEMS)
+        pairs = model.gmf_user_embedding(users)[:, None, :] * model.gmf_item_embedding.weight
+        one_rounding = model.predict(torch.cat([pairs, model.mlp.all_items(users)], -1))
     assert scores.dtype == dtype
+    if dtype == torch.bfloat16:  # the output layer in one piece: bf16 rounds once, not twice
+        assert torch.equal(scores, one_rounding.squeeze(-1))
     tol = 1e-9 if dtype == torch.float64 else 0.05
     torch.testing.assert_close(scores, expected, atol=tol, rtol=tol)
     model = randomise(make("neumf"))
