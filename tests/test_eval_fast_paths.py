@@ -177,44 +177,21 @@ def test_scores_written_into_one_buffer_equal_fresh_ones(model: str) -> None:
     assert module._scores_buffer is None
 
 
-@pytest.mark.parametrize("use_bias", [True, False])
-def test_mf_and_gmf_scores_into_a_buffer_are_the_same_bits(use_bias: bool) -> None:
-    from recsys_compress.models import GMF, MF
-
-    users = torch.tensor([3, 0, 7, 7, 2])
-    for model in (MF(10, 40, 8, use_bias=use_bias), GMF(10, 40, 8)):
-        with torch.no_grad():
-            for p in model.parameters():
-                p.normal_()
-            fresh = model.score_all(users)
-            buffer = torch.full((5 * 40 + 13,), float("nan"))
-            into = model.score_all(users, out=buffer)
-            assert into.data_ptr() == buffer.data_ptr() and torch.equal(into, fresh)
-            # a buffer of another dtype, too small or not contiguous is not used
-            wrongs = (
-                torch.empty(5 * 40, dtype=torch.float64),
-                torch.empty(5 * 40 - 1),
-                torch.empty(5 * 40 * 2)[::2],
-            )
-            for wrong in wrongs:
-                other = model.score_all(users, out=wrong)
-                assert other.data_ptr() != wrong.data_ptr() and torch.equal(other, fresh)
-
-
-@pytest.mark.parametrize("name", ["neumf", "mlp"])
-def test_neumf_and_mlp_scores_into_a_buffer_are_the_same_bits(
-    name: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Chunks of two users (an uneven last one) written into their rows of the buffer: the same
-    bits as the chunks concatenated; a buffer that does not fit, or an output layer that is not
-    a plain ``nn.Linear``, gives the fresh path."""
+@pytest.mark.parametrize("name", ["mf", "mf_nobias", "gmf", "neumf", "mlp"])
+def test_scores_into_a_buffer_are_the_same_bits(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every built-in model writes into the first ``users x items`` elements of a buffer the same
+    bits as it returns without one (NeuMF and MLP in chunks of two users, an uneven last one);
+    a buffer of another dtype, too small or not contiguous is not used, nor one for NeuMF or MLP
+    with an output layer that is not a plain ``nn.Linear``."""
     from torch import nn
 
     from recsys_compress.config import ModelConfig
     from recsys_compress.models import build_model
 
     torch.manual_seed(0)
-    cfg = ModelConfig(name=name, dim=8, mlp_dim=8, mlp_layers=[16, 8])
+    cfg = ModelConfig(
+        name=name.split("_")[0], dim=8, mlp_dim=8, mlp_layers=[16, 8], use_bias=name != "mf_nobias"
+    )
     model = build_model(cfg, 10, 40).eval()
     users = torch.tensor([3, 0, 7, 7, 2])
     monkeypatch.setattr("recsys_compress.models.ncf.TOWER_CHUNK_ELEMENTS", 2 * 40 * 16)
@@ -226,10 +203,16 @@ def test_neumf_and_mlp_scores_into_a_buffer_are_the_same_bits(
         into = model.score_all(users, out=buffer)
         assert into.data_ptr() == buffer.data_ptr() and torch.equal(into, fresh)
         assert torch.isnan(buffer[5 * 40 :]).all()
-        for wrong in (torch.empty(5 * 40, dtype=torch.float64), torch.empty(5 * 40 - 1)):
+        wrongs = (
+            torch.empty(5 * 40, dtype=torch.float64),
+            torch.empty(5 * 40 - 1),
+            torch.empty(5 * 40 * 2)[::2],
+        )
+        for wrong in wrongs:
             other = model.score_all(users, out=wrong)
             assert other.data_ptr() != wrong.data_ptr() and torch.equal(other, fresh)
-        model.predict = nn.Sequential(model.predict)
-        wrapped = model.score_all(users, out=buffer)
-        assert wrapped.data_ptr() != buffer.data_ptr()
-        torch.testing.assert_close(wrapped.squeeze(-1), fresh)
+        if name in ("neumf", "mlp"):
+            model.predict = nn.Sequential(model.predict)
+            wrapped = model.score_all(users, out=buffer)
+            assert wrapped.data_ptr() != buffer.data_ptr()
+            torch.testing.assert_close(wrapped.squeeze(-1), fresh)
