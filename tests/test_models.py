@@ -803,7 +803,10 @@ def test_neumf_full_ranking_in_other_dtypes_and_under_autocast(dtype):
         expected = model(*all_pairs(users)).view(3, N_ITEMS)
         pairs = model.gmf_user_embedding(users)[:, None, :] * model.gmf_item_embedding.weight
         one_rounding = model.predict(torch.cat([pairs, model.mlp.all_items(users)], -1))
+        buffer = torch.full((3 * N_ITEMS,), float("nan"), dtype=dtype)
+        into = model.score_all(users, out=buffer)
     assert scores.dtype == dtype
+    assert into.data_ptr() == buffer.data_ptr() and torch.equal(into, scores)
     if dtype == torch.bfloat16:  # the output layer in one piece: bf16 rounds once, not twice
         assert torch.equal(scores, one_rounding.squeeze(-1))
     tol = 1e-9 if dtype == torch.float64 else 0.05

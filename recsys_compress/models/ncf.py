@@ -178,7 +178,10 @@ def _score_all_chunked(
             return torch.cat(parts)
         for start in range(0, len(users), rows):
             chunk = users[start : start + rows]
-            model._score_chunk(chunk, out=view[start : start + len(chunk)], item_half=item_half)
+            target = view[start : start + len(chunk)]
+            scores = model._score_chunk(chunk, out=target, item_half=item_half)
+            if scores.data_ptr() != target.data_ptr():  # computed another way (a bf16 NeuMF)
+                target.copy_(scores)
     return view
 
 
