@@ -733,6 +733,11 @@ def test_all_rows_builds_a_compressed_table_once_per_read_once_block() -> None:
             assert models_base.all_rows(plain, 4) is plain.weight
         models_base.all_rows(table, 12)
         assert runs == [12, 12, 12, 12]
+        with models_base.tables_read_once():  # a table built under autocast is not kept
+            with torch.autocast("cpu", torch.bfloat16):
+                models_base.all_rows(table, 12)
+            assert models_base.all_rows(table, 12).dtype == torch.float32
+            assert runs == [12, 12, 12, 12, 12, 12]
     with models_base.tables_read_once():
         with torch.no_grad():
             kept = models_base.all_rows(table, 12)
@@ -816,3 +821,29 @@ def test_neumf_full_ranking_in_other_dtypes_and_under_autocast(dtype):
         mixed = model.score_all(users)
         expected = model(*all_pairs(users)).view(3, N_ITEMS)
     torch.testing.assert_close(mixed.float(), expected.float(), atol=0.05, rtol=0.05)
+
+
+@pytest.mark.parametrize("name", ["mlp", "neumf"])
+def test_full_ranking_reads_the_item_side_once_for_all_chunks(name, monkeypatch):
+    """A compressed item table (here a module that is not ``nn.Embedding``) is run once, and the
+    first layer's item half projected once, per ``score_all`` however many chunks of users."""
+    model = randomise(make(name))
+    users = torch.arange(N_USERS)
+    with torch.no_grad():
+        expected = model.score_all(users)
+    names = ["mlp.item_embedding"] + (["gmf_item_embedding"] if name == "neumf" else [])
+    runs = {table: [] for table in names}
+    for table in names:
+        wrapped = WrappedEmbedding(model.get_submodule(table))
+        wrapped.register_forward_hook(lambda m, args, out, table=table: runs[table].append(1))
+        parent, _, attr = table.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, wrapped)
+    halves = []
+    item_half = model.mlp.item_half
+    monkeypatch.setattr(model.mlp, "item_half", lambda: halves.append(1) or item_half())
+    monkeypatch.setattr(models_ncf, "TOWER_CHUNK_ELEMENTS", 1)  # one user a chunk
+    with torch.no_grad():
+        torch.testing.assert_close(model.score_all(users), expected, atol=1e-6, rtol=1e-6)
+        assert runs == {table: [1] for table in names} and halves == [1]
+        model.score_all(users, out=torch.empty(N_USERS * N_ITEMS))
+        assert runs == {table: [1, 1] for table in names} and halves == [1, 1]
