@@ -171,6 +171,48 @@ def test_settings_that_change_no_result_do_not_split_a_configuration(tmp_path: P
     assert sorted(p.n for p in aggregate_points(found)) == [1, 3]
 
 
+def _edit(run: Path, change: Any) -> None:
+    record = json.loads((run / "results.json").read_text())
+    change(record["config"])
+    (run / "results.json").write_text(json.dumps(record))
+
+
+def test_records_without_newer_config_keys_join_the_configuration_they_agree_with(
+    tmp_path: Path,
+) -> None:
+    """As ``skip_completed`` treats a key that an older record lacks: seeds written before
+    ``trainer.batches_per_call`` existed average with the one written after (and so do their
+    dense models); a record that lacks ``model.dim`` where two dims were run stays apart, and
+    so does one whose value stands where another has a section."""
+    for seed in range(3):
+        write_run(
+            tmp_path, f"p_{seed}", seed, ["prune"], 0.25 * (seed + 1), 1000, 0.5, dense_of(seed)
+        )
+    _edit(tmp_path / "p_0", lambda c: c["trainer"].update(batches_per_call=16))
+    found, _ = observations(collect_results([str(tmp_path)]))
+    points = {p.label: p for p in aggregate_points(found)}
+    assert set(points) == {"prune", "dense"}
+    assert (points["prune"].n, points["prune"].value) == (3, 0.5)
+    assert points["prune"].config["trainer.batches_per_call"] == 16
+    assert points["dense"].n == 3
+    # another value of the newer key is another configuration, which the old records cannot
+    # be told apart from: then they stay on their own
+    write_run(tmp_path, "p_3", 3, ["prune"], 0.0, 1000, 0.5, dense_of(0))
+    _edit(tmp_path / "p_3", lambda c: c["trainer"].update(batches_per_call=1))
+    found, _ = observations(collect_results([str(tmp_path)]))
+    prune = [p for p in aggregate_points(found) if p.method == "prune"]
+    assert sorted((p.n, p.config.get("trainer.batches_per_call", 0)) for p in prune) == [
+        (1, 1),
+        (1, 16),
+        (2, 0),
+    ]
+    # a null section against the same section's keys is a difference, not a missing key
+    write_run(tmp_path / "other", "a", 0, ["prune"], 0.5, 1000, 0.5)
+    write_run(tmp_path / "other", "b", 1, ["prune"], 0.5, 1000, None)
+    found, _ = observations(collect_results([str(tmp_path / "other")]))
+    assert sorted(p.n for p in aggregate_points(found)) == [1, 1]
+
+
 def test_front_table_and_plot_files(sweep: Path, tmp_path: Path) -> None:
     found, _ = observations(collect_results([str(sweep)]))
     points = aggregate_points(found)

@@ -188,16 +188,61 @@ def observations(
     return found, problems
 
 
+def _compatible(config: dict[str, Any], other: dict[str, Any]) -> bool:
+    """Whether two flattened configurations agree on every key both have, and neither has a
+    value where the other has a section (``compression.prune: null`` against
+    ``compression.prune.sparsity``): they differ only by keys one of them lacks."""
+    for key, value in config.items():
+        if key in other:
+            if _text(other[key]) != _text(value):
+                return False
+        elif any(o.startswith(key + ".") or key.startswith(o + ".") for o in other):
+            return False
+    return True
+
+
+def _configurations(
+    configs: Sequence[dict[str, Any]],
+) -> tuple[list[int], list[dict[str, Any]]]:
+    """For each of ``configs`` (one method's), the index of the configuration it belongs to, and
+    those configurations (each the union of its members' keys).
+
+    A record written before a config key existed lacks it; like ``skip_completed``
+    (:func:`recsys_compress.results.completed_run`), such a record joins the configuration it
+    agrees with on every key it has, when there is exactly one (with two, say ``dim=16`` and
+    ``dim=32`` where it lacks ``dim``, it stays apart: which it ran is unknown). Configurations
+    with more keys are placed first, so that older records join the newer ones."""
+    texts = [json.dumps(c, sort_keys=True, default=str) for c in configs]
+    distinct = sorted(set(texts), key=lambda t: (-len(json.loads(t)), t))
+    groups: list[dict[str, Any]] = []
+    group_of: dict[str, int] = {}
+    for text in distinct:
+        config = json.loads(text)
+        matches = [i for i, group in enumerate(groups) if _compatible(config, group)]
+        if len(matches) == 1:
+            group_of[text] = matches[0]
+            groups[matches[0]] = {**config, **groups[matches[0]]}
+        else:
+            group_of[text] = len(groups)
+            groups.append(config)
+    return [group_of[t] for t in texts], groups
+
+
 def aggregate_points(found: Sequence[Observation]) -> list[ParetoPoint]:
-    """One point per (method, configuration): seeds averaged. Labels name the config keys that
-    differ between the points of a method (or the ``group_by`` values)."""
+    """One point per (method, configuration): seeds averaged (a record that lacks newer config
+    keys joins the one configuration it agrees with: :func:`_configurations`). Labels name the
+    config keys that differ between the points of a method (or the ``group_by`` values)."""
     points: dict[tuple[str, str], ParetoPoint] = {}
-    for obs in found:
-        key = (obs.method, json.dumps(obs.config, sort_keys=True, default=str))
-        point = points.setdefault(key, ParetoPoint(obs.method, obs.config))
-        point.sizes.append(obs.size)
-        point.values.append(obs.value)
-        point.run_dirs.append(obs.run_dir)
+    for method in sorted({obs.method for obs in found}):
+        mine = [obs for obs in found if obs.method == method]
+        which, configs = _configurations([obs.config for obs in mine])
+        for obs, group in zip(mine, which, strict=True):
+            config = configs[group]
+            key = (method, json.dumps(config, sort_keys=True, default=str))
+            point = points.setdefault(key, ParetoPoint(method, config))
+            point.sizes.append(obs.size)
+            point.values.append(obs.value)
+            point.run_dirs.append(obs.run_dir)
     result = [points[k] for k in sorted(points)]
     for method in {p.method for p in result}:
         mine = [p for p in result if p.method == method]
