@@ -800,9 +800,11 @@ def test_full_ranking_of_no_users_and_with_autograd(name):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
 def test_neumf_full_ranking_in_other_dtypes_and_under_autocast(dtype):
     """bf16 and float64 models, and a float32 model under CPU autocast (Lightning's
-    ``bf16-mixed`` evaluation), score all items as ``forward`` does on every pair."""
+    ``bf16-mixed`` evaluation), score all items and sampled candidates as ``forward`` does on
+    every pair; bf16 keeps the output layer in one piece (one rounding, not two)."""
     model = randomise(make("neumf")).to(dtype)
     users = torch.tensor([1, 5, 12])
+    candidates = torch.tensor([[0, 3, 16], [2, 2, 9], [15, 1, 4]])
     with torch.no_grad():
         scores = model.score_all(users)
         expected = model(*all_pairs(users)).view(3, N_ITEMS)
@@ -810,17 +812,40 @@ def test_neumf_full_ranking_in_other_dtypes_and_under_autocast(dtype):
         one_rounding = model.predict(torch.cat([pairs, model.mlp.all_items(users)], -1))
         buffer = torch.full((3 * N_ITEMS,), float("nan"), dtype=dtype)
         into = model.score_all(users, out=buffer)
-    assert scores.dtype == dtype
+        sampled = model.score_candidates(users, candidates)
+        gmf_pairs = model.gmf_user_embedding(users)[:, None, :] * model.gmf_item_embedding(
+            candidates
+        )
+        hidden = model.mlp.candidates(users, candidates)
+        sampled_one_rounding = model.predict(torch.cat([gmf_pairs, hidden], -1)).squeeze(-1)
+    assert scores.dtype == sampled.dtype == dtype
     assert into.data_ptr() == buffer.data_ptr() and torch.equal(into, scores)
-    if dtype == torch.bfloat16:  # the output layer in one piece: bf16 rounds once, not twice
+    if dtype == torch.bfloat16:
         assert torch.equal(scores, one_rounding.squeeze(-1))
+        assert torch.equal(sampled, sampled_one_rounding)
     tol = 1e-9 if dtype == torch.float64 else 0.05
     torch.testing.assert_close(scores, expected, atol=tol, rtol=tol)
+    torch.testing.assert_close(sampled, expected.gather(1, candidates), atol=tol, rtol=tol)
     model = randomise(make("neumf"))
     with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
         mixed = model.score_all(users)
+        mixed_sampled = model.score_candidates(users, candidates)
         expected = model(*all_pairs(users)).view(3, N_ITEMS)
     torch.testing.assert_close(mixed.float(), expected.float(), atol=0.05, rtol=0.05)
+    expected_sampled = expected.gather(1, candidates).float()
+    torch.testing.assert_close(mixed_sampled.float(), expected_sampled, atol=0.05, rtol=0.05)
+
+
+def test_neumf_sampled_scores_with_autograd():
+    """Sampled scoring with the output layer split keeps a graph to every weight."""
+    model = randomise(make("neumf"))
+    users, candidates = torch.tensor([0, 7]), torch.tensor([[1, 2, 3], [4, 4, 16]])
+    scores = model.score_candidates(users, candidates)
+    scores.sum().backward()
+    pairs = model(users.repeat_interleave(3), candidates.reshape(-1)).view(2, 3)
+    torch.testing.assert_close(scores.detach(), pairs.detach(), atol=1e-5, rtol=1e-5)
+    for name in ("predict.weight", "gmf_item_embedding.weight", "mlp.tower.0.weight"):
+        assert model.get_parameter(name).grad.abs().sum() > 0, name
 
 
 @pytest.mark.parametrize("name", ["mlp", "neumf"])
