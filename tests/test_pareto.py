@@ -213,6 +213,34 @@ def test_records_without_newer_config_keys_join_the_configuration_they_agree_wit
     assert sorted(p.n for p in aggregate_points(found)) == [1, 1]
 
 
+def test_a_two_stage_runs_dense_model_is_not_merged_with_a_dense_run(tmp_path: Path) -> None:
+    """A two-stage run's dense model has a projected config (its compression settings and
+    length left out), which a dense-only run's whole config always agrees with: they stay two
+    points, however the records are ordered."""
+    write_run(tmp_path, "two_stage", 0, ["prune"], 0.25, 1000, 0.5, dense_of(0))
+    write_run(tmp_path, "none", 0, [], 0.5, 8000)
+    _edit(tmp_path / "none", lambda c: c["compression"].update(dense_epochs=2))
+    records = collect_results([str(tmp_path)])
+    for ordered in (records, records[::-1]):
+        found, _ = observations(ordered)
+        dense = [p for p in aggregate_points(found) if p.method == "dense"]
+        assert sorted((p.n, p.value) for p in dense) == [(1, 0.5), (1, 0.5)]
+        assert sorted(p.run_dirs[0].rsplit("/", 1)[-1] for p in dense) == ["dense", "none"]
+
+
+def test_records_of_three_versions_join_the_newest_configuration(tmp_path: Path) -> None:
+    for seed in range(3):
+        write_run(tmp_path, f"v{seed}", seed, ["qat"], 0.25 * (seed + 1), 2000)
+    _edit(tmp_path / "v1", lambda c: c["trainer"].update(batches_per_call=16))
+    _edit(tmp_path / "v2", lambda c: c["trainer"].update(batches_per_call=16, precision="32"))
+    records = collect_results([str(tmp_path)])
+    for ordered in (records, records[::-1]):
+        found, _ = observations(ordered)
+        (point,) = aggregate_points(found)
+        assert (point.n, point.value, point.label) == (3, 0.5, "qat")
+        assert point.config["trainer.precision"] == "32"
+
+
 def test_front_table_and_plot_files(sweep: Path, tmp_path: Path) -> None:
     found, _ = observations(collect_results([str(sweep)]))
     points = aggregate_points(found)

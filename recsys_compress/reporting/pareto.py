@@ -1,8 +1,10 @@
 """Size / quality trade-off of many runs: seed-averaged points per compression method and their
 Pareto front (smaller artifact, higher metric), as a figure and a Markdown table.
 
-A *configuration* is a run's config without its ``seed`` (or, with ``group_by``, the values of
-those config keys); its seeds are averaged into one :class:`ParetoPoint`. Runs whose record has
+A *configuration* is a run's config without its ``seed`` and the settings that change no result
+(or, with ``group_by``, the values of those config keys); its seeds are averaged into one
+:class:`ParetoPoint`. A record written before a config key existed joins the configuration it
+agrees with (:func:`_configurations`). Runs whose record has
 a ``dense`` section (two-stage runs) also contribute the dense model they started from, counted
 once per seed however many compressed runs share it.
 """
@@ -42,6 +44,7 @@ class Observation:
     size: float
     value: float
     run_dir: str
+    dense_stage: bool = False  # the dense model a two-stage run started from (its config projected)
 
 
 @dataclass
@@ -184,48 +187,53 @@ def observations(
             problems.append(f"{run_dir}: its dense section has no {dense_size} or {part} {metric}")
         elif key not in dense_seen:
             dense_seen.add(key)
-            found.append(Observation(DENSE, config, seed, x, y, f"{run_dir}/dense"))
+            found.append(Observation(DENSE, config, seed, x, y, f"{run_dir}/dense", True))
     return found, problems
 
 
-def _compatible(config: dict[str, Any], other: dict[str, Any]) -> bool:
-    """Whether two flattened configurations agree on every key both have, and neither has a
-    value where the other has a section (``compression.prune: null`` against
-    ``compression.prune.sparsity``): they differ only by keys one of them lacks."""
-    for key, value in config.items():
-        if key in other:
-            if _text(other[key]) != _text(value):
-                return False
-        elif any(o.startswith(key + ".") or key.startswith(o + ".") for o in other):
-            return False
-    return True
+def _text_of(config: dict[str, Any]) -> str:
+    return json.dumps(config, sort_keys=True, default=str)
 
 
 def _configurations(
     configs: Sequence[dict[str, Any]],
 ) -> tuple[list[int], list[dict[str, Any]]]:
-    """For each of ``configs`` (one method's), the index of the configuration it belongs to, and
-    those configurations (each the union of its members' keys).
+    """For each of ``configs`` (one method's, one stage's), the index of the configuration it
+    belongs to, and those configurations.
 
-    A record written before a config key existed lacks it; like ``skip_completed``
-    (:func:`recsys_compress.results.completed_run`), such a record joins the configuration it
-    agrees with on every key it has, when there is exactly one (with two, say ``dim=16`` and
-    ``dim=32`` where it lacks ``dim``, it stays apart: which it ran is unknown). Configurations
-    with more keys are placed first, so that older records join the newer ones."""
-    texts = [json.dumps(c, sort_keys=True, default=str) for c in configs]
-    distinct = sorted(set(texts), key=lambda t: (-len(json.loads(t)), t))
-    groups: list[dict[str, Any]] = []
-    group_of: dict[str, int] = {}
-    for text in distinct:
-        config = json.loads(text)
-        matches = [i for i, group in enumerate(groups) if _compatible(config, group)]
-        if len(matches) == 1:
-            group_of[text] = matches[0]
-            groups[matches[0]] = {**config, **groups[matches[0]]}
-        else:
-            group_of[text] = len(groups)
-            groups.append(config)
-    return [group_of[t] for t in texts], groups
+    A record written before a config key existed lacks it. Like ``skip_completed``
+    (:func:`recsys_compress.results.completed_run`), such a record joins a configuration whose
+    keys include all of its own and that agrees with it on them, when exactly one *full* such
+    configuration exists (one with no such configuration of more keys): with two, say
+    ``batches_per_call=1`` and ``16`` where it lacks the key, it stays apart, since which it ran
+    is unknown. A key holding a value where the other has a section (``compression.prune:
+    null`` against ``compression.prune.sparsity``) is a difference, not a missing key. The
+    result does not depend on the records' order; configurations are compared by their
+    projection onto the smaller key set, so records of one version cost one pass."""
+    texts = [_text_of(c) for c in configs]
+    parsed = {t: json.loads(t) for t in set(texts)}
+    buckets: dict[frozenset[str], list[str]] = {}
+    for text in sorted(parsed):
+        buckets.setdefault(frozenset(parsed[text]), []).append(text)
+    wider: dict[str, list[str]] = {text: [] for text in parsed}
+    for small, members in buckets.items():
+        for large, others in buckets.items():
+            extra = large - small
+            if not small < large or any(o.startswith(k + ".") for k in small for o in extra):
+                continue
+            by_projection: dict[str, list[str]] = {}
+            for other in others:
+                projected = _text_of({k: parsed[other][k] for k in small})
+                by_projection.setdefault(projected, []).append(other)
+            for text in members:
+                wider[text] += by_projection.get(text, [])
+    target = {}
+    for text in parsed:
+        full = [other for other in wider[text] if not wider[other]]
+        target[text] = full[0] if wider[text] and len(full) == 1 else text
+    roots = sorted(set(target.values()))
+    index = {text: i for i, text in enumerate(roots)}
+    return [index[target[t]] for t in texts], [parsed[t] for t in roots]
 
 
 def aggregate_points(found: Sequence[Observation]) -> list[ParetoPoint]:
@@ -233,8 +241,9 @@ def aggregate_points(found: Sequence[Observation]) -> list[ParetoPoint]:
     keys joins the one configuration it agrees with: :func:`_configurations`). Labels name the
     config keys that differ between the points of a method (or the ``group_by`` values)."""
     points: dict[tuple[str, str], ParetoPoint] = {}
-    for method in sorted({obs.method for obs in found}):
-        mine = [obs for obs in found if obs.method == method]
+    for method, stage in sorted({(obs.method, obs.dense_stage) for obs in found}):
+        # a two-stage run's dense model has a projected config: never matched with whole ones
+        mine = [obs for obs in found if (obs.method, obs.dense_stage) == (method, stage)]
         which, configs = _configurations([obs.config for obs in mine])
         for obs, group in zip(mine, which, strict=True):
             config = configs[group]
