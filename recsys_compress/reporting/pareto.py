@@ -207,9 +207,9 @@ def _configurations(
     configuration exists (one with no such configuration of more keys): with two, say
     ``batches_per_call=1`` and ``16`` where it lacks the key, it stays apart, since which it ran
     is unknown. A key holding a value where the other has a section (``compression.prune:
-    null`` against ``compression.prune.sparsity``) is a difference, not a missing key. The
-    result does not depend on the records' order; configurations are compared by their
-    projection onto the smaller key set, so records of one version cost one pass."""
+    null`` against ``compression.prune.sparsity``) is a difference: neither key set contains
+    the other. The result does not depend on the records' order; configurations are compared
+    by their projection onto the smaller key set, so records of one version cost one pass."""
     texts = [_text_of(c) for c in configs]
     parsed = {t: json.loads(t) for t in set(texts)}
     buckets: dict[frozenset[str], list[str]] = {}
@@ -218,8 +218,7 @@ def _configurations(
     wider: dict[str, list[str]] = {text: [] for text in parsed}
     for small, members in buckets.items():
         for large, others in buckets.items():
-            extra = large - small
-            if not small < large or any(o.startswith(k + ".") for k in small for o in extra):
+            if not small < large:
                 continue
             by_projection: dict[str, list[str]] = {}
             for other in others:
