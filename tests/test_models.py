@@ -836,6 +836,19 @@ def test_neumf_full_ranking_in_other_dtypes_and_under_autocast(dtype):
     torch.testing.assert_close(mixed_sampled.float(), expected_sampled, atol=0.05, rtol=0.05)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_neumf_sampled_scores_take_the_split_output_layer_in_float32(dtype, monkeypatch):
+    """float32 scores the GMF half through ``candidate_dots`` (no pair-wide product); bf16 keeps
+    the concatenated layer."""
+    model = randomise(make("neumf")).to(dtype)
+    calls = []
+    dots = models_ncf.candidate_dots
+    monkeypatch.setattr(models_ncf, "candidate_dots", lambda *a: calls.append(1) or dots(*a))
+    with torch.no_grad():
+        model.score_candidates(torch.tensor([0, 3]), torch.tensor([[1, 2], [5, 6]]))
+    assert calls == ([1] if dtype == torch.float32 else [])
+
+
 def test_neumf_sampled_scores_with_autograd():
     """Sampled scoring with the output layer split keeps a graph to every weight."""
     model = randomise(make("neumf"))

@@ -195,6 +195,14 @@ def test_records_without_newer_config_keys_join_the_configuration_they_agree_wit
     assert (points["prune"].n, points["prune"].value) == (3, 0.5)
     assert points["prune"].config["trainer.batches_per_call"] == 16
     assert points["dense"].n == 3
+    # a newer record of seed 1 (another sparsity) shares its dense model with the older one
+    write_run(tmp_path, "q_1", 1, ["prune"], 0.5, 500, 0.9, dense_of(1))
+    _edit(tmp_path / "q_1", lambda c: c["trainer"].update(batches_per_call=16))
+    found, _ = observations(collect_results([str(tmp_path)]))
+    points = {p.label: p for p in aggregate_points(found)}
+    assert (points["dense"].n, points["dense"].value) == (3, 0.625)
+    (tmp_path / "q_1" / "results.json").unlink()
+    (tmp_path / "q_1").rmdir()
     # another value of the newer key is another configuration, which the old records cannot
     # be told apart from: then they stay on their own
     write_run(tmp_path, "p_3", 3, ["prune"], 0.0, 1000, 0.5, dense_of(0))

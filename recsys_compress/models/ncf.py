@@ -330,7 +330,7 @@ class NeuMF(Recommender):
         as GMF's) and the tower's outputs times ``w_m`` are added in place: no pair-wide product
         or concatenation (1,024 users x 100 candidates, NeuMF-32, two runs of a timing loop:
         at ML-1M size 34-45 -> 19-30 ms on two threads, 35-73 -> 26-38 ms on one; at
-        ML-100K size 27-32 -> 23-29 ms)."""
+        ML-100K size 27-32 -> 23-29 ms on one and two threads)."""
         gmf_users = rows(self.gmf_user_embedding, users)
         hidden = self.mlp.candidates(users, candidates)
         if not self._splits_output(gmf_users):

@@ -241,12 +241,18 @@ def aggregate_points(found: Sequence[Observation]) -> list[ParetoPoint]:
     config keys that differ between the points of a method (or the ``group_by`` values)."""
     points: dict[tuple[str, str], ParetoPoint] = {}
     for method, stage in sorted({(obs.method, obs.dense_stage) for obs in found}):
-        # a two-stage run's dense model has a projected config: never matched with whole ones
+        # a two-stage run's dense model has a projected config, which any whole config of a
+        # dense-only run agrees with: the two are not joined (an equal config still is one point)
         mine = [obs for obs in found if (obs.method, obs.dense_stage) == (method, stage)]
         which, configs = _configurations([obs.config for obs in mine])
+        dense_seen: set[tuple[int, str]] = set()
         for obs, group in zip(mine, which, strict=True):
+            if stage:  # one dense model per seed, also where an older record's config joined
+                if (group, str(obs.seed)) in dense_seen:
+                    continue
+                dense_seen.add((group, str(obs.seed)))
             config = configs[group]
-            key = (method, json.dumps(config, sort_keys=True, default=str))
+            key = (method, _text_of(config))
             point = points.setdefault(key, ParetoPoint(method, config))
             point.sizes.append(obs.size)
             point.values.append(obs.value)
