@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     if problems:
         print("\nRuns without a point:")
         print("\n".join(f"- {line}" for line in problems))
-    print(f"\n{len(points)} configurations from {len(found)} measurements; wrote")
+    measured = sum(p.n for p in points)
+    print(f"\n{len(points)} configurations from {measured} measurements; wrote")
     print("\n".join(f"  {path}" for path in paths))
     return 0
 

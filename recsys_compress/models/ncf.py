@@ -179,10 +179,15 @@ def _score_all_chunked(
         for start in range(0, len(users), rows):
             chunk = users[start : start + rows]
             target = view[start : start + len(chunk)]
-            scores = model._score_chunk(chunk, out=target, item_half=item_half)
-            if scores.data_ptr() != target.data_ptr():  # computed another way (a bf16 NeuMF)
-                target.copy_(scores)
+            model._score_chunk(chunk, out=target, item_half=item_half)
     return view
+
+
+def _plus_tower(scores: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``scores += hidden @ weight`` in place: the tower outputs' share of NeuMF's split output
+    layer (``scores`` a fresh or ``out`` matrix, contiguous)."""
+    scores.view(-1).addmv_(hidden.reshape(-1, hidden.shape[-1]), weight)
+    return scores
 
 
 class GMF(Recommender):
@@ -308,12 +313,19 @@ class NeuMF(Recommender):
         hidden = self.mlp.all_items(users, item_half)
         if not self._splits_output(gmf_users):
             gmf = gmf_users[:, None, :] * gmf_items[None, :, :]
-            return self.predict(torch.cat([gmf, hidden], dim=-1)).squeeze(-1)
+            scores = self.predict(torch.cat([gmf, hidden], dim=-1)).squeeze(-1)
+            return scores if out is None else out.copy_(scores)
+        weighted_users, tower_weight = self._gmf_users_and_tower_weight(gmf_users)
+        scores = torch.addmm(self.predict.bias, weighted_users, gmf_items.T, out=out)
+        return _plus_tower(scores, hidden, tower_weight)
+
+    def _gmf_users_and_tower_weight(
+        self, gmf_users: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The split output layer's halves: ``w_g * p_u`` and ``w_m``."""
         weight = self.predict.weight[0]
         dim = gmf_users.shape[-1]
-        scores = torch.addmm(self.predict.bias, gmf_users * weight[:dim], gmf_items.T, out=out)
-        scores.view(-1).addmv_(hidden.view(-1, hidden.shape[-1]), weight[dim:])
-        return scores
+        return gmf_users * weight[:dim], weight[dim:]
 
     def _splits_output(self, like: torch.Tensor) -> bool:
         """Whether the output layer is computed as its GMF and tower halves (:meth:`_score_chunk`):
@@ -336,11 +348,9 @@ class NeuMF(Recommender):
         if not self._splits_output(gmf_users):
             gmf = gmf_users[:, None, :] * rows(self.gmf_item_embedding, candidates)
             return self.predict(torch.cat([gmf, hidden], dim=-1)).squeeze(-1)
-        weight = self.predict.weight[0]
-        dim = gmf_users.shape[-1]
-        scores = candidate_dots(gmf_users * weight[:dim], self.gmf_item_embedding, candidates)
-        scores.view(-1).addmv_(hidden.reshape(-1, hidden.shape[-1]), weight[dim:])
-        return scores.add_(self.predict.bias)
+        weighted_users, tower_weight = self._gmf_users_and_tower_weight(gmf_users)
+        scores = candidate_dots(weighted_users, self.gmf_item_embedding, candidates)
+        return _plus_tower(scores, hidden, tower_weight).add_(self.predict.bias)
 
     def score_all(self, users: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         return _score_all_chunked(self, users, out)

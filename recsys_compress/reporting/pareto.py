@@ -161,7 +161,6 @@ def observations(
     """
     found: list[Observation] = []
     problems: list[str] = []
-    dense_seen: set[tuple[str, str]] = set()
     for record in records:
         run_dir = str(record.get("run_dir"))
         if record.get("status") != "completed":
@@ -182,11 +181,9 @@ def observations(
         dense_size = size.rsplit(".", 1)[-1]
         x, y = record_value(dense, dense_size, part), record_value(dense, metric, part)
         config = _configuration(record, group_by, dense=True)
-        key = (json.dumps(config, sort_keys=True, default=str), str(seed))
         if x is None or y is None:
             problems.append(f"{run_dir}: its dense section has no {dense_size} or {part} {metric}")
-        elif key not in dense_seen:
-            dense_seen.add(key)
+        else:  # one per run that shares it: aggregate_points counts it once per seed
             found.append(Observation(DENSE, config, seed, x, y, f"{run_dir}/dense", True))
     return found, problems
 
@@ -247,7 +244,7 @@ def aggregate_points(found: Sequence[Observation]) -> list[ParetoPoint]:
         which, configs = _configurations([obs.config for obs in mine])
         dense_seen: set[tuple[int, str]] = set()
         for obs, group in zip(mine, which, strict=True):
-            if stage:  # one dense model per seed, also where an older record's config joined
+            if stage:  # one dense model per seed, however many runs (of any version) share it
                 if (group, str(obs.seed)) in dense_seen:
                     continue
                 dense_seen.add((group, str(obs.seed)))
