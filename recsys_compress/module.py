@@ -9,8 +9,6 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.plugins.precision import Precision
-from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.trainer.connectors.logger_connector.result import _ResultMetric
 from torch import nn
 
@@ -19,7 +17,7 @@ from recsys_compress.config import EvalConfig, LossConfig, OptimConfig
 from recsys_compress.errors import RecsysCompressError
 from recsys_compress.metrics import FullRankingMetrics, RatingMetrics, SampledRankingMetrics
 from recsys_compress.models.base import Recommender, takes_out
-from recsys_compress.optim import RowSparseAdam, RowWiseAdagrad, optimizer_step
+from recsys_compress.optim import RowSparseAdam, RowWiseAdagrad, optimizer_step, plain_steps
 
 log = logging.getLogger(__name__)
 
@@ -202,13 +200,7 @@ class RecommenderModule(L.LightningModule):
         self._before_step = [
             cb for cb in callbacks if type(cb).on_before_optimizer_step is not base
         ]
-        # On one device in full precision Lightning's backward and step wrappers only call
-        # hooks (~0.3 ms a step on CPU): call backward, the optimizer and the hooks that matter
-        # (on_before_optimizer_step, Lightning's step count) directly. Mixed precision needs
-        # Lightning's gradient scaling, DDP its backward preparation: those keep the wrappers.
-        self._plain_steps = type(self.trainer.precision_plugin) is Precision and isinstance(
-            self.trainer.strategy, SingleDeviceStrategy
-        )
+        self._plain_steps = plain_steps(self.trainer)
         # On that path, tables read with gather_rows keep their dense gradient between steps
         # and clear only the rows a batch wrote (ops.keep_gradient): a table much larger than
         # a batch (1M users) then costs no fresh table-sized gradient per step. Gradient
