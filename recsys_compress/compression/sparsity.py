@@ -62,8 +62,10 @@ class L1Config:
     final_threshold: float | None = None
     # How the proximal step of dense tables with Adam state runs: "compiled" as one fused pass
     # per table (torch.compile: a C++ compiler and Python's headers on CPU, Triton on CUDA),
-    # "eager" as chunked torch ops, "auto" compiled when those tables hold COMPILE_MIN_WEIGHTS
-    # weights or more in all, eager (after a warning) where compiling fails.
+    # with torch's Adam / AdamW on one device in full precision inside the optimizer's step (the
+    # table's update and its shrinkage in that one pass), "eager" as chunked torch ops after
+    # the step, "auto" compiled when those tables hold COMPILE_MIN_WEIGHTS weights or more in
+    # all, eager (after a warning) where compiling fails.
     kernel: str = "auto"
 
     def __post_init__(self) -> None:
@@ -103,6 +105,7 @@ class L1Proximal(L.Callback):
         self._step_hooks: list[RemovableHandle] = []
         self._taken: list[tuple[torch.Tensor, torch.Tensor, dict[str, Any], float]] = []
         self._fused: set[int] = set()
+        self._fused_compiled = False  # the fused pass has compiled (for this callback)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
@@ -137,8 +140,8 @@ class L1Proximal(L.Callback):
 
     def register_fused_steps(self, trainer: L.Trainer) -> None:
         """With dense Adam (torch's ``Adam`` or ``AdamW``) and the compiled kernel, run the
-        dense tables' proximal step inside the optimizer's step: each table's Adam update and
-        its soft threshold in one compiled pass (:func:`adam_proximal_step_`), which reads the
+        dense targets' proximal step inside the optimizer's step: each table's (or layer's)
+        Adam update and its soft threshold in one compiled pass (:func:`adam_proximal_step_`), which reads the
         weights and moments once where the update and a separate pass read them twice (at
         1M x 100k MF-64: 48.7 ms against 43.1 + 30.1 ms). A step pre-hook takes those tables'
         gradients from the optimizer (which then leaves them alone), a post-hook runs the pass
@@ -150,7 +153,9 @@ class L1Proximal(L.Callback):
         self._remove_fused_steps()
         if self.cfg.kernel == "eager" or self._kernel_state == "eager":
             return
-        if not plain_steps(trainer):
+        # With automatic optimization torch's step would run the closure (the backward) after
+        # the pre-hook: only the module's own manual steps take the gradients first.
+        if not plain_steps(trainer) or trainer.lightning_module.automatic_optimization:
             return
         for optimizer in trainer.optimizers:
             raw = getattr(optimizer, "optimizer", optimizer)
@@ -179,7 +184,6 @@ class L1Proximal(L.Callback):
             """Before the optimizer's step: take the gradients of the tables this step updates
             and shrinks in one pass (a weight without a gradient, or with a sparse one, is left
             to the optimizer and :meth:`proximal_step`)."""
-            self._fused.clear()
             self._taken.clear()
             # Inside optimizer.step(): global_step still counts the step being taken.
             scale = self.scale(trainer.global_step)
@@ -201,21 +205,23 @@ class L1Proximal(L.Callback):
         """After the optimizer's step: Adam's update and the soft threshold of each table whose
         gradient :meth:`_take_gradients` took, in one compiled pass; the gradient goes back."""
         kernel = _fused_kernel()
-        for weight, grad, group, strength in self._taken:
-            state = optimizer.state[weight]
-            if not state:  # torch's lazy initialisation (Adam._init_group), the same layout
-                state["step"] = _initial_step(group, weight)
-                state["exp_avg"] = torch.zeros_like(weight, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(weight, memory_format=torch.preserve_format)
-            state["step"] += 1
-            scalars = _adam_scalars(optimizer, group, weight, float(state["step"]), strength)
-            flat = [weight.detach(), grad, state["exp_avg"], state["exp_avg_sq"]]
-            kernel(*[t.view(-1) for t in flat], *scalars)
-            weight.grad = grad
-            self._fused.add(id(weight))
-        if self._taken:
-            self._steps_run.add("fused")
-        self._taken.clear()
+        try:
+            for weight, grad, group, strength in self._taken:
+                state = optimizer.state[weight]
+                if not state:  # torch's lazy initialisation (Adam._init_group), the same layout
+                    state["step"] = _initial_step(group, weight)
+                    for key in ("exp_avg", "exp_avg_sq"):
+                        state[key] = torch.zeros_like(weight, memory_format=torch.preserve_format)
+                state["step"] += 1
+                scalars = _adam_scalars(optimizer, group, weight, float(state["step"]), strength)
+                flat = [weight.detach(), grad, state["exp_avg"], state["exp_avg_sq"]]
+                kernel(*[t.view(-1) for t in flat], *scalars)
+                self._fused.add(id(weight))
+                self._steps_run.add("fused")
+        finally:  # every gradient goes back, also when a pass raised
+            for weight, grad, *_ in self._taken:
+                weight.grad = grad
+            self._taken.clear()
 
     def _fused_kernel_ready(self, optimizer: torch.optim.Optimizer) -> bool:
         """Whether the fused pass can run: compiled once on small stand-in tensors before the
@@ -223,12 +229,13 @@ class L1Proximal(L.Callback):
         table is touched (:meth:`_compile_failed`: an error under ``kernel=compiled``, the
         separate passes from then on under ``auto``). One graph serves every table: they are
         passed flat, with dynamic shapes."""
-        if self._kernel_state == "compiled":
-            return True
         if self._kernel_state == "eager":
             return False
-        # The first table's scalars: another floor (sqrt_floor) would compile a second graph,
-        # which torch then compiles with the floats as inputs, ~1.7x slower on this CPU.
+        if self._fused_compiled:
+            return True
+        # The first table's own scalars, without autograd, as the steps call it: another floor
+        # (clamp_min specialises it) or grad mode recompiles, and that second graph ran ~1.7x
+        # slower here (90-98 against 52-56 ms over 64M weights).
         target = self._fusable[id(optimizer)][0]
         group = next(
             g for g in optimizer.param_groups if any(p is target.weight for p in g["params"])
@@ -241,9 +248,10 @@ class L1Proximal(L.Callback):
             with torch.no_grad():
                 _fused_kernel()(*[target.weight.new_zeros(3) for _ in range(4)], *scalars)
         except Exception as err:
-            self._compile_failed(err)  # the hooks stay (torch is iterating them) and pass
+            self._compile_failed(err)  # torch is iterating the hooks: removed after the step
             return False
         self._kernel_state = "compiled"
+        self._fused_compiled = True
         return True
 
     def steps_run(self) -> str:
@@ -285,7 +293,7 @@ class L1Proximal(L.Callback):
         :class:`_RowSums` for :class:`RowWiseAdagrad`'s per-row accumulators (step size
         ``lr / (sqrt(s) + eps)`` per row) and None for others (step size ``lr``: SGD, and
         Adagrad's element-wise state, also RowWiseAdagrad's for dense layers)."""
-        wanted = {id(t.weight) for t in self._targets}
+        wanted = {id(t.weight) for t in self._targets if id(t.weight) not in self._fused}
         terms: dict[int, tuple[float, Any]] = {}
         for optimizer in trainer.optimizers:
             row_wise = isinstance(getattr(optimizer, "optimizer", optimizer), RowWiseAdagrad)
@@ -443,6 +451,9 @@ class L1Proximal(L.Callback):
     ) -> None:
         # global_step has already advanced past the step that just ran.
         self.proximal_step(trainer, self.scale(trainer.global_step - 1))
+        self._fused.clear()
+        if self._step_hooks and self._kernel_state == "eager":  # the fused pass failed to build
+            self._remove_fused_steps()
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # No table-sized temporaries (an |w| copy, a bool mask): at 1M x 64 these passes cost

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 from collections.abc import Callable
@@ -71,6 +72,7 @@ class GradientRecord(L.Callback):
     def __init__(self) -> None:
         self.before: list[torch.Tensor] = []
         self.kept: list[bool] = []
+        self.step_hooks: list[int] = []  # the optimizer's step pre-hooks at each epoch's end
 
     def tables(self, pl_module: Any) -> tuple[torch.Tensor, ...]:
         return (pl_module.model.user_embedding.weight, pl_module.model.item_embedding.weight)
@@ -86,6 +88,9 @@ class GradientRecord(L.Callback):
                 for a, (g, copy) in zip(after, self.before, strict=True)
             )
         )
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        self.step_hooks.append(len(trainer.optimizers[0]._optimizer_step_pre_hooks))
 
 
 def l1_run(
@@ -173,13 +178,18 @@ def test_a_resumed_optimizer_continues_the_fused_state(tmp_path: Path) -> None:
     """The optimizer state the fused steps wrote is torch's: a torch Adam loads it and steps."""
     fused, _, _, _ = l1_run(tmp_path, "compiled")
     opt = fused.trainer.optimizers[0]
+    saved = copy.deepcopy(opt.state_dict())  # as a checkpoint holds it
     fresh = torch.optim.Adam(opt.param_groups, fused=True)
-    fresh.load_state_dict(opt.state_dict())
+    fresh.load_state_dict(saved)
+    weight = fused.model.user_embedding.weight
+    moments = opt.state[weight]["exp_avg"].clone()
     for p in fused.parameters():
         p.grad = torch.ones_like(p)
     fresh.step()
-    weight = fused.model.user_embedding.weight
-    assert float(fresh.state[weight]["step"]) == float(opt.state[weight]["step"])
+    state = fresh.state[weight]
+    assert float(state["step"]) == float(opt.state[weight]["step"]) + 1
+    assert state["step"].dtype == torch.float32 and state["step"].device == weight.device
+    assert torch.allclose(state["exp_avg"], moments * 0.9 + 0.1)
 
 
 @pytest.mark.parametrize(
@@ -205,8 +215,7 @@ def test_not_fused_where_lightning_calls_the_step_hooks_inside_the_step(
     """Under 64-true precision (not the module's plain steps) and with amsgrad the separate
     compiled pass runs after torch's step."""
     _, cb, _, _ = l1_run(tmp_path, "compiled", precision="64-true")
-    assert cb.steps_run() == "compiled"
-    torch.set_default_dtype(torch.float32)
+    assert cb.steps_run() == "compiled" and torch.get_default_dtype() == torch.float32
     dm, module = tiny_setup()
     module.configure_optimizers = lambda: torch.optim.Adam(module.parameters(), amsgrad=True)
     cb = L1Proximal(L1Config(strength=1e-5, kernel="compiled"))
@@ -243,6 +252,7 @@ def test_a_failed_compile_leaves_the_step_to_torch_under_auto_and_stops_under_co
     assert calls == [3] and cb.steps_run() == "eager" and cb._kernel_state == "eager"
     assert "compression.l1.kernel=auto: torch.compile could not build" in caplog.text
     assert all(record.kept)
+    assert record.step_hooks == [0, 0, 0]  # the hooks went after the first step: torch's path
     eager, _, _, _ = l1_run(tmp_path, "eager")
     for (name, a), b in zip(auto.named_parameters(), eager.parameters(), strict=True):
         assert torch.equal(a, b), name
@@ -250,3 +260,32 @@ def test_a_failed_compile_leaves_the_step_to_torch_under_auto_and_stops_under_co
     with pytest.raises(KernelCompileError, match=r"kernel=compiled: .* no C\+\+ compiler\)"):
         l1_run(tmp_path, "compiled")
     assert calls == [3]
+
+
+def test_a_pass_that_raises_gives_every_gradient_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An error in the fused pass (after it compiled) is raised as it is, and no table is left
+    without its gradient."""
+
+    def kernel(weight: torch.Tensor, *args: Any) -> None:
+        if weight.numel() > 3:  # the compile probe passes, the first table's pass fails
+            raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(sparsity, "_fused_kernel", lambda: kernel)
+    monkeypatch.setattr(sparsity, "COMPILE_MIN_WEIGHTS", 1)
+    dm, module = tiny_setup()
+    cb = L1Proximal(L1Config(strength=1e-5, targets=TargetSpec(groups=["embedding"])))
+    trainer = L.Trainer(
+        max_epochs=1,
+        callbacks=[cb],
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+    )
+    with pytest.raises(RuntimeError, match="out of memory"):
+        trainer.fit(module, datamodule=dm)
+    assert module.model.user_embedding.weight.grad is not None
+    assert module.model.item_embedding.weight.grad is not None
