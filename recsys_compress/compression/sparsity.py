@@ -141,14 +141,16 @@ class L1Proximal(L.Callback):
     def register_fused_steps(self, trainer: L.Trainer) -> None:
         """With dense Adam (torch's ``Adam`` or ``AdamW``) and the compiled kernel, run the
         dense targets' proximal step inside the optimizer's step: each table's (or layer's)
-        Adam update and its soft threshold in one compiled pass (:func:`adam_proximal_step_`), which reads the
-        weights and moments once where the update and a separate pass read them twice (at
-        1M x 100k MF-64: 48.7 ms against 43.1 + 30.1 ms). A step pre-hook takes those tables'
-        gradients from the optimizer (which then leaves them alone), a post-hook runs the pass
-        and gives them back. Only on the module's plain steps (:func:`optim.plain_steps`):
-        elsewhere Lightning calls ``on_before_optimizer_step`` inside the optimizer's step,
-        after the pre-hook, and mixed precision's scaler may skip a step. Under ``kernel=auto``
-        the tables must reach :data:`COMPILE_MIN_WEIGHTS` together, as for the separate pass.
+        Adam update and its soft threshold in one compiled pass (:func:`adam_proximal_step_`),
+        which reads the weights and moments once where the update and a separate pass read
+        them twice (at 1M x 100k MF-64, a timing loop: 48.7 ms against 43.1 + 30.1 ms). A step
+        pre-hook takes those weights' gradients from the optimizer (which then leaves them
+        alone), a post-hook runs the pass and gives them back. Only on the module's plain,
+        manual steps (:func:`optim.plain_steps`): elsewhere Lightning calls
+        ``on_before_optimizer_step`` (and automatic optimization the backward) inside the
+        optimizer's step, after the pre-hook, and mixed precision's scaler may skip a step.
+        Under ``kernel=auto`` the targets must reach :data:`COMPILE_MIN_WEIGHTS` together, as
+        for the separate pass.
         """
         self._remove_fused_steps()
         if self.cfg.kernel == "eager" or self._kernel_state == "eager":
@@ -244,7 +246,7 @@ class L1Proximal(L.Callback):
         step = float(state["step"]) + 1 if state else 1.0
         scalars = _adam_scalars(optimizer, group, target.weight, step, 0.0)
         log.info("%s: the dense tables' Adam and proximal steps run as one compiled pass", KEY)
-        try:  # without autograd, as the steps (grad mode is in the compiled graph's guards)
+        try:
             with torch.no_grad():
                 _fused_kernel()(*[target.weight.new_zeros(3) for _ in range(4)], *scalars)
         except Exception as err:
