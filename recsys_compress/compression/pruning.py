@@ -444,11 +444,16 @@ class MagnitudePruning(L.Callback):
             total = estimated_optimizer_steps(trainer)
             self.end_step = max(self.cfg.start_step + 1, int(total * self.cfg.end_fraction))
         self.frequency = self.cfg.frequency or max(1, (self.end_step - self.cfg.start_step) // 20)
-        self.register_row_hooks(trainer.optimizers)
-        self._optimizers = [getattr(o, "optimizer", o) for o in trainer.optimizers]
+        self.on_optimizers_rebuilt(trainer)
         self._clean_state.clear()
         for t in self._targets:
             ops.track_gathered_rows(t.weight)
+
+    def on_optimizers_rebuilt(self, trainer: L.Trainer) -> None:
+        """The row hooks on ``trainer``'s optimizers (at the start, and after SVD rebuilt
+        them: the state tensors moved with their parameters, so pruned entries stay zero)."""
+        self.register_row_hooks(trainer.optimizers)
+        self._optimizers = [getattr(o, "optimizer", o) for o in trainer.optimizers]
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._row_hooks.remove()

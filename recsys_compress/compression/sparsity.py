@@ -113,6 +113,11 @@ class L1Proximal(L.Callback):
         self._targets = select_targets(pl_module, self.cfg.targets, f"{KEY}.targets")
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.on_optimizers_rebuilt(trainer)
+
+    def on_optimizers_rebuilt(self, trainer: L.Trainer) -> None:
+        """The row hooks and fused steps on ``trainer``'s optimizers (at the start, and after
+        SVD rebuilt them)."""
         self.register_row_hooks(trainer)
         self.register_fused_steps(trainer)
 

@@ -13,6 +13,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from recsys_compress import load_compressed
+from recsys_compress.compression import sparsity
 from recsys_compress.compression.accounting import layer_stats
 from recsys_compress.compression.lowrank import (
     LowRankEmbedding,
@@ -182,6 +183,59 @@ def test_sparsity_and_svd_on_the_same_modules_are_refused_before_training(
     assert trainer.global_step == 0
     assert all(torch.equal(p, before[n]) for n, p in module.named_parameters())
     assert not factorised(module.model)
+
+
+class PreHookCount(L.Callback):
+    """The first optimizer's step pre-hooks at each epoch's end."""
+
+    def __init__(self) -> None:
+        self.counts: list[int] = []
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.counts.append(len(trainer.optimizers[0]._optimizer_step_pre_hooks))
+
+
+@pytest.mark.parametrize("method", ["prune", "l1"])
+def test_sparsity_goes_on_after_svd_rebuilds_the_sparse_optimizer(
+    tmp_path: Path, method: str
+) -> None:
+    """SVD factorises the MLP at epoch 1 and rebuilds the optimizer: pruning's and L1's row
+    hooks go on the new one (before the twenty-first round they stayed on the old one, and on
+    the sparse path the tables were neither masked nor shrunk from then on), and the tables end
+    as sparse as on the dense path."""
+    zeros = {}
+    for sparse in (False, True):
+        dm, module = tiny_setup("neumf", optim={"sparse": sparse, "embedding_weight_decay": 0.0})
+        tables = TargetSpec(groups=["embedding"])
+        if method == "prune":
+            cb: L.Callback = MagnitudePruning(PruneConfig(targets=tables, end_fraction=0.3))
+        else:
+            cb = L1Proximal(L1Config(strength=3e-4, targets=tables))
+        svd = SVDLowRank(svd_rank(targets=TargetSpec(groups=["linear"]), at_epoch=1))
+        tiny_trainer(tmp_path, [cb, svd], max_epochs=4).fit(module, datamodule=dm)
+        assert set(factorised(module.model)) == {"mlp.tower.0", "mlp.tower.2"}
+        weight = module.model.get_submodule("mlp.item_embedding").weight
+        zeros[sparse] = float((weight == 0).float().mean())
+    if method == "prune":  # round(0.8 * 8) = 6 of each row's 8 weights
+        assert zeros == {False: 0.75, True: 0.75}
+    else:  # the sparse path shrinks only the rows a batch touched
+        assert zeros[False] > 0.1 and zeros[True] == pytest.approx(zeros[False], abs=0.02)
+
+
+def test_l1s_fused_steps_go_on_after_svd_rebuilds_the_optimizer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With dense Adam L1's step runs inside the optimizer's (its hooks): on the rebuilt
+    optimizer too (the pass run eagerly here: no compiler needed)."""
+    monkeypatch.setattr(sparsity, "_fused_kernel", lambda: sparsity.adam_proximal_step_)
+    dm, module = tiny_setup("neumf")
+    l1 = L1Proximal(L1Config(strength=3e-4, targets=TargetSpec(groups=["embedding"])))
+    l1.cfg.kernel = "compiled"
+    svd = SVDLowRank(svd_rank(targets=TargetSpec(groups=["linear"]), at_epoch=1))
+    hooks = PreHookCount()
+    tiny_trainer(tmp_path, [l1, svd, hooks], max_epochs=3).fit(module, datamodule=dm)
+    assert set(factorised(module.model)) == {"mlp.tower.0", "mlp.tower.2"}
+    assert hooks.counts == [1, 1, 1] and l1.steps_run() == "fused"
 
 
 def test_pruned_embeddings_and_factorised_mlp_compose(tmp_path: Path) -> None:
