@@ -171,7 +171,7 @@ class RecommenderModule(L.LightningModule):
         self._step_end: list[Any] = []
         self._before_step: list[Any] = []  # callbacks overriding on_before_optimizer_step
         self._plain_steps = False  # see on_train_start
-        self._kept_gradients: list[torch.Tensor] = []  # see on_train_start
+        self._kept_gradients: list[torch.Tensor] = []  # see on_optimizers_rebuilt
         self.val_metrics = self._make_metrics()
         self.test_metrics = self._make_metrics()
         self._loss_sum = torch.zeros(())
@@ -201,21 +201,33 @@ class RecommenderModule(L.LightningModule):
             cb for cb in callbacks if type(cb).on_before_optimizer_step is not base
         ]
         self._plain_steps = plain_steps(self.trainer)
-        # On that path, tables read with gather_rows keep their dense gradient between steps
-        # and clear only the rows a batch wrote (ops.keep_gradient): a table much larger than
-        # a batch (1M users) then costs no fresh table-sized gradient per step. Gradient
-        # clipping scales the whole gradient, so it keeps the fresh-gradient path.
+        self.on_optimizers_rebuilt(self.trainer)
+
+    def on_optimizers_rebuilt(self, trainer: L.Trainer) -> None:
+        """The tables whose gradients are kept (at the start, and again after SVD replaced
+        modules and rebuilt the optimizer: its new tables are kept, the replaced ones let go).
+
+        On the plain path, tables read with gather_rows keep their dense gradient between steps
+        and clear only the rows a batch wrote (ops.keep_gradient): a table much larger than a
+        batch (1M users) then costs no fresh table-sized gradient per step. Gradient clipping
+        scales the whole gradient, so it keeps the fresh-gradient path."""
+        tables = []
         if self._plain_steps and self.device.type == "cpu" and not self.gradient_clip_val:
             # Every dense table: fake-quant tables share their Parameter with the table they
             # replace and read it with gather_rows too; a table read any other way is never
             # added into in place, and zero_grad drops its gradient as usual.
-            self._kept_gradients = [
+            tables = [
                 m.weight
                 for m in self.model.modules()
                 if isinstance(m, nn.Embedding) and not m.sparse and m.weight.requires_grad
             ]
-            for table in self._kept_gradients:
-                ops.keep_gradient(table)
+        ids = {id(table) for table in tables}
+        for table in self._kept_gradients:
+            if id(table) not in ids:
+                ops.keep_gradient(table, on=False)
+        for table in tables:
+            ops.keep_gradient(table)  # a table kept already stays as it is
+        self._kept_gradients = tables
 
     def on_train_end(self) -> None:
         for table in self._kept_gradients:

@@ -1152,10 +1152,11 @@ def _rebuild_optimizers(trainer: L.Trainer) -> None:
 
     Kept from the old ones: the state (e.g. Adam moments) of parameters that still exist, the
     current learning rate and the schedulers' position (so a schedule does not restart). Then
-    every callback with ``on_optimizers_rebuilt(trainer)`` is told, so that hooks it put on the
-    old optimizers (pruning's and L1's row hooks on the sparse path, L1's fused Adam steps) go
-    on the new ones: without that, pruning stopped masking the tables of a sparse run after
-    SVD had factorised its MLP, and L1 stopped shrinking them (until the twenty-first round).
+    the module and every callback with ``on_optimizers_rebuilt(trainer)`` are told, so that
+    hooks they put on the old optimizers (pruning's and L1's row hooks on the sparse path, L1's
+    fused Adam steps) go on the new ones and the module keeps the new tables' gradients:
+    without that, pruning stopped masking the tables of a sparse run after SVD had factorised
+    its MLP, and L1 stopped shrinking them (until the twenty-first round).
     """
     old_optimizers = list(trainer.optimizers)
     old_schedulers = [c.scheduler.state_dict() for c in trainer.lr_scheduler_configs]
@@ -1177,9 +1178,9 @@ def _rebuild_optimizers(trainer: L.Trainer) -> None:
             if isinstance(values, list) and values and len(values) != groups:
                 state[key] = [values[0]] * groups
         config.scheduler.load_state_dict(state)
-    for callback in trainer.callbacks:
-        if hasattr(callback, "on_optimizers_rebuilt"):
-            callback.on_optimizers_rebuilt(trainer)
+    for told in [trainer.lightning_module, *trainer.callbacks]:
+        if hasattr(told, "on_optimizers_rebuilt"):
+            told.on_optimizers_rebuilt(trainer)
 
 
 def replaced_by_svd(root: nn.Module, cfg: SVDConfig) -> list[str]:

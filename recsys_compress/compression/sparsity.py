@@ -219,10 +219,11 @@ class L1Proximal(L.Callback):
                     state["step"] = _initial_step(group, weight)
                     for key in ("exp_avg", "exp_avg_sq"):
                         state[key] = torch.zeros_like(weight, memory_format=torch.preserve_format)
-                state["step"] += 1
-                scalars = _adam_scalars(optimizer, group, weight, float(state["step"]), strength)
+                step = float(state["step"]) + 1
+                scalars = _adam_scalars(optimizer, group, weight, step, strength)
                 flat = [weight.detach(), grad, state["exp_avg"], state["exp_avg_sq"]]
                 kernel(*[t.view(-1) for t in flat], *scalars)
+                state["step"] += 1  # after the pass: a pass that raised did not step
                 self._fused.add(id(weight))
                 self._steps_run.add("fused")
         finally:  # every gradient goes back, also when a pass raised

@@ -12,7 +12,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from recsys_compress import load_compressed
+from recsys_compress import load_compressed, ops
 from recsys_compress.compression import sparsity
 from recsys_compress.compression.accounting import layer_stats
 from recsys_compress.compression.lowrank import (
@@ -236,6 +236,34 @@ def test_l1s_fused_steps_go_on_after_svd_rebuilds_the_optimizer(
     tiny_trainer(tmp_path, [l1, svd, hooks], max_epochs=3).fit(module, datamodule=dm)
     assert set(factorised(module.model)) == {"mlp.tower.0", "mlp.tower.2"}
     assert hooks.counts == [1, 1, 1] and l1.steps_run() == "fused"
+
+
+class KeptTables(L.Callback):
+    """At each epoch's end: whether the module keeps exactly the model's current tables'
+    gradients, and the tables it kept at the first epoch's end."""
+
+    def __init__(self) -> None:
+        self.current: list[bool] = []
+        self.first: list[torch.Tensor] = []
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        tables = [m.weight for m in pl_module.modules() if isinstance(m, torch.nn.Embedding)]
+        kept = pl_module._kept_gradients
+        self.current.append([id(t) for t in kept] == [id(t) for t in tables])
+        self.first = self.first or list(kept)
+
+
+def test_the_module_keeps_the_gradients_of_the_tables_svd_puts_in(tmp_path: Path) -> None:
+    """SVD's joint factorisation replaces MF's tables at epoch 1: the module keeps the new
+    tables' gradients and lets the replaced ones go (they held a table-sized gradient each)."""
+    dm, module = tiny_setup("mf")
+    svd = SVDLowRank(svd_rank(method="joint_dot_product", at_epoch=1))
+    look = KeptTables()
+    tiny_trainer(tmp_path, [svd, look], max_epochs=2).fit(module, datamodule=dm)
+    assert svd.applied and look.current == [True, True] and len(look.first) == 4
+    tables = {id(m.weight) for m in module.modules() if isinstance(m, torch.nn.Embedding)}
+    replaced = [t for t in look.first if id(t) not in tables]
+    assert replaced and all(t not in ops._TABLES or not ops._TABLES[t].kept for t in replaced)
 
 
 def test_pruned_embeddings_and_factorised_mlp_compose(tmp_path: Path) -> None:
