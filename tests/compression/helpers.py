@@ -37,7 +37,10 @@ def tiny_setup(model: str = "mf", **overrides: Any) -> tuple[RecDataModule, Reco
     return dm, RecommenderModule(net, cfg.loss, cfg.optim, cfg.eval)
 
 
-def tiny_trainer(root: Path, callbacks: list[L.Callback], max_epochs: int = 3) -> L.Trainer:
+def tiny_trainer(
+    root: Path, callbacks: list[L.Callback], max_epochs: int = 3, **kw: Any
+) -> L.Trainer:
+    """A quiet trainer without checkpoints or validation; ``kw``: more ``L.Trainer`` options."""
     return L.Trainer(
         max_epochs=max_epochs,
         callbacks=callbacks,
@@ -48,4 +51,5 @@ def tiny_trainer(root: Path, callbacks: list[L.Callback], max_epochs: int = 3) -
         num_sanity_val_steps=0,
         limit_val_batches=0,
         default_root_dir=root,
+        **kw,
     )

@@ -23,7 +23,7 @@ from recsys_compress.compression.sparsity import (
 from recsys_compress.compression.targets import TargetSpec
 from recsys_compress.errors import KernelCompileError
 from recsys_compress.module import RecommenderModule
-from tests.compression.helpers import tiny_setup
+from tests.compression.helpers import tiny_setup, tiny_trainer
 
 needs_compiler = pytest.mark.skipif(
     not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "clang++")),
@@ -106,18 +106,7 @@ def l1_run(
         warmup_steps=5,
     )
     cb, record = L1Proximal(cfg), GradientRecord()
-    trainer = L.Trainer(
-        max_epochs=3,
-        callbacks=[cb, record],
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        default_root_dir=root,
-        **trainer_kw,
-    )
+    trainer = tiny_trainer(root, [cb, record], **trainer_kw)
     trainer.fit(module, datamodule=dm)
     return module, cb, record, trainer
 
@@ -219,15 +208,7 @@ def test_not_fused_where_lightning_calls_the_step_hooks_inside_the_step(
     dm, module = tiny_setup()
     module.configure_optimizers = lambda: torch.optim.Adam(module.parameters(), amsgrad=True)
     cb = L1Proximal(L1Config(strength=1e-5, kernel="compiled"))
-    L.Trainer(
-        max_epochs=1,
-        callbacks=[cb],
-        logger=False,
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        limit_val_batches=0,
-        default_root_dir=tmp_path,
-    ).fit(module, datamodule=dm)
+    tiny_trainer(tmp_path, [cb], max_epochs=1).fit(module, datamodule=dm)
     assert cb.steps_run() == "compiled" and cb._fusable == {}
 
 
@@ -276,15 +257,7 @@ def test_a_pass_that_raises_gives_every_gradient_back(
     monkeypatch.setattr(sparsity, "COMPILE_MIN_WEIGHTS", 1)
     dm, module = tiny_setup()
     cb = L1Proximal(L1Config(strength=1e-5, targets=TargetSpec(groups=["embedding"])))
-    trainer = L.Trainer(
-        max_epochs=1,
-        callbacks=[cb],
-        logger=False,
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        limit_val_batches=0,
-        default_root_dir=tmp_path,
-    )
+    trainer = tiny_trainer(tmp_path, [cb], max_epochs=1)
     with pytest.raises(RuntimeError, match="out of memory"):
         trainer.fit(module, datamodule=dm)
     assert module.model.user_embedding.weight.grad is not None
