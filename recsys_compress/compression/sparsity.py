@@ -600,7 +600,8 @@ def _adam_scalars(
 @functools.cache
 def _fused_kernel() -> Callable[..., None]:
     """:func:`adam_proximal_step_` compiled once per process, over flat tensors of any size
-    (dynamic shapes, scalars not specialised: a new step size does not recompile)."""
+    (dynamic shapes; the scalars are not specialised but for the floor, which ``clamp_min``
+    fixes and :func:`sqrt_floor` keeps constant: a new step size does not recompile)."""
     return torch.compile(adam_proximal_step_, dynamic=True, fullgraph=True)
 
 
