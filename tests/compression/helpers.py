@@ -40,16 +40,16 @@ def tiny_setup(model: str = "mf", **overrides: Any) -> tuple[RecDataModule, Reco
 def tiny_trainer(
     root: Path, callbacks: list[L.Callback], max_epochs: int = 3, **kw: Any
 ) -> L.Trainer:
-    """A quiet trainer without checkpoints or validation; ``kw``: more ``L.Trainer`` options."""
+    """A quiet trainer without checkpoints or validation; ``kw``: other ``L.Trainer`` options
+    (these included)."""
+    options: dict[str, Any] = {
+        "logger": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "enable_checkpointing": False,
+        "num_sanity_val_steps": 0,
+        "limit_val_batches": 0,
+    }
     return L.Trainer(
-        max_epochs=max_epochs,
-        callbacks=callbacks,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        default_root_dir=root,
-        **kw,
+        max_epochs=max_epochs, callbacks=callbacks, default_root_dir=root, **(options | kw)
     )

@@ -12,6 +12,7 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from recsys_compress.compression import sparsity
 from recsys_compress.compression.sparsity import (
@@ -262,3 +263,29 @@ def test_a_pass_that_raises_gives_every_gradient_back(
         trainer.fit(module, datamodule=dm)
     assert module.model.user_embedding.weight.grad is not None
     assert module.model.item_embedding.weight.grad is not None
+
+
+@needs_compiler
+def test_a_fused_run_resumed_from_its_checkpoint_trains_as_one_run(tmp_path: Path) -> None:
+    """A checkpoint of a fused run (its optimizer state written by the fused pass) resumes
+    into the same training as the run that went on: fused again, or with the eager kernel."""
+
+    def run(kernel: str, epochs: int, ckpt: Path | None = None) -> RecommenderModule:
+        dm, module = tiny_setup()
+        cfg = L1Config(strength=1e-5, targets=TargetSpec(groups=["embedding"]), kernel=kernel)
+        checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)
+        trainer = tiny_trainer(
+            tmp_path, [L1Proximal(cfg), checkpoint], max_epochs=epochs, enable_checkpointing=True
+        )
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
+        return module
+
+    whole = run("compiled", 3)
+    run("compiled", 2)  # its last.ckpt: after epoch 2
+    for kernel in ("compiled", "eager"):
+        resumed = run(kernel, 3, tmp_path / "ckpt" / "last.ckpt")
+        for (name, a), b in zip(whole.named_parameters(), resumed.parameters(), strict=True):
+            if kernel == "compiled":
+                assert torch.equal(a, b), name
+            else:  # the last epoch's steps in the eager kernel's roundings
+                assert torch.allclose(a, b, rtol=1e-5, atol=1e-7), name
