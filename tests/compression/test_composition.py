@@ -229,8 +229,8 @@ def test_l1s_fused_steps_go_on_after_svd_rebuilds_the_optimizer(
     optimizer too (the pass run eagerly here: no compiler needed)."""
     monkeypatch.setattr(sparsity, "_fused_kernel", lambda: sparsity.adam_proximal_step_)
     dm, module = tiny_setup("neumf")
-    l1 = L1Proximal(L1Config(strength=3e-4, targets=TargetSpec(groups=["embedding"])))
-    l1.cfg.kernel = "compiled"
+    tables = TargetSpec(groups=["embedding"])
+    l1 = L1Proximal(L1Config(strength=3e-4, targets=tables, kernel="compiled"))
     svd = SVDLowRank(svd_rank(targets=TargetSpec(groups=["linear"]), at_epoch=1))
     hooks = PreHookCount()
     tiny_trainer(tmp_path, [l1, svd, hooks], max_epochs=3).fit(module, datamodule=dm)
