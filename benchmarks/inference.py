@@ -21,11 +21,18 @@ into one buffer, top-k per chunk) against one score matrix for all the users and
 is 400 MB. At that size an int8 copy of the same model (its tables quantised as an int8 QAT
 artifact holds them) is timed against it, with the artifacts' target: its item table, which each
 chunk reads whole, is dequantised once a call.
+
+One more figure without a target times ``recommend(..., exclude=seen)``, with each user's items
+of the training log (``seen_items`` over the dataset's ~120k pairs) left out, against the same
+call without, on the dense model; the details give a plain reference (one score matrix, the
+pairs set to -inf, one top-k), checked to recommend the same items, and ``seen_items``' build
+time.
 """
 
 from __future__ import annotations
 
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +44,8 @@ from benchmarks.common import Figure, interleaved_medians
 from recsys_compress.compression.qat import QuantScheme, convert_module, to_fake_quant
 from recsys_compress.compression.targets import replace_module
 from recsys_compress.config import ModelConfig, TrainConfig, to_train_config
+from recsys_compress.data.interactions import load_interactions
+from recsys_compress.data.sorting import rows_of_users
 from recsys_compress.export import (
     CompressedRecommender,
     load_compressed,
@@ -103,6 +112,49 @@ def chunked_against_one_matrix(
         "users_per_chunk": rows,
         "buffer_mb": rows * num_items * 4 / 1e6,
         "one_matrix_mb": len(user_ids) * num_items * 4 / 1e6,
+    }
+
+
+def excluding_seen(
+    served: CompressedRecommender,
+    log: tuple[np.ndarray, np.ndarray],
+    user_ids: np.ndarray,
+    repeat: int,
+) -> dict[str, float]:
+    """``recommend(..., exclude=seen)`` with each user's logged items left out, timed in
+    alternation with ``recommend`` without and with a plain reference (one score matrix, the
+    users' seen (row, item) pairs, prepared outside the timing, set to -inf, one top-k), after
+    checking that it recommends what the reference does; and the time to build ``seen``."""
+    start = time.perf_counter()
+    seen = served.seen_items(*log)
+    build_s = time.perf_counter() - start
+    users = torch.from_numpy(served.user_index(user_ids))
+    pairs = rows_of_users(seen.indptr, seen.items, users.numpy())
+    rows, cols = torch.from_numpy(pairs[0]), torch.from_numpy(pairs[1])
+
+    def reference() -> np.ndarray:
+        with torch.no_grad():
+            scores = served.model.score_all(users)
+            scores[rows, cols] = float("-inf")
+            return served.item_ids[torch.topk(scores, K, dim=1).indices.numpy()]
+
+    if not np.array_equal(served.recommend(user_ids, K, exclude=seen), reference()):
+        raise AssertionError("recommend(exclude=seen) and the plain reference differ")
+    times = interleaved_medians(
+        {
+            "exclude": lambda: served.recommend(user_ids, K, exclude=seen),
+            "plain": lambda: served.recommend(user_ids, K),
+            "reference": reference,
+        },
+        repeat,
+    )
+    return {
+        "ms": times["exclude"] * 1e3,
+        "without_ms": times["plain"] * 1e3,
+        "reference_ms": times["reference"] * 1e3,
+        "seen_pairs_of_these_users": len(rows),
+        "log_pairs": len(log[0]),
+        "seen_items_build_ms": build_s * 1e3,
     }
 
 
@@ -190,6 +242,9 @@ def run(quick: bool) -> list[Figure]:
             loads.update({name: (lambda p=p: load_compressed(p)) for name, p in artifacts.items()})
             load_s = interleaved_medians(loads, repeat)
             dense = models["dense"]
+            data = load_interactions(dense_cfg.data)
+            log = (data.user_ids[data.users.numpy()], data.item_ids[data.items.numpy()])
+            seen = excluding_seen(dense, log, users, repeat)
             chunking = {
                 f"{dense.model.num_items:,}": chunked_against_one_matrix(dense, users, repeat)
             }
@@ -250,6 +305,15 @@ def run(quick: bool) -> list[Figure]:
             large_s["int8"] / large_s["dense"],
             1.5,
             details={"ms": large_s["int8"] * 1e3, "dense_ms": large_s["dense"] * 1e3},
+        )
+    )
+    figures.append(
+        Figure(
+            SECTION,
+            f"recommend {NUM_USERS} users k={K}, dense: each user's logged items left out "
+            "(exclude=seen_items) / not",
+            seen["ms"] / seen["without_ms"],
+            details=seen,
         )
     )
     for label, details in chunking.items():

@@ -17,7 +17,7 @@ import pickle
 import struct
 import sys
 import zlib
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ from recsys_compress.compression.codec import (
 from recsys_compress.compression.lowrank import match_state_dict
 from recsys_compress.compression.targets import replace_module
 from recsys_compress.config import ModelConfig, to_train_config
+from recsys_compress.data.sorting import csr, rows_of_users
 from recsys_compress.errors import DataError, RecsysCompressError
 from recsys_compress.models import Recommender, build_model
 from recsys_compress.models.base import tables_read_once, takes_out
@@ -201,34 +202,120 @@ def export_model(
     return len(blob)
 
 
+def _id_lookup(ids: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
+    """(the argsort of ``ids`` or None where they are sorted already, the sorted ids): the
+    binary search of :func:`_find_ids` over raw ids, vectorised, with no per-id Python object
+    even for millions of ids."""
+    ordered = len(ids) < 2 or bool(np.all(ids[1:] > ids[:-1]))
+    order = None if ordered else np.argsort(ids, kind="stable")
+    return order, ids if order is None else ids[order]
+
+
+def _find_ids(
+    lookup: tuple[np.ndarray | None, np.ndarray], query: Any
+) -> tuple[np.ndarray, np.ndarray]:
+    """(internal indices (int64), found) of the raw ids ``query``; an index where not found is
+    meaningless. An id of another type than the known ones (an int where they are strings) is
+    not found."""
+    order, sorted_ids = lookup
+    query = np.asarray(query).reshape(-1)
+    if not len(sorted_ids):
+        return np.zeros(len(query), np.int64), np.zeros(len(query), bool)
+    pos = np.searchsorted(sorted_ids, query).clip(max=len(sorted_ids) - 1)
+    found = np.broadcast_to(np.asarray(sorted_ids[pos] == query, dtype=bool), query.shape)
+    return (pos if order is None else order[pos]).astype(np.int64), found
+
+
+@dataclass(frozen=True, eq=False)
+class SeenItems:
+    """Items to leave out of one recommender's recommendations, per user (a user's history):
+    built once by :meth:`CompressedRecommender.seen_items` from raw (user, item) pairs, then
+    passed to every :meth:`~CompressedRecommender.recommend` call as ``exclude``.
+
+    ``indptr`` / ``items``: each known user's items as internal indices, in CSR (user ``u``'s
+    are ``items[indptr[u]:indptr[u + 1]]``). ``dropped``: the pairs left out because the
+    recommender knows their user or item under no such raw id (a user or item that came after
+    training cannot be recommended to or recommended anyway)."""
+
+    indptr: np.ndarray
+    items: np.ndarray
+    dropped: int
+    user_ids: np.ndarray  # the raw ids of the recommender it was built for
+    item_ids: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
 class CompressedRecommender:
     """An inference model rebuilt from an artifact; speaks the dataset's raw ids."""
 
     def __init__(self, model: Recommender, user_ids: np.ndarray, item_ids: np.ndarray) -> None:
         self.model = model.eval()
         self.user_ids, self.item_ids = user_ids, item_ids
-        # Raw -> internal ids by binary search over the sorted raw ids (usually sorted already):
-        # vectorised, and no per-user Python objects for millions of users.
-        ordered = len(user_ids) < 2 or bool(np.all(user_ids[1:] > user_ids[:-1]))
-        self._order = None if ordered else np.argsort(user_ids, kind="stable")
-        self._sorted_ids = user_ids if self._order is None else user_ids[self._order]
+        self._users = _id_lookup(user_ids)
+        self._items: tuple[np.ndarray | None, np.ndarray] | None = None  # built when needed
 
     def user_index(self, user_ids: list | np.ndarray) -> np.ndarray:
         """Internal indices (int64) of raw user ids; unknown ids raise :class:`DataError`."""
         query = np.asarray(user_ids).reshape(-1)
-        sorted_ids = self._sorted_ids
-        pos = np.searchsorted(sorted_ids, query).clip(max=max(len(sorted_ids) - 1, 0))
-        found = sorted_ids[pos] == query if len(sorted_ids) else np.zeros(len(query), bool)
+        index, found = _find_ids(self._users, query)
         if not found.all():
             missing = query[~found][:5].tolist()
             raise DataError(
                 f"unknown user ids {missing}: the artifact knows {len(self.user_ids)} users."
             )
-        return (pos if self._order is None else self._order[pos]).astype(np.int64)
+        return index
+
+    def seen_items(self, user_ids: Any, item_ids: Any) -> SeenItems:
+        """The items each user has seen, from raw (user, item) pairs (``user_ids[j]`` saw
+        ``item_ids[j]``: e.g. the two id columns of the interaction log the model was trained
+        on), to pass as ``recommend(..., exclude=...)``. Build it once: at 10M pairs it takes
+        about a second. Pairs with a user or item id the recommender does not know are left out
+        and counted in ``dropped``; if none is known, or the two sequences differ in length,
+        :class:`DataError` says so (the ids are compared as they are: an int is not the string
+        of its digits)."""
+        users, items = np.asarray(user_ids).reshape(-1), np.asarray(item_ids).reshape(-1)
+        if len(users) != len(items):
+            raise DataError(
+                f"seen_items got {len(users)} user ids and {len(items)} item ids: pass one user "
+                "and one item id per interaction (two columns of the same log)."
+            )
+        if self._items is None:
+            self._items = _id_lookup(self.item_ids)
+        user_index, user_found = _find_ids(self._users, users)
+        item_index, item_found = _find_ids(self._items, items)
+        known = user_found & item_found
+        if len(users) and not known.any():
+            raise DataError(
+                f"none of the {len(users)} (user, item) pairs names a user and an item this "
+                f"artifact knows (its user ids look like {self.user_ids[:3].tolist()}, its item "
+                f"ids like {self.item_ids[:3].tolist()}; got {users[:3].tolist()} and "
+                f"{items[:3].tolist()}): pass the raw ids of the dataset it was trained on, "
+                "users first."
+            )
+        indptr, seen = csr(user_index[known], item_index[known], len(self.user_ids))
+        return SeenItems(indptr, seen, int((~known).sum()), self.user_ids, self.item_ids)
+
+    def _check_seen(self, exclude: SeenItems) -> None:
+        ours = exclude.user_ids is self.user_ids and exclude.item_ids is self.item_ids
+        if not ours and not (
+            np.array_equal(exclude.user_ids, self.user_ids)
+            and np.array_equal(exclude.item_ids, self.item_ids)
+        ):
+            raise DataError(
+                "exclude was built by another recommender's seen_items (other user or item "
+                "ids): build it with this one's, recommender.seen_items(user_ids, item_ids)."
+            )
 
     @torch.no_grad()
-    def recommend(self, user_ids: list | np.ndarray, k: int = 10) -> np.ndarray:
+    def recommend(
+        self, user_ids: list | np.ndarray, k: int = 10, exclude: SeenItems | None = None
+    ) -> np.ndarray:
         """``[len(user_ids), k]`` raw item ids, best first, for raw user ids.
+
+        ``exclude`` (from :meth:`seen_items`): leave out each user's seen items. A user with
+        fewer than ``k`` unseen items gets all of them first, then seen ones in no given order.
 
         Users are scored in chunks (:func:`recommend_chunk_rows`), each chunk's scores written
         into one buffer that the call reuses, so that memory stays bounded whatever the number
@@ -236,6 +323,8 @@ class CompressedRecommender:
         item table is expanded once a call (:func:`~recsys_compress.models.base.tables_read_once`).
         """
         users = torch.from_numpy(self.user_index(user_ids))
+        if exclude is not None:
+            self._check_seen(exclude)
         model = self.model
         k = min(k, model.num_items)
         rows = recommend_chunk_rows(model.num_items)
@@ -251,6 +340,9 @@ class CompressedRecommender:
                 scores = (
                     model.score_all(chunk) if buffer is None else model.score_all(chunk, out=buffer)
                 )
+                if exclude is not None:
+                    seen = rows_of_users(exclude.indptr, exclude.items, chunk.numpy())
+                    scores[torch.from_numpy(seen[0]), torch.from_numpy(seen[1])] = float("-inf")
                 top[start : start + len(chunk)] = torch.topk(scores, k, dim=1).indices
         return self.item_ids[top.numpy()]
 

@@ -209,3 +209,94 @@ def test_unknown_users_and_edge_queries(tmp_path: Path) -> None:
     assert loaded.recommend([], k=4).shape == (0, 4)
     assert loaded.recommend(["u010"], k=500).shape == (1, N_ITEMS)  # k capped at the catalogue
     np.testing.assert_array_equal(loaded.user_index(["u002", "u000"]), [2, 0])
+
+
+def log_of(seed: int, n: int = 900) -> tuple[np.ndarray, np.ndarray]:
+    """Internal (user, item) pairs of a random log, repeats included."""
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, N_USERS, n), rng.integers(0, N_ITEMS, n)
+
+
+def top_k_unseen(
+    scores: torch.Tensor, internal: np.ndarray, log: tuple[np.ndarray, np.ndarray], k: int
+) -> np.ndarray:
+    """The plain reference: each queried user's seen items set to -inf, then top-k."""
+    scores = scores.clone()
+    for row, user in enumerate(internal):
+        scores[row, torch.from_numpy(log[1][log[0] == user])] = float("-inf")
+    return torch.topk(scores, k, dim=1).indices.numpy()
+
+
+@pytest.mark.parametrize("method", ["dense", "int4_groups", "pruned", "svd"])
+def test_recommend_leaves_out_seen_items(
+    tmp_path: Path, method: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``exclude=seen_items(log)``: the top-k of the scores with each user's logged items at
+    -inf, in chunks of 2 users (repeated users, an uneven last chunk), from raw ids."""
+    path = tmp_path / "model.safetensors"
+    user_ids, item_ids = RAW_ID_KINDS["shuffled_ints"]
+    export_model(compressed_model(method), MODEL_CFG, user_ids, item_ids, path)
+    loaded = load_compressed(path)
+    internal = np.array([3, 0, 59, 3, 17])
+    with torch.no_grad():
+        scores = loaded.model.score_all(torch.from_numpy(internal))
+    # random pairs, and each queried user's 3 best items, so that the exclusion decides
+    best = torch.topk(scores, 3, dim=1).indices.numpy()
+    users, items = log_of(1)
+    log = (np.r_[users, internal.repeat(3)], np.r_[items, best.ravel()])
+    seen = loaded.seen_items(user_ids[log[0]], item_ids[log[1]])
+    assert (len(seen), seen.dropped) == (915, 0)
+    expected = item_ids[top_k_unseen(scores, internal, log, 10)]
+    monkeypatch.setattr(export, "RECOMMEND_MIN_ROWS", 2)
+    monkeypatch.setattr(export, "RECOMMEND_CHUNK_ELEMENTS", 1)
+    recs = loaded.recommend(user_ids[internal], k=10, exclude=seen)
+    assert recs.tolist() == expected.tolist()
+    plain = loaded.recommend(user_ids[internal], k=10)
+    for row, user in enumerate(internal):
+        history = set(item_ids[log[1][log[0] == user]].tolist())
+        assert not history & set(recs[row].tolist())
+        assert history & set(plain[row].tolist())  # without exclude, seen items come back
+    # another load of the same file holds equal ids: its SeenItems fits
+    again = load_compressed(path).recommend(user_ids[internal], k=10, exclude=seen)
+    assert again.tolist() == recs.tolist()
+
+
+@pytest.mark.parametrize("name", ["mf", "neumf"])
+def test_seen_items_edge_cases(name: str) -> None:
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name=name, dim=8, mlp_layers=[16, 8]), N_USERS, N_ITEMS)
+    user_ids, item_ids = RAW_ID_KINDS["strings"]
+    served = CompressedRecommender(model, user_ids, item_ids)
+    with torch.no_grad():
+        scores = served.model.score_all(torch.arange(N_USERS))
+    # unknown users and items are left out and counted; the rest still counts
+    seen = served.seen_items(["u001", "ghost", "u001", "u002"], [0, 1, 999, 5])
+    assert (len(seen), seen.dropped) == (2, 2)
+    assert seen.items[seen.indptr[1] : seen.indptr[2]].tolist() == [0]
+    assert seen.items[seen.indptr[2] : seen.indptr[3]].tolist() == [5]
+    recs = served.recommend(["u001", "u002"], k=N_ITEMS - 1, exclude=seen)
+    assert 0 not in recs[0] and 5 not in recs[1]
+    # a user who saw all but 3 items gets those 3 first, best first, then seen ones
+    unseen = np.array([7, 40, 81])
+    saw = np.setdiff1d(np.arange(N_ITEMS), unseen)
+    seen = served.seen_items(["u004"] * len(saw), item_ids[saw])
+    recs = served.recommend(["u004"], k=6, exclude=seen)[0]
+    order = unseen[torch.argsort(scores[4, torch.from_numpy(unseen)], descending=True).numpy()]
+    assert recs[:3].tolist() == order.tolist()
+    assert set(recs[3:].tolist()) <= set(saw.tolist())
+    # an empty log excludes nothing
+    nothing = served.seen_items([], [])
+    assert len(nothing) == 0
+    assert (
+        served.recommend(["u003", "u009"], k=5, exclude=nothing).tolist()
+        == served.recommend(["u003", "u009"], k=5).tolist()
+    )
+    with pytest.raises(DataError, match="got 2 user ids and 1 item ids"):
+        served.seen_items(["u001", "u002"], [3])
+    with pytest.raises(DataError, match=r"none of the 3 \(user, item\) pairs .* users first"):
+        served.seen_items([1, 2, 3], [4, 5, 6])  # ints where the user ids are strings
+    with pytest.raises(DataError, match=r"none of the 1 .* \['u000', 'u001', 'u002'\]"):
+        served.seen_items([3], ["u003"])  # the columns swapped
+    other = CompressedRecommender(model, *RAW_ID_KINDS["range"])
+    with pytest.raises(DataError, match="another recommender's seen_items"):
+        other.recommend([5], exclude=served.seen_items(["u001"], [0]))

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from recsys_compress.config import DataConfig, EvalConfig, LossConfig, SplitConfig
 from recsys_compress.data.interactions import Interactions, load_interactions
 from recsys_compress.data.sampling import USERS_PER_PASS, ExclusionSampler
-from recsys_compress.data.sorting import sort_ints, stable_argsort
+from recsys_compress.data.sorting import csr, rows_of_users, stable_argsort
 from recsys_compress.data.splits import Split, make_split
 
 log = logging.getLogger(__name__)
@@ -219,25 +219,6 @@ class TrainLoader(DataLoader):
         self.dataset.load_state_dict(state)
 
 
-def _csr(users: np.ndarray, items: np.ndarray, num_users: int) -> tuple[np.ndarray, np.ndarray]:
-    """(indptr, items sorted by user, then item) of a set of pairs."""
-    num_items = int(items.max()) + 1 if len(items) else 1
-    indptr = np.zeros(num_users + 1, dtype=np.int64)
-    indptr[1:] = np.cumsum(np.bincount(users, minlength=num_users))
-    return indptr, sort_ints(users.astype(np.int64) * num_items + items, users) % num_items
-
-
-def _rows_of_users(
-    indptr: np.ndarray, items: np.ndarray, chunk_users: np.ndarray
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(row, item) pairs of the CSR rows of ``chunk_users``; row = position in the chunk."""
-    lengths = indptr[chunk_users + 1] - indptr[chunk_users]
-    rows = np.repeat(np.arange(len(chunk_users)), lengths)
-    starts = np.repeat(indptr[chunk_users] - np.r_[0, np.cumsum(lengths)[:-1]], lengths)
-    cols = items[np.arange(lengths.sum()) + starts]
-    return torch.from_numpy(rows), torch.from_numpy(cols)
-
-
 @dataclass
 class EvalData:
     """Evaluation batches for one split part (validation or test)."""
@@ -257,24 +238,24 @@ def full_ranking_batches(
     users = interactions.users.numpy()
     items = interactions.items.numpy()
     n, n_items = interactions.num_users, interactions.num_items
-    ex_ptr, ex_items = _csr(users[exclude_rows], items[exclude_rows], n)
+    ex_ptr, ex_items = csr(users[exclude_rows], items[exclude_rows], n)
     target_users, target_items = users[target_rows], items[target_rows]
     if with_ratings:
         order = stable_argsort(target_users * n_items + target_items, n * n_items)
         target_rows = target_rows[order]
-    tg_ptr, tg_items = _csr(target_users, target_items, n)
+    tg_ptr, tg_items = csr(target_users, target_items, n)
     eval_users = np.flatnonzero(tg_ptr[1:] > tg_ptr[:-1])
     batches = []
     for start in range(0, len(eval_users), batch_users):
         chunk = eval_users[start : start + batch_users]
-        ex_r, ex_c = _rows_of_users(ex_ptr, ex_items, chunk)
-        tg_r, tg_c = _rows_of_users(tg_ptr, tg_items, chunk)
+        ex_r, ex_c = rows_of_users(ex_ptr, ex_items, chunk)
+        tg_r, tg_c = rows_of_users(tg_ptr, tg_items, chunk)
         batch = {
             "users": torch.from_numpy(chunk),
-            "exclude_rows": ex_r,
-            "exclude_items": ex_c,
-            "target_rows": tg_r,
-            "target_items": tg_c,
+            "exclude_rows": torch.from_numpy(ex_r),
+            "exclude_items": torch.from_numpy(ex_c),
+            "target_rows": torch.from_numpy(tg_r),
+            "target_items": torch.from_numpy(tg_c),
         }
         if with_ratings:
             rows = target_rows[tg_ptr[chunk[0]] : tg_ptr[chunk[-1] + 1]]

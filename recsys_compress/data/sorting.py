@@ -131,3 +131,23 @@ def group_fraction_order(groups: np.ndarray, num_groups: int, fractions: np.ndar
         rows = order[positions]
         order[positions] = rows[np.lexsort((rows, fractions[rows], runs))]
     return order
+
+
+def csr(users: np.ndarray, items: np.ndarray, num_users: int) -> tuple[np.ndarray, np.ndarray]:
+    """(indptr, items sorted by user, then item) of a set of (user, item) pairs of internal
+    ids; duplicate pairs are kept."""
+    num_items = int(items.max()) + 1 if len(items) else 1
+    indptr = np.zeros(num_users + 1, dtype=np.int64)
+    indptr[1:] = np.cumsum(np.bincount(users, minlength=num_users))
+    return indptr, sort_ints(users.astype(np.int64) * num_items + items, users) % num_items
+
+
+def rows_of_users(
+    indptr: np.ndarray, items: np.ndarray, chunk_users: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(row, item) pairs of the CSR rows of ``chunk_users``; row = position in the chunk."""
+    lengths = indptr[chunk_users + 1] - indptr[chunk_users]
+    rows = np.repeat(np.arange(len(chunk_users)), lengths)
+    starts = np.repeat(indptr[chunk_users] - np.r_[0, np.cumsum(lengths)[:-1]], lengths)
+    cols = items[np.arange(lengths.sum()) + starts]
+    return rows, cols
