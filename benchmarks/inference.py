@@ -76,26 +76,38 @@ def one_matrix(served: CompressedRecommender, user_ids: np.ndarray, k: int) -> n
     return served.item_ids[top.numpy()]
 
 
+def same_recommendations(
+    served: CompressedRecommender,
+    scores: torch.Tensor,
+    ours: np.ndarray,
+    reference: np.ndarray,
+    what: str,
+) -> None:
+    """Raise unless ``ours`` and ``reference`` recommend the same items, or, where a near-tie
+    is ordered otherwise, items of the same ``scores`` (the users' scores in one matrix) up to
+    float rounding: a chunk's matmul may round differently from the whole matrix's."""
+    if np.array_equal(ours, reference):
+        return
+    order = np.argsort(served.item_ids, kind="stable")
+    picked = [
+        scores.gather(1, torch.from_numpy(order[np.searchsorted(served.item_ids[order], ids)]))
+        for ids in (ours, reference)
+    ]
+    scale = float(scores[scores.isfinite()].abs().max())
+    if not torch.allclose(*picked, rtol=1e-5, atol=1e-6 * scale):
+        raise AssertionError(f"{what} recommend different items")
+
+
 def chunked_against_one_matrix(
     served: CompressedRecommender, user_ids: np.ndarray, repeat: int
 ) -> dict[str, float]:
     """``recommend`` and :func:`one_matrix` timed in alternation, after checking that they
-    recommend the same items (or, where a near-tie is ordered otherwise, items of the same
-    scores up to float rounding: a chunk's matmul may round differently from the whole's)."""
+    recommend the same items (:func:`same_recommendations`)."""
+    users = torch.from_numpy(served.user_index(user_ids))
+    with torch.no_grad():
+        scores = served.model.score_all(users)
     ours, reference = served.recommend(user_ids, K), one_matrix(served, user_ids, K)
-    if not np.array_equal(ours, reference):
-        users = torch.from_numpy(served.user_index(user_ids))
-        order = np.argsort(served.item_ids, kind="stable")
-        with torch.no_grad():
-            scores = served.model.score_all(users)
-        picked = [
-            scores.gather(1, torch.from_numpy(order[np.searchsorted(served.item_ids[order], ids)]))
-            for ids in (ours, reference)
-        ]
-        if not torch.allclose(*picked, rtol=1e-5, atol=1e-6 * float(scores.abs().max())):
-            raise AssertionError(
-                "recommend's chunks and one score matrix recommend different items"
-            )
+    same_recommendations(served, scores, ours, reference, "recommend's chunks and one matrix")
     times = interleaved_medians(
         {
             "chunks": lambda: served.recommend(user_ids, K),
@@ -132,14 +144,19 @@ def excluding_seen(
     pairs = rows_of_users(seen.indptr, seen.items, users.numpy())
     rows, cols = torch.from_numpy(pairs[0]), torch.from_numpy(pairs[1])
 
-    def reference() -> np.ndarray:
+    def masked_scores() -> torch.Tensor:
         with torch.no_grad():
             scores = served.model.score_all(users)
             scores[rows, cols] = float("-inf")
-            return served.item_ids[torch.topk(scores, K, dim=1).indices.numpy()]
+            return scores
 
-    if not np.array_equal(served.recommend(user_ids, K, exclude=seen), reference()):
-        raise AssertionError("recommend(exclude=seen) and the plain reference differ")
+    def reference() -> np.ndarray:
+        return served.item_ids[torch.topk(masked_scores(), K, dim=1).indices.numpy()]
+
+    ours = served.recommend(user_ids, K, exclude=seen)
+    same_recommendations(
+        served, masked_scores(), ours, reference(), "recommend(exclude=seen) and the reference"
+    )
     times = interleaved_medians(
         {
             "exclude": lambda: served.recommend(user_ids, K, exclude=seen),

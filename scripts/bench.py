@@ -7,7 +7,8 @@ gpu (CUDA figures; reports nothing without a CUDA device); ``tables10m`` (tables
 ~7.5 minutes) runs only when ``--only`` names it.
 Targets are ratios against a reference measured in the same process (the machine is shared and
 noisy); absolute times, throughputs and memory are in each figure's details. The exit code is 1
-when a figure misses its target.
+when a figure misses its target or a section stops with an error; the other sections still run,
+and the JSON file is written after each section (a section's error is in its ``errors``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import json
 import platform
 import sys
 import time
+import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,22 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     figures: list[Figure] = []
-    print(f"{'section':12} {'figure':52} {'value':>13} {'target':>12}  result", flush=True)
-    for name in args.only:
-        start = time.perf_counter()
-        module = importlib.import_module(f"benchmarks.{name}")
-        for figure in module.run(args.quick):
-            figures.append(figure)
-            print(_format(figure), flush=True)
-        print(f"# {name}: {time.perf_counter() - start:.0f} s", flush=True)
-    for figure in figures:
-        for key, value in figure.details.items():
-            if isinstance(value, float):
-                value = f"{value:.4g}"
-            print(f"  {figure.section}/{figure.name}: {key} = {value}")
-    failed = [f for f in figures if f.passed is False]
-    print(f"{len(figures)} figures, {len(failed)} below target")
-    if args.json:
+    errors: dict[str, str] = {}
+
+    def write_json() -> None:
+        if not args.json:
+            return
         report = {
             "quick": args.quick,
             "machine": {
@@ -75,9 +66,35 @@ def main(argv: list[str] | None = None) -> int:
                 "threads": torch.get_num_threads(),
             },
             "figures": [f.to_json() for f in figures],
+            "errors": errors,
         }
         args.json.write_text(json.dumps(report, indent=2))
-    return 1 if failed else 0
+
+    print(f"{'section':12} {'figure':52} {'value':>13} {'target':>12}  result", flush=True)
+    for name in args.only:
+        start = time.perf_counter()
+        try:
+            module = importlib.import_module(f"benchmarks.{name}")
+            for figure in module.run(args.quick):
+                figures.append(figure)
+                print(_format(figure), flush=True)
+        except Exception as err:  # a broken section costs its own figures, not the others'
+            traceback.print_exc()
+            errors[name] = f"{type(err).__name__}: {err}"
+            print(f"# {name}: ERROR after {time.perf_counter() - start:.0f} s", flush=True)
+        else:
+            print(f"# {name}: {time.perf_counter() - start:.0f} s", flush=True)
+        write_json()  # after each section: what was measured survives a later failure
+    for figure in figures:
+        for key, value in figure.details.items():
+            if isinstance(value, float):
+                value = f"{value:.4g}"
+            print(f"  {figure.section}/{figure.name}: {key} = {value}")
+    failed = [f for f in figures if f.passed is False]
+    print(f"{len(figures)} figures, {len(failed)} below target")
+    for name, error in errors.items():
+        print(f"section {name} stopped with {error}: its figures are missing")
+    return 1 if failed or errors else 0
 
 
 if __name__ == "__main__":
