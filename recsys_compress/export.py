@@ -216,11 +216,25 @@ def _find_ids(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(internal indices (int64), found) of the raw ids ``query``; an index where not found is
     meaningless. An id of another type than the known ones (an int where they are strings) is
-    not found."""
+    not found. A query of Python objects (a pandas column of strings, nullable integers) is
+    searched as strings or integers when it holds only those, else one id at a time through a
+    hash table (mixed types, missing values)."""
     order, sorted_ids = lookup
     query = np.asarray(query).reshape(-1)
-    if not len(sorted_ids):
+    if not len(sorted_ids) or not len(query):
         return np.zeros(len(query), np.int64), np.zeros(len(query), bool)
+    if query.dtype.kind == "O":
+        import pandas as pd  # here only: serving an artifact needs no pandas otherwise
+
+        inferred = pd.api.types.infer_dtype(query, skipna=False)
+        if inferred == "string":
+            query = query.astype(str)
+        elif inferred == "integer":
+            query = query.astype(np.int64)
+        else:
+            found_at = pd.Index(sorted_ids).get_indexer(pd.Index(query, dtype=object))
+            pos = np.maximum(found_at, 0)
+            return (pos if order is None else order[pos]).astype(np.int64), found_at >= 0
     pos = np.searchsorted(sorted_ids, query).clip(max=len(sorted_ids) - 1)
     found = np.broadcast_to(np.asarray(sorted_ids[pos] == query, dtype=bool), query.shape)
     return (pos if order is None else order[pos]).astype(np.int64), found
@@ -294,7 +308,7 @@ class CompressedRecommender:
                 f"{items[:3].tolist()}): pass the raw ids of the dataset it was trained on, "
                 "users first."
             )
-        indptr, seen = csr(user_index[known], item_index[known], len(self.user_ids))
+        indptr, seen = csr(user_index[known], item_index[known], len(self.user_ids), unique=True)
         return SeenItems(indptr, seen, int((~known).sum()), self.user_ids, self.item_ids)
 
     def _check_seen(self, exclude: SeenItems) -> None:
@@ -341,6 +355,8 @@ class CompressedRecommender:
                     model.score_all(chunk) if buffer is None else model.score_all(chunk, out=buffer)
                 )
                 if exclude is not None:
+                    if buffer is None or scores.data_ptr() != buffer.data_ptr():
+                        scores = scores.clone()  # not ours to write: it may view the model
                     seen = rows_of_users(exclude.indptr, exclude.items, chunk.numpy())
                     scores[torch.from_numpy(seen[0]), torch.from_numpy(seen[1])] = float("-inf")
                 top[start : start + len(chunk)] = torch.topk(scores, k, dim=1).indices

@@ -179,6 +179,75 @@ def test_the_recommend_reference_is_one_matrix_and_checked_against_ours(
         chunked_against_one_matrix(served, users, 2)
 
 
+def test_the_exclusion_figure_checks_ours_against_a_masked_matrix() -> None:
+    """The inference section's ``exclude=seen`` figure: its reference masks the users' logged
+    items in one score matrix; a recommend that ignores ``exclude`` stops the figure."""
+    import numpy as np
+
+    from benchmarks.inference import K, excluding_seen
+    from recsys_compress.config import ModelConfig
+    from recsys_compress.export import CompressedRecommender
+    from recsys_compress.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name="mf", dim=8), 40, 30).eval()
+    served = CompressedRecommender(model, np.arange(40) + 100, np.arange(30) * 3)
+    users = np.array([101, 139, 105, 120, 133])
+    with torch.no_grad():
+        best = torch.topk(model.score_all(torch.tensor([1, 39, 5, 20, 33])), K).indices
+    # every queried user saw their 3 best items, and user 101 once more one of them
+    log = (np.r_[users.repeat(3), 101], np.r_[best[:, :3].numpy().ravel() * 3, best[0, 0] * 3])
+    details = excluding_seen(served, log, users, 2)
+    assert details["seen_pairs_of_these_users"] == 15 and details["log_pairs"] == 16
+    assert min(details["ms"], details["without_ms"], details["reference_ms"]) > 0
+    plain = served.recommend
+    served.recommend = lambda user_ids, k, exclude=None: plain(user_ids, k)
+    with pytest.raises(AssertionError, match="recommend different items"):
+        excluding_seen(served, log, users, 2)
+
+
+def test_a_section_that_raises_leaves_the_others_and_their_json(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``scripts/bench.py``: a section that raises is reported (exit code 1, its error in the
+    JSON); the sections before and after it still give their figures."""
+    import importlib.util
+    import types
+
+    from benchmarks.common import Figure
+
+    spec = importlib.util.spec_from_file_location("bench_script", REPO / "scripts" / "bench.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    def section(name: str, fail: bool) -> types.ModuleType:
+        module = types.ModuleType(f"benchmarks.{name}")
+
+        def run(quick: bool) -> list[Figure]:
+            if fail:
+                raise RuntimeError("no such file")
+            return [Figure(name, f"{name} figure", 0.5, 1.0)]
+
+        module.run = run  # type: ignore[attr-defined]
+        monkeypatch.setitem(sys.modules, module.__name__, module)
+        return module
+
+    for name, fail in (("first", False), ("broken", True), ("last", False)):
+        section(name, fail)
+    monkeypatch.setattr(bench, "SECTIONS", ["first", "broken", "last"])
+    out = tmp_path / "bench.json"
+    code = bench.main(["--only", "first", "broken", "last", "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert code == 1
+    assert [f["name"] for f in report["figures"]] == ["first figure", "last figure"]
+    assert report["errors"] == {"broken": "RuntimeError: no such file"}
+    printed = capsys.readouterr().out
+    assert "# broken: ERROR" in printed and "section broken stopped with RuntimeError" in printed
+    assert bench.main(["--only", "first", "last", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["errors"] == {}
+
+
 def test_the_large_catalogue_int8_model_is_the_dense_one_quantised(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

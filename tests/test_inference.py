@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from torch import nn
@@ -245,7 +246,8 @@ def test_recommend_leaves_out_seen_items(
     users, items = log_of(1)
     log = (np.r_[users, internal.repeat(3)], np.r_[items, best.ravel()])
     seen = loaded.seen_items(user_ids[log[0]], item_ids[log[1]])
-    assert (len(seen), seen.dropped) == (915, 0)
+    assert (len(seen), seen.dropped) == (len(set(zip(*log, strict=True))), 0)  # repeats once
+    assert len(seen) < 915
     expected = item_ids[top_k_unseen(scores, internal, log, 10)]
     monkeypatch.setattr(export, "RECOMMEND_MIN_ROWS", 2)
     monkeypatch.setattr(export, "RECOMMEND_CHUNK_ELEMENTS", 1)
@@ -269,13 +271,25 @@ def test_seen_items_edge_cases(name: str) -> None:
     served = CompressedRecommender(model, user_ids, item_ids)
     with torch.no_grad():
         scores = served.model.score_all(torch.arange(N_USERS))
-    # unknown users and items are left out and counted; the rest still counts
-    seen = served.seen_items(["u001", "ghost", "u001", "u002"], [0, 1, 999, 5])
+    # unknown users and items are left out and counted, a repeated pair counts once
+    seen = served.seen_items(["u001", "ghost", "u001", "u002", "u001"], [0, 1, 999, 5, 0])
     assert (len(seen), seen.dropped) == (2, 2)
     assert seen.items[seen.indptr[1] : seen.indptr[2]].tolist() == [0]
     assert seen.items[seen.indptr[2] : seen.indptr[3]].tolist() == [5]
-    recs = served.recommend(["u001", "u002"], k=N_ITEMS - 1, exclude=seen)
-    assert 0 not in recs[0] and 5 not in recs[1]
+    # a user twice in one chunk: both rows left without the item
+    recs = served.recommend(["u001", "u002", "u001"], k=N_ITEMS - 1, exclude=seen)
+    assert 0 not in recs[0] and 5 not in recs[1] and recs[2].tolist() == recs[0].tolist()
+    assert 5 in recs[0] and 0 in recs[1]
+    # pandas columns of Python objects: strings, and with a missing value or mixed types
+    objects = served.seen_items(pd.Series(["u001", "u002"], dtype=object), [0, 5])
+    assert (len(objects), objects.dropped) == (2, 0)
+    assert objects.items.tolist() == seen.items.tolist()
+    mixed = served.seen_items(np.array(["u001", None, 7, "u002"], dtype=object), [0, 1, 2, 5])
+    assert (len(mixed), mixed.dropped) == (2, 2)
+    nullable = CompressedRecommender(model, *RAW_ID_KINDS["range"])  # int ids 5, 6, ...
+    ints = nullable.seen_items(pd.array([5, None, 6], dtype="Int64"), pd.Series([0, 2, 4]))
+    assert (len(ints), ints.dropped) == (2, 1)
+    assert ints.items[: ints.indptr[2]].tolist() == [0, 2]
     # a user who saw all but 3 items gets those 3 first, best first, then seen ones
     unseen = np.array([7, 40, 81])
     saw = np.setdiff1d(np.arange(N_ITEMS), unseen)
@@ -300,3 +314,48 @@ def test_seen_items_edge_cases(name: str) -> None:
     other = CompressedRecommender(model, *RAW_ID_KINDS["range"])
     with pytest.raises(DataError, match="another recommender's seen_items"):
         other.recommend([5], exclude=served.seen_items(["u001"], [0]))
+
+
+@pytest.mark.parametrize("name", ["neumf", "mlp"])
+def test_recommend_leaves_out_seen_items_with_neumf_and_mlp_in_chunks(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name=name, dim=8, mlp_layers=[16, 8]), N_USERS, N_ITEMS)
+    user_ids, item_ids = RAW_ID_KINDS["shuffled_ints"]
+    served = CompressedRecommender(model, user_ids, item_ids)
+    internal = np.array([5, 1, 44, 5, 30, 2, 9])
+    with torch.no_grad():
+        scores = model.eval().score_all(torch.from_numpy(internal))
+    best = torch.topk(scores, 2, dim=1).indices.numpy()
+    users, items = log_of(2)
+    log = (np.r_[users, internal.repeat(2)], np.r_[items, best.ravel()])
+    expected = item_ids[top_k_unseen(scores, internal, log, 5)]
+    monkeypatch.setattr(export, "RECOMMEND_MIN_ROWS", 3)
+    monkeypatch.setattr(export, "RECOMMEND_CHUNK_ELEMENTS", 1)
+    seen = served.seen_items(user_ids[log[0]], item_ids[log[1]])
+    assert served.recommend(user_ids[internal], k=5, exclude=seen).tolist() == expected.tolist()
+
+
+def test_exclusion_leaves_scores_it_does_not_own_alone() -> None:
+    """A custom model whose ``score_all`` takes no buffer and returns a view of its own tensor:
+    the seen items are set to -inf in a copy, not in the model."""
+
+    class Fixed(nn.Module):
+        num_items = N_ITEMS
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.table = nn.Parameter(torch.randn(N_USERS, N_ITEMS), requires_grad=False)
+
+        def score_all(self, users: torch.Tensor) -> torch.Tensor:
+            return self.table[0:1] if len(users) == 1 and int(users[0]) == 0 else self.table[users]
+
+    model = Fixed()
+    before = model.table.detach().clone()
+    user_ids, item_ids = RAW_ID_KINDS["range"]
+    served = CompressedRecommender(model, user_ids, item_ids)
+    seen = served.seen_items(user_ids[[0, 0]], item_ids[[3, 4]])
+    recs = served.recommend(user_ids[:1], k=N_ITEMS - 2, exclude=seen)[0]
+    assert not {item_ids[3], item_ids[4]} & set(recs.tolist())
+    assert torch.equal(model.table, before)

@@ -133,13 +133,19 @@ def group_fraction_order(groups: np.ndarray, num_groups: int, fractions: np.ndar
     return order
 
 
-def csr(users: np.ndarray, items: np.ndarray, num_users: int) -> tuple[np.ndarray, np.ndarray]:
+def csr(
+    users: np.ndarray, items: np.ndarray, num_users: int, unique: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     """(indptr, items sorted by user, then item) of a set of (user, item) pairs of internal
-    ids; duplicate pairs are kept."""
+    ids; ``unique``: each repeated pair once (else they are kept)."""
     num_items = int(items.max()) + 1 if len(items) else 1
+    keys = sort_ints(users.astype(np.int64) * num_items + items, users)
+    if unique and len(keys):
+        keys = keys[np.r_[True, keys[1:] != keys[:-1]]]
+        users = keys // num_items
     indptr = np.zeros(num_users + 1, dtype=np.int64)
     indptr[1:] = np.cumsum(np.bincount(users, minlength=num_users))
-    return indptr, sort_ints(users.astype(np.int64) * num_items + items, users) % num_items
+    return indptr, keys % num_items
 
 
 def rows_of_users(
