@@ -202,42 +202,70 @@ def export_model(
     return len(blob)
 
 
-def _id_lookup(ids: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
-    """(the argsort of ``ids`` or None where they are sorted already, the sorted ids): the
-    binary search of :func:`_find_ids` over raw ids, vectorised, with no per-id Python object
-    even for millions of ids."""
-    ordered = len(ids) < 2 or bool(np.all(ids[1:] > ids[:-1]))
-    order = None if ordered else np.argsort(ids, kind="stable")
-    return order, ids if order is None else ids[order]
+# Integer raw ids spanning at most this many values per id (MovieLens ids, contiguous ranges)
+# are found through a dense table, one load a query, instead of a binary search (~20 dependent
+# loads at 1M ids): 10M queries into 1M user ids took 2.9 s by binary search.
+DENSE_ID_SPAN = 4
 
 
-def _find_ids(
-    lookup: tuple[np.ndarray | None, np.ndarray], query: Any
-) -> tuple[np.ndarray, np.ndarray]:
-    """(internal indices (int64), found) of the raw ids ``query``; an index where not found is
-    meaningless. An id of another type than the known ones (an int where they are strings) is
-    not found. A query of Python objects (a pandas column of strings, nullable integers) is
-    searched as strings or integers when it holds only those, else one id at a time through a
-    hash table (mixed types, missing values)."""
-    order, sorted_ids = lookup
-    query = np.asarray(query).reshape(-1)
-    if not len(sorted_ids) or not len(query):
-        return np.zeros(len(query), np.int64), np.zeros(len(query), bool)
-    if query.dtype.kind == "O":
-        import pandas as pd  # here only: serving an artifact needs no pandas otherwise
+@dataclass(frozen=True, eq=False)
+class _IdLookup:
+    """Raw ids -> internal indices: ``table[id - low]`` (-1 where no id) for integer ids of a
+    short span, else a binary search over ``sorted_ids`` (through the argsort ``order`` where
+    the ids are not sorted already). Vectorised either way, with no per-id Python object."""
 
-        inferred = pd.api.types.infer_dtype(query, skipna=False)
-        if inferred == "string":
-            query = query.astype(str)
-        elif inferred == "integer":
-            query = query.astype(np.int64)
-        else:
-            found_at = pd.Index(sorted_ids).get_indexer(pd.Index(query, dtype=object))
-            pos = np.maximum(found_at, 0)
-            return (pos if order is None else order[pos]).astype(np.int64), found_at >= 0
-    pos = np.searchsorted(sorted_ids, query).clip(max=len(sorted_ids) - 1)
-    found = np.broadcast_to(np.asarray(sorted_ids[pos] == query, dtype=bool), query.shape)
-    return (pos if order is None else order[pos]).astype(np.int64), found
+    sorted_ids: np.ndarray
+    order: np.ndarray | None
+    low: int = 0
+    table: np.ndarray | None = None
+
+    @classmethod
+    def of(cls, ids: np.ndarray) -> _IdLookup:
+        ordered = len(ids) < 2 or bool(np.all(ids[1:] > ids[:-1]))
+        order = None if ordered else np.argsort(ids, kind="stable")
+        sorted_ids = ids if order is None else ids[order]
+        if ids.dtype.kind not in "iu" or not len(ids):
+            return cls(sorted_ids, order)
+        low, high = int(sorted_ids[0]), int(sorted_ids[-1])
+        if high - low >= DENSE_ID_SPAN * len(ids) + 1024:
+            return cls(sorted_ids, order)
+        table = np.full(high - low + 1, -1, dtype=np.int64 if len(ids) >= 2**31 else np.int32)
+        table[ids.astype(np.int64) - low] = np.arange(len(ids), dtype=table.dtype)
+        return cls(sorted_ids, order, low, table)
+
+    def find(self, query: Any) -> tuple[np.ndarray, np.ndarray]:
+        """(internal indices (int64), found) of the raw ids ``query``; an index where not found
+        is meaningless. An id of another type than the known ones (an int where they are
+        strings) is not found. A query of Python objects (a pandas column of strings, nullable
+        integers) is searched as strings or integers when it holds only those, else one id at a
+        time through a hash table (mixed types, missing values)."""
+        query = np.asarray(query).reshape(-1)
+        if not len(self.sorted_ids) or not len(query):
+            return np.zeros(len(query), np.int64), np.zeros(len(query), bool)
+        if query.dtype.kind == "O":
+            import pandas as pd  # here only: serving an artifact needs no pandas otherwise
+
+            inferred = pd.api.types.infer_dtype(query, skipna=False)
+            if inferred == "string":
+                query = query.astype(str)
+            elif inferred == "integer":
+                query = query.astype(np.int64)
+            else:
+                at = pd.Index(self.sorted_ids).get_indexer(pd.Index(query, dtype=object))
+                return self._internal(np.maximum(at, 0)), at >= 0
+        if self.table is not None and query.dtype.kind in "iu":
+            # ids past int64 wrap to negative offsets, outside the table
+            offset = query.astype(np.int64) - self.low
+            inside = (offset >= 0) & (offset < len(self.table))
+            index = self.table[np.where(inside, offset, 0)].astype(np.int64)
+            found = inside & (index >= 0)
+            return np.where(found, index, 0), found
+        pos = np.searchsorted(self.sorted_ids, query).clip(max=len(self.sorted_ids) - 1)
+        found = np.asarray(self.sorted_ids[pos] == query, dtype=bool)
+        return self._internal(pos), np.broadcast_to(found, query.shape)
+
+    def _internal(self, pos: np.ndarray) -> np.ndarray:
+        return (pos if self.order is None else self.order[pos]).astype(np.int64)
 
 
 @dataclass(frozen=True, eq=False)
@@ -267,13 +295,13 @@ class CompressedRecommender:
     def __init__(self, model: Recommender, user_ids: np.ndarray, item_ids: np.ndarray) -> None:
         self.model = model.eval()
         self.user_ids, self.item_ids = user_ids, item_ids
-        self._users = _id_lookup(user_ids)
-        self._items: tuple[np.ndarray | None, np.ndarray] | None = None  # built when needed
+        self._users = _IdLookup.of(user_ids)
+        self._items: _IdLookup | None = None  # built when needed
 
     def user_index(self, user_ids: list | np.ndarray) -> np.ndarray:
         """Internal indices (int64) of raw user ids; unknown ids raise :class:`DataError`."""
         query = np.asarray(user_ids).reshape(-1)
-        index, found = _find_ids(self._users, query)
+        index, found = self._users.find(query)
         if not found.all():
             missing = query[~found][:5].tolist()
             raise DataError(
@@ -296,9 +324,9 @@ class CompressedRecommender:
                 "and one item id per interaction (two columns of the same log)."
             )
         if self._items is None:
-            self._items = _id_lookup(self.item_ids)
-        user_index, user_found = _find_ids(self._users, users)
-        item_index, item_found = _find_ids(self._items, items)
+            self._items = _IdLookup.of(self.item_ids)
+        user_index, user_found = self._users.find(users)
+        item_index, item_found = self._items.find(items)
         known = user_found & item_found
         if len(users) and not known.any():
             raise DataError(

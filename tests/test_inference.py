@@ -359,3 +359,39 @@ def test_exclusion_leaves_scores_it_does_not_own_alone() -> None:
     recs = served.recommend(user_ids[:1], k=N_ITEMS - 2, exclude=seen)[0]
     assert not {item_ids[3], item_ids[4]} & set(recs.tolist())
     assert torch.equal(model.table, before)
+
+
+@pytest.mark.parametrize(
+    "ids",
+    [
+        np.arange(100) + 5,  # a range: the dense table
+        np.random.default_rng(3).permutation(np.arange(-50, 250, 3)),  # gaps, negative, unsorted
+        np.random.default_rng(4).permutation(np.arange(100) * 10**6),  # too sparse: searched
+        np.array([f"id{i}" for i in range(40)]),
+    ],
+    ids=["range", "gaps", "sparse", "strings"],
+)
+def test_raw_ids_are_found_as_a_dictionary_finds_them(ids: np.ndarray) -> None:
+    from recsys_compress.export import _IdLookup
+
+    lookup = _IdLookup.of(ids)
+    assert (lookup.table is not None) == (ids.dtype.kind == "i" and np.ptp(ids) < 10**4)
+    where = {v: i for i, v in enumerate(ids.tolist())}
+    rng = np.random.default_rng(5)
+    queries = [rng.choice(ids, 300)]
+    if ids.dtype.kind == "i":
+        # every gap and both ends of a short span; each id's neighbours in a long one
+        if np.ptp(ids) < 10**4:
+            near = np.arange(ids.min() - 2, ids.max() + 3)
+        else:
+            near = np.r_[ids - 1, ids, ids + 1]
+        queries += [near, near.astype(np.int32), np.array([2**63 + 5, 7], dtype=np.uint64)]
+        queries.append(np.array([int(ids[0]), "x", None], dtype=object))  # the hash lookup
+    else:
+        queries += [np.array(["nope", ids[3], "", ids[0]]), np.array([3, 4])]
+    for query in queries:
+        index, found = lookup.find(query)
+        expected = [where.get(v) for v in query.tolist()]
+        assert found.tolist() == [e is not None for e in expected]
+        assert index[found].tolist() == [e for e in expected if e is not None]
+        assert index.dtype == np.int64
