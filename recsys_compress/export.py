@@ -312,11 +312,12 @@ class CompressedRecommender:
     def seen_items(self, user_ids: Any, item_ids: Any) -> SeenItems:
         """The items each user has seen, from raw (user, item) pairs (``user_ids[j]`` saw
         ``item_ids[j]``: e.g. the two id columns of the interaction log the model was trained
-        on), to pass as ``recommend(..., exclude=...)``. Build it once: at 10M pairs it takes
-        about a second. Pairs with a user or item id the recommender does not know are left out
-        and counted in ``dropped``; if none is known, or the two sequences differ in length,
-        :class:`DataError` says so (the ids are compared as they are: an int is not the string
-        of its digits)."""
+        on), to pass as ``recommend(..., exclude=...)``. Build it once: 10M pairs at 1M users
+        took 1.2 s here with integer ids of a short span (a dense table), 2.4 s with ids
+        searched (a longer span, strings). Repeated pairs count once. Pairs with a user or
+        item id the recommender does not know are left out and counted in ``dropped``; if none
+        is known, or the two sequences differ in length, :class:`DataError` says so (the ids
+        are compared as they are: an int is not the string of its digits)."""
         users, items = np.asarray(user_ids).reshape(-1), np.asarray(item_ids).reshape(-1)
         if len(users) != len(items):
             raise DataError(
