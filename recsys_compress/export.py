@@ -224,13 +224,16 @@ class _IdLookup:
         ordered = len(ids) < 2 or bool(np.all(ids[1:] > ids[:-1]))
         order = None if ordered else np.argsort(ids, kind="stable")
         sorted_ids = ids if order is None else ids[order]
+        if not ordered and bool(np.any(sorted_ids[1:] == sorted_ids[:-1])):
+            twice = sorted_ids[1:][sorted_ids[1:] == sorted_ids[:-1]][:5].tolist()
+            raise DataError(f"raw ids {twice} appear more than once: each id names one row.")
         if ids.dtype.kind not in "iu" or not len(ids):
             return cls(sorted_ids, order)
         low, high = int(sorted_ids[0]), int(sorted_ids[-1])
-        if high - low >= DENSE_ID_SPAN * len(ids) + 1024:
+        if high > np.iinfo(np.int64).max or high - low >= DENSE_ID_SPAN * len(ids) + 1024:
             return cls(sorted_ids, order)
         table = np.full(high - low + 1, -1, dtype=np.int64 if len(ids) >= 2**31 else np.int32)
-        table[ids.astype(np.int64) - low] = np.arange(len(ids), dtype=table.dtype)
+        table[ids.astype(np.int64, copy=False) - low] = np.arange(len(ids), dtype=table.dtype)
         return cls(sorted_ids, order, low, table)
 
     def find(self, query: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -254,9 +257,11 @@ class _IdLookup:
                 at = pd.Index(self.sorted_ids).get_indexer(pd.Index(query, dtype=object))
                 return self._internal(np.maximum(at, 0)), at >= 0
         if self.table is not None and query.dtype.kind in "iu":
-            # ids past int64 wrap to negative offsets, outside the table
+            # int64 offsets wrap only where the query is no id; uint64 past int64 is no id
             offset = query.astype(np.int64) - self.low
             inside = (offset >= 0) & (offset < len(self.table))
+            if query.dtype.kind == "u":
+                inside &= query <= np.iinfo(np.int64).max
             index = self.table[np.where(inside, offset, 0)].astype(np.int64)
             found = inside & (index >= 0)
             return np.where(found, index, 0), found

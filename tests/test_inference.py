@@ -385,13 +385,21 @@ def test_raw_ids_are_found_as_a_dictionary_finds_them(ids: np.ndarray) -> None:
             near = np.arange(ids.min() - 2, ids.max() + 3)
         else:
             near = np.r_[ids - 1, ids, ids + 1]
-        queries += [near, near.astype(np.int32), np.array([2**63 + 5, 7], dtype=np.uint64)]
+        wrapping = np.array([2**63 + 5, 7, 2**64 - 50, 2**64 - 47], dtype=np.uint64)
+        queries += [near, near.astype(np.int32), wrapping, np.r_[near.astype(float), near + 0.5]]
         queries.append(np.array([int(ids[0]), "x", None], dtype=object))  # the hash lookup
     else:
         queries += [np.array(["nope", ids[3], "", ids[0]]), np.array([3, 4])]
     for query in queries:
+        query = query.ravel()
         index, found = lookup.find(query)
         expected = [where.get(v) for v in query.tolist()]
         assert found.tolist() == [e is not None for e in expected]
         assert index[found].tolist() == [e for e in expected if e is not None]
         assert index.dtype == np.int64
+
+
+def test_duplicate_raw_ids_are_refused() -> None:
+    model = build_model(MODEL_CFG, 4, N_ITEMS)
+    with pytest.raises(DataError, match=r"raw ids \[7\] appear more than once"):
+        CompressedRecommender(model, np.array([9, 7, 3, 7]), np.arange(N_ITEMS))
