@@ -88,6 +88,24 @@ def compressed_model(method: str) -> Recommender:
     return model.eval()
 
 
+QUERY = np.array([3, 0, 59, 3, 17])  # internal users, repeated and out of order
+
+
+def exported(
+    tmp_path: Path, method: str, ids: str
+) -> tuple[CompressedRecommender, np.ndarray, np.ndarray, torch.Tensor]:
+    """``compressed_model(method)`` exported with the raw ids ``RAW_ID_KINDS[ids]`` to
+    ``tmp_path / "model.safetensors"`` and loaded; its raw user and item ids, and the loaded
+    model's scores of :data:`QUERY`'s users."""
+    path = tmp_path / "model.safetensors"
+    user_ids, item_ids = RAW_ID_KINDS[ids]
+    export_model(compressed_model(method), MODEL_CFG, user_ids, item_ids, path)
+    loaded = load_compressed(path)
+    with torch.no_grad():
+        scores = loaded.model.score_all(torch.from_numpy(QUERY))
+    return loaded, user_ids, item_ids, scores
+
+
 @pytest.mark.parametrize("method", list(METHODS))
 @pytest.mark.parametrize("ids", list(RAW_ID_KINDS))
 def test_recommend_is_the_top_k_of_the_exported_model(tmp_path: Path, method: str, ids: str):
@@ -114,13 +132,8 @@ def test_recommend_scores_users_in_chunks_into_one_buffer(
 ) -> None:
     """Chunks of 2 users (an uneven last one): the same recommendations as one score matrix,
     every chunk written into the same buffer, which holds one chunk's scores only."""
-    path = tmp_path / "model.safetensors"
-    user_ids, item_ids = RAW_ID_KINDS["range"]
-    export_model(compressed_model(method), MODEL_CFG, user_ids, item_ids, path)
-    loaded = load_compressed(path)
-    internal = np.array([3, 0, 59, 3, 17])
-    with torch.no_grad():
-        scores = loaded.model.score_all(torch.from_numpy(internal))
+    loaded, user_ids, item_ids, scores = exported(tmp_path, method, "range")
+    internal = QUERY
     expected = item_ids[torch.topk(scores, 7, dim=1).indices.numpy()]
     calls = []
     score_all = loaded.model.score_all
@@ -145,20 +158,26 @@ def test_recommend_scores_users_in_chunks_into_one_buffer(
     assert whole_table_reads == ([] if type(table) is nn.Embedding else [True])
 
 
+def tower_model(name: str, ids: str) -> tuple[CompressedRecommender, np.ndarray, torch.Tensor]:
+    """A NeuMF or MLP of random weights served with the raw ids ``RAW_ID_KINDS[ids]``, 7
+    internal users to query (one repeated) and the model's scores of them."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name=name, dim=8, mlp_layers=[16, 8]), N_USERS, N_ITEMS)
+    served = CompressedRecommender(model, *RAW_ID_KINDS[ids])
+    internal = np.array([5, 1, 44, 5, 30, 2, 9])
+    with torch.no_grad():
+        return served, internal, model.score_all(torch.from_numpy(internal))
+
+
 @pytest.mark.parametrize("name", ["neumf", "mlp"])
 def test_recommend_with_neumf_and_mlp_in_chunks(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """NeuMF and MLP write each chunk of users into the call's buffer, themselves a few users
     at a time; a model whose ``score_all`` takes no buffer is called chunk by chunk as well."""
     from recsys_compress.models import ncf
 
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(name=name, dim=8, mlp_layers=[16, 8]), N_USERS, N_ITEMS)
-    user_ids, item_ids = RAW_ID_KINDS["strings"]
-    served = CompressedRecommender(model, user_ids, item_ids)
-    internal = np.array([5, 1, 44, 5, 30, 2, 9])
-    with torch.no_grad():
-        top = torch.topk(model.eval().score_all(torch.from_numpy(internal)), 5, dim=1).indices
-    expected = item_ids[top].tolist()
+    served, internal, scores = tower_model(name, "strings")
+    model, user_ids, item_ids = served.model, served.user_ids, served.item_ids
+    expected = item_ids[torch.topk(scores, 5, dim=1).indices].tolist()
     monkeypatch.setattr(export, "RECOMMEND_MIN_ROWS", 3)
     monkeypatch.setattr(export, "RECOMMEND_CHUNK_ELEMENTS", 1)
     monkeypatch.setattr(ncf, "TOWER_CHUNK_ELEMENTS", 2 * N_ITEMS * 16)  # 2 users a tower chunk
@@ -234,13 +253,8 @@ def test_recommend_leaves_out_seen_items(
 ) -> None:
     """``exclude=seen_items(log)``: the top-k of the scores with each user's logged items at
     -inf, in chunks of 2 users (repeated users, an uneven last chunk), from raw ids."""
-    path = tmp_path / "model.safetensors"
-    user_ids, item_ids = RAW_ID_KINDS["shuffled_ints"]
-    export_model(compressed_model(method), MODEL_CFG, user_ids, item_ids, path)
-    loaded = load_compressed(path)
-    internal = np.array([3, 0, 59, 3, 17])
-    with torch.no_grad():
-        scores = loaded.model.score_all(torch.from_numpy(internal))
+    loaded, user_ids, item_ids, scores = exported(tmp_path, method, "shuffled_ints")
+    internal = QUERY
     # random pairs, and each queried user's 3 best items, so that the exclusion decides
     best = torch.topk(scores, 3, dim=1).indices.numpy()
     users, items = log_of(1)
@@ -259,8 +273,8 @@ def test_recommend_leaves_out_seen_items(
         assert not history & set(recs[row].tolist())
         assert history & set(plain[row].tolist())  # without exclude, seen items come back
     # another load of the same file holds equal ids: its SeenItems fits
-    again = load_compressed(path).recommend(user_ids[internal], k=10, exclude=seen)
-    assert again.tolist() == recs.tolist()
+    again = load_compressed(tmp_path / "model.safetensors")
+    assert again.recommend(user_ids[internal], k=10, exclude=seen).tolist() == recs.tolist()
 
 
 @pytest.mark.parametrize("name", ["mf", "neumf"])
@@ -320,13 +334,8 @@ def test_seen_items_edge_cases(name: str) -> None:
 def test_recommend_leaves_out_seen_items_with_neumf_and_mlp_in_chunks(
     name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(name=name, dim=8, mlp_layers=[16, 8]), N_USERS, N_ITEMS)
-    user_ids, item_ids = RAW_ID_KINDS["shuffled_ints"]
-    served = CompressedRecommender(model, user_ids, item_ids)
-    internal = np.array([5, 1, 44, 5, 30, 2, 9])
-    with torch.no_grad():
-        scores = model.eval().score_all(torch.from_numpy(internal))
+    served, internal, scores = tower_model(name, "shuffled_ints")
+    user_ids, item_ids = served.user_ids, served.item_ids
     best = torch.topk(scores, 2, dim=1).indices.numpy()
     users, items = log_of(2)
     log = (np.r_[users, internal.repeat(2)], np.r_[items, best.ravel()])
