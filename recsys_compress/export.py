@@ -36,7 +36,7 @@ from recsys_compress.compression.codec import (
 from recsys_compress.compression.lowrank import match_state_dict
 from recsys_compress.compression.targets import replace_module
 from recsys_compress.config import ModelConfig, to_train_config
-from recsys_compress.data.sorting import csr, rows_of_users
+from recsys_compress.data.sorting import csr, dense_span, rows_of_users
 from recsys_compress.errors import DataError, RecsysCompressError
 from recsys_compress.models import Recommender, build_model
 from recsys_compress.models.base import tables_read_once, takes_out
@@ -202,17 +202,13 @@ def export_model(
     return len(blob)
 
 
-# Integer raw ids spanning at most this many values per id (MovieLens ids, contiguous ranges)
-# are found through a dense table, one load a query, instead of a binary search (~20 dependent
-# loads at 1M ids): 10M queries into 1M user ids took 2.9 s by binary search.
-DENSE_ID_SPAN = 4
-
-
 @dataclass(frozen=True, eq=False)
 class _IdLookup:
     """Raw ids -> internal indices: ``table[id - low]`` (-1 where no id) for integer ids of a
-    short span, else a binary search over ``sorted_ids`` (through the argsort ``order`` where
-    the ids are not sorted already). Vectorised either way, with no per-id Python object."""
+    short span (:func:`~recsys_compress.data.sorting.dense_span`: one load a query, where a
+    binary search makes ~20 dependent ones at 1M ids; 10M queries into 1M user ids took 2.9 s
+    by binary search), else a binary search over ``sorted_ids`` (through the argsort ``order``
+    where the ids are not sorted already). Vectorised either way, no per-id Python object."""
 
     sorted_ids: np.ndarray
     order: np.ndarray | None
@@ -230,7 +226,7 @@ class _IdLookup:
         if ids.dtype.kind not in "iu" or not len(ids):
             return cls(sorted_ids, order)
         low, high = int(sorted_ids[0]), int(sorted_ids[-1])
-        if high > np.iinfo(np.int64).max or high - low >= DENSE_ID_SPAN * len(ids) + 1024:
+        if high > np.iinfo(np.int64).max or not dense_span(low, high, len(ids)):
             return cls(sorted_ids, order)
         table = np.full(high - low + 1, -1, dtype=np.int64 if len(ids) >= 2**31 else np.int32)
         table[ids.astype(np.int64, copy=False) - low] = np.arange(len(ids), dtype=table.dtype)

@@ -20,7 +20,13 @@ import pandas as pd
 import torch
 
 from recsys_compress.config import DataConfig
-from recsys_compress.data.sorting import grouped_kind, lexsort_ints, stable_argsort, time_key
+from recsys_compress.data.sorting import (
+    dense_span,
+    grouped_kind,
+    lexsort_ints,
+    stable_argsort,
+    time_key,
+)
 from recsys_compress.errors import DataError
 from recsys_compress.io import atomic_write
 
@@ -103,7 +109,7 @@ def _factorize(ids: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     values = ids.to_numpy()
     if values.dtype.kind in "iu" and len(values):
         low, high = int(values.min()), int(values.max())
-        if high - low < 4 * len(values) + 1024:
+        if dense_span(low, high, len(values)):
             codes, uniques = _compact(values.astype(np.int64, copy=False) - low, high - low + 1)
             return codes, (uniques + low).astype(values.dtype)
     return pd.factorize(ids, sort=True)

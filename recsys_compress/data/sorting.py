@@ -157,3 +157,15 @@ def rows_of_users(
     starts = np.repeat(indptr[chunk_users] - np.r_[0, np.cumsum(lengths)[:-1]], lengths)
     cols = items[np.arange(lengths.sum()) + starts]
     return rows, cols
+
+
+# Integer ids spanning at most this many values per id (MovieLens ids, contiguous ranges) go
+# through a dense table indexed by ``id - min`` instead of a sort or a binary search: the
+# pipeline's factorisation of raw ids, and a served model's raw-id lookup.
+DENSE_ID_SPAN = 4
+
+
+def dense_span(low: int, high: int, count: int) -> bool:
+    """Whether ``count`` integer ids from ``low`` to ``high`` fit a dense table of
+    ``high - low + 1`` entries (:data:`DENSE_ID_SPAN` per id, and 1,024 more)."""
+    return high - low < DENSE_ID_SPAN * count + 1024
