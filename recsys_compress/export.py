@@ -19,7 +19,7 @@ import sys
 import zlib
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 import numpy as np
 import torch
@@ -352,14 +352,43 @@ class CompressedRecommender:
                 "ids): build it with this one's, recommender.seen_items(user_ids, item_ids)."
             )
 
+    @overload
+    def recommend(
+        self,
+        user_ids: list | np.ndarray,
+        k: int = ...,
+        exclude: SeenItems | None = ...,
+        return_scores: Literal[False] = ...,
+    ) -> np.ndarray: ...
+
+    @overload
+    def recommend(
+        self,
+        user_ids: list | np.ndarray,
+        k: int = ...,
+        exclude: SeenItems | None = ...,
+        *,
+        return_scores: Literal[True],
+    ) -> tuple[np.ndarray, np.ndarray]: ...
+
     @torch.no_grad()
     def recommend(
-        self, user_ids: list | np.ndarray, k: int = 10, exclude: SeenItems | None = None
-    ) -> np.ndarray:
+        self,
+        user_ids: list | np.ndarray,
+        k: int = 10,
+        exclude: SeenItems | None = None,
+        return_scores: bool = False,
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """``[len(user_ids), k]`` raw item ids, best first, for raw user ids.
 
         ``exclude`` (from :meth:`seen_items`): leave out each user's seen items. A user with
-        fewer than ``k`` unseen items gets all of them first, then seen ones in no given order.
+        fewer than ``k`` unseen items gets all of them first, then seen ones in no given order,
+        whose scores are ``-inf``.
+
+        ``return_scores``: also return the model's scores of those items (the same shape,
+        float32, float64 for a float64 model; ``-inf`` where ``exclude`` left an item out),
+        e.g. to blend with another model or to drop the seen items that fill a short row. Raw
+        scores: logits for a model trained with ``bce``, predicted ratings for ``mse``.
 
         Users are scored in chunks (:func:`recommend_chunk_rows`), each chunk's scores written
         into one buffer that the call reuses, so that memory stays bounded whatever the number
@@ -373,6 +402,7 @@ class CompressedRecommender:
         k = min(k, model.num_items)
         rows = recommend_chunk_rows(model.num_items)
         top = torch.empty(len(users), k, dtype=torch.long)
+        top_scores = torch.empty(len(users), k, dtype=torch.float32) if return_scores else None
         buffer = None
         if takes_out(model) and len(users):
             floats = (p.dtype for p in model.parameters() if p.is_floating_point())
@@ -389,8 +419,16 @@ class CompressedRecommender:
                         scores = scores.clone()  # not ours to write: it may view the model
                     seen = rows_of_users(exclude.indptr, exclude.items, chunk.numpy())
                     scores[torch.from_numpy(seen[0]), torch.from_numpy(seen[1])] = float("-inf")
-                top[start : start + len(chunk)] = torch.topk(scores, k, dim=1).indices
-        return self.item_ids[top.numpy()]
+                best = torch.topk(scores, k, dim=1)
+                top[start : start + len(chunk)] = best.indices
+                if top_scores is not None:
+                    if best.values.dtype == torch.float64 and top_scores.dtype != torch.float64:
+                        top_scores = top_scores.double()  # a float64 model's, not rounded
+                    top_scores[start : start + len(chunk)] = best.values
+        items = self.item_ids[top.numpy()]
+        if top_scores is None:
+            return items
+        return items, top_scores.numpy()
 
 
 # Scores computed at a time by CompressedRecommender.recommend, and the fewest users a chunk

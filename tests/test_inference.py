@@ -121,9 +121,16 @@ def test_recommend_is_the_top_k_of_the_exported_model(tmp_path: Path, method: st
     assert not any(t.is_meta for t in (*loaded.model.parameters(), *loaded.model.buffers()))
     internal = np.array([3, 0, 59, 3, 17])  # repeated and out of order
     recs = loaded.recommend(user_ids[internal], k=10)
-    top = torch.topk(expected_scores[torch.from_numpy(internal)], 10, dim=1).indices.numpy()
-    assert recs.tolist() == item_ids[top].tolist()
+    top = torch.topk(expected_scores[torch.from_numpy(internal)], 10, dim=1)
+    assert recs.tolist() == item_ids[top.indices.numpy()].tolist()
     assert loaded.recommend(list(user_ids[internal]), k=10).tolist() == recs.tolist()
+    # return_scores: the same items, with the model's scores of them, best first
+    same, scores = loaded.recommend(user_ids[internal], k=10, return_scores=True)
+    assert same.tolist() == recs.tolist()
+    assert scores.dtype == np.float32 and scores.shape == (5, 10)
+    # (scored in another batch than expected_scores: equal to the matmul's rounding)
+    np.testing.assert_allclose(scores, top.values.numpy(), rtol=1e-6, atol=0)
+    assert (np.diff(scores, axis=1) <= 0).all()
 
 
 @pytest.mark.parametrize("method", list(METHODS))
@@ -150,7 +157,9 @@ def test_recommend_scores_users_in_chunks_into_one_buffer(
     )
     monkeypatch.setattr(export, "RECOMMEND_MIN_ROWS", 2)
     monkeypatch.setattr(export, "RECOMMEND_CHUNK_ELEMENTS", 1)
-    assert loaded.recommend(user_ids[internal], k=7).tolist() == expected.tolist()
+    items, values = loaded.recommend(user_ids[internal], k=7, return_scores=True)
+    assert items.tolist() == expected.tolist()
+    np.testing.assert_allclose(values, torch.topk(scores, 7, dim=1).values, rtol=1e-6, atol=0)
     assert [users for users, _, _ in calls] == [[3, 0], [59, 3], [17]]
     assert len({ptr for _, ptr, _ in calls}) == 1
     assert {numel for _, _, numel in calls} == {2 * N_ITEMS}
@@ -227,6 +236,8 @@ def test_unknown_users_and_edge_queries(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="unknown user ids"):
         loaded.recommend([1])  # an int where the ids are strings
     assert loaded.recommend([], k=4).shape == (0, 4)
+    items, scores = loaded.recommend([], k=4, return_scores=True)
+    assert items.shape == scores.shape == (0, 4) and scores.dtype == np.float32
     assert loaded.recommend(["u010"], k=500).shape == (1, N_ITEMS)  # k capped at the catalogue
     np.testing.assert_array_equal(loaded.user_index(["u002", "u000"]), [2, 0])
 
@@ -312,6 +323,12 @@ def test_seen_items_edge_cases(name: str) -> None:
     order = unseen[torch.argsort(scores[4, torch.from_numpy(unseen)], descending=True).numpy()]
     assert recs[:3].tolist() == order.tolist()
     assert set(recs[3:].tolist()) <= set(saw.tolist())
+    # ... and the scores tell them apart: the unseen items' own, -inf for the seen filling
+    same, values = served.recommend(["u004"], k=6, exclude=seen, return_scores=True)
+    assert same[0].tolist() == recs.tolist()
+    expected_values = scores[4, torch.from_numpy(order)].numpy()
+    np.testing.assert_allclose(values[0, :3], expected_values, rtol=1e-6, atol=0)
+    assert values[0, 3:].tolist() == [float("-inf")] * 3
     # an empty log excludes nothing
     nothing = served.seen_items([], [])
     assert len(nothing) == 0
@@ -368,6 +385,11 @@ def test_exclusion_leaves_scores_it_does_not_own_alone() -> None:
     recs = served.recommend(user_ids[:1], k=N_ITEMS - 2, exclude=seen)[0]
     assert not {item_ids[3], item_ids[4]} & set(recs.tolist())
     assert torch.equal(model.table, before)
+    # a float64 model's scores come back in float64, not rounded to float32
+    model.table.data = model.table.data.double()
+    _, values = served.recommend(user_ids[[0, 1]], k=N_ITEMS, return_scores=True)
+    assert values.dtype == np.float64
+    np.testing.assert_array_equal(values, torch.sort(model.table[:2], descending=True)[0])
 
 
 @pytest.mark.parametrize(
