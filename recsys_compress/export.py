@@ -358,6 +358,7 @@ class CompressedRecommender:
         user_ids: list | np.ndarray,
         k: int = ...,
         exclude: SeenItems | None = ...,
+        *,
         return_scores: Literal[False] = ...,
     ) -> np.ndarray: ...
 
@@ -371,12 +372,23 @@ class CompressedRecommender:
         return_scores: Literal[True],
     ) -> tuple[np.ndarray, np.ndarray]: ...
 
+    @overload
+    def recommend(
+        self,
+        user_ids: list | np.ndarray,
+        k: int = ...,
+        exclude: SeenItems | None = ...,
+        *,
+        return_scores: bool,
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]: ...
+
     @torch.no_grad()
     def recommend(
         self,
         user_ids: list | np.ndarray,
         k: int = 10,
         exclude: SeenItems | None = None,
+        *,
         return_scores: bool = False,
     ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """``[len(user_ids), k]`` raw item ids, best first, for raw user ids.
@@ -388,7 +400,8 @@ class CompressedRecommender:
         ``return_scores``: also return the model's scores of those items (the same shape,
         float32, float64 for a float64 model; ``-inf`` where ``exclude`` left an item out),
         e.g. to blend with another model or to drop the seen items that fill a short row. Raw
-        scores: logits for a model trained with ``bce``, predicted ratings for ``mse``.
+        scores: logits for a model trained with ``bce``, predicted ratings for ``mse``,
+        unnormalised preferences for ``bpr`` (only their order means anything).
 
         Users are scored in chunks (:func:`recommend_chunk_rows`), each chunk's scores written
         into one buffer that the call reuses, so that memory stays bounded whatever the number
@@ -402,11 +415,14 @@ class CompressedRecommender:
         k = min(k, model.num_items)
         rows = recommend_chunk_rows(model.num_items)
         top = torch.empty(len(users), k, dtype=torch.long)
-        top_scores = torch.empty(len(users), k, dtype=torch.float32) if return_scores else None
+        floats = (p.dtype for p in model.parameters() if p.is_floating_point())
+        dtype = next(floats, torch.get_default_dtype())  # the scores' dtype: a bf16 model's
+        top_scores = None
+        if return_scores:  # float32 (bf16 and float16 fit exactly), float64 kept
+            wide = torch.float64 if dtype == torch.float64 else torch.float32
+            top_scores = torch.empty(len(users), k, dtype=wide)
         buffer = None
         if takes_out(model) and len(users):
-            floats = (p.dtype for p in model.parameters() if p.is_floating_point())
-            dtype = next(floats, torch.get_default_dtype())  # the scores' dtype: a bf16 model's
             buffer = torch.empty(min(rows, len(users)) * model.num_items, dtype=dtype)
         with tables_read_once():  # a quantised or factorised table built once, not per chunk
             for start in range(0, len(users), rows):
@@ -423,7 +439,7 @@ class CompressedRecommender:
                 top[start : start + len(chunk)] = best.indices
                 if top_scores is not None:
                     if best.values.dtype == torch.float64 and top_scores.dtype != torch.float64:
-                        top_scores = top_scores.double()  # a float64 model's, not rounded
+                        top_scores = top_scores.double()  # a custom model's float64 scores
                     top_scores[start : start + len(chunk)] = best.values
         items = self.item_ids[top.numpy()]
         if top_scores is None:

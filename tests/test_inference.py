@@ -327,7 +327,8 @@ def test_seen_items_edge_cases(name: str) -> None:
     same, values = served.recommend(["u004"], k=6, exclude=seen, return_scores=True)
     assert same[0].tolist() == recs.tolist()
     expected_values = scores[4, torch.from_numpy(order)].numpy()
-    np.testing.assert_allclose(values[0, :3], expected_values, rtol=1e-6, atol=0)
+    close = 1e-6 * float(scores[4].abs().max())  # one user's matmul against all users'
+    np.testing.assert_allclose(values[0, :3], expected_values, rtol=0, atol=close)
     assert values[0, 3:].tolist() == [float("-inf")] * 3
     # an empty log excludes nothing
     nothing = served.seen_items([], [])
@@ -385,11 +386,31 @@ def test_exclusion_leaves_scores_it_does_not_own_alone() -> None:
     recs = served.recommend(user_ids[:1], k=N_ITEMS - 2, exclude=seen)[0]
     assert not {item_ids[3], item_ids[4]} & set(recs.tolist())
     assert torch.equal(model.table, before)
-    # a float64 model's scores come back in float64, not rounded to float32
-    model.table.data = model.table.data.double()
+    # a model without floating parameters whose scores are float64: they come back in float64
+    del model.table
+    model.register_buffer("table", before.double())
     _, values = served.recommend(user_ids[[0, 1]], k=N_ITEMS, return_scores=True)
     assert values.dtype == np.float64
     np.testing.assert_array_equal(values, torch.sort(model.table[:2], descending=True)[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_recommend_returns_the_scores_of_a_bf16_or_float64_model(dtype: torch.dtype) -> None:
+    """A bf16 model's scores (its own buffer's dtype) come back exactly in float32, a float64
+    model's in float64, also for no users."""
+    torch.manual_seed(0)
+    model = build_model(MODEL_CFG, N_USERS, N_ITEMS).to(dtype)
+    served = CompressedRecommender(model, *RAW_ID_KINDS["range"])
+    with torch.no_grad():
+        scores = model.score_all(torch.from_numpy(QUERY))
+    top = torch.topk(scores, 6, dim=1)
+    items, values = served.recommend(served.user_ids[QUERY], k=6, return_scores=True)
+    wide = np.float64 if dtype == torch.float64 else np.float32
+    assert values.dtype == wide
+    np.testing.assert_array_equal(values, top.values.to(torch.float64).numpy().astype(wide))
+    assert items.tolist() == served.item_ids[top.indices.numpy()].tolist()
+    _, none = served.recommend([], k=6, return_scores=True)
+    assert none.shape == (0, 6) and none.dtype == wide
 
 
 @pytest.mark.parametrize(
