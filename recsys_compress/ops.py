@@ -224,6 +224,40 @@ def zero_grad(optimizer: torch.optim.Optimizer) -> None:
         entry.set(grad, [])
 
 
+class _Dropout(torch.autograd.Function):
+    """Dropout whose keep-mask comes from ``torch.rand`` (see :func:`dropout`)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, p: float) -> torch.Tensor:
+        # float32 draws (float64 under that default dtype) whatever x's dtype: a bf16 draw
+        # would round p to 2^-8
+        keep = torch.rand(x.shape, device=x.device).ge_(p)
+        mask = keep.mul_(1.0 / (1.0 - p)).to(x.dtype)
+        ctx.save_for_backward(mask)
+        return x * mask
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (mask,) = ctx.saved_tensors
+        return grad * mask, None
+
+
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """``torch.nn.functional.dropout(x, p, training)``: each element zeroed with probability
+    ``p``, the others scaled by ``1 / (1 - p)``. On the CPU its mask is ``torch.rand(...) >= p``
+    (a uniform float draw, vectorised) instead of torch's ``bernoulli_`` (one draw at a time):
+    forward and backward of a 2048 x 128 batch took 1.37-1.41 ms against 2.27-2.33 ms, a 4096 x
+    32 one 0.68-0.71 against 1.14-1.27 ms (2 threads, a timing loop outside the repo). The
+    same distribution from the same generator (the global one, which a resumed run restores),
+    other draws: a seeded run with dropout draws other masks than torch's. Elsewhere (CUDA's
+    fused kernel), for p = 1 and for integer tensors, torch's own."""
+    if not training or p == 0.0:
+        return x
+    if x.device.type != "cpu" or p >= 1.0 or not x.is_floating_point():
+        return nn.functional.dropout(x, p, training)
+    return _Dropout.apply(x, p)
+
+
 def gathered_table(embedding: nn.Module, kind: type[nn.Module] = nn.Embedding) -> bool:
     """Whether ``embedding`` is read with :func:`gather_rows` on CPU (``models.base.rows``,
     the fake-quant tables): a dense ``nn.Embedding`` (exactly ``kind``) with no padding row,

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from recsys_compress import ops
 from recsys_compress.config import ModelConfig
 from recsys_compress.errors import ConfigError
 from recsys_compress.models import GMF, MF, MLP, NeuMF, build_model, load_model_weights
@@ -371,6 +372,49 @@ def test_dropout_only_acts_in_training():
         c = model(users, items)
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_dropout_zeroes_a_fraction_p_and_scales_the_rest(dtype: torch.dtype) -> None:
+    """ops.dropout (the towers' CPU dropout): each element zeroed with probability p, the others
+    x / (1 - p); its backward passes the same mask; a seed repeats the draws."""
+    p, n = 0.1, 2_000_000
+    x = (torch.rand(n, dtype=torch.float64) + 0.5).to(dtype).requires_grad_()
+    torch.manual_seed(0)
+    y = ops.dropout(x, p, True)
+    kept = y != 0
+    # binomial(n, 0.9): sd 424 elements; 5 sd (seeded: the same draws every run). A draw in
+    # bf16 (p on a grid of 2^-8) would keep ~0.3% fewer: 7 sd off.
+    assert abs(int(kept.sum()) - (1 - p) * n) < 5 * (n * p * (1 - p)) ** 0.5
+    scale = torch.tensor(1 / (1 - p)).to(dtype)  # the factor, rounded to x's dtype
+    assert y.dtype == dtype and torch.equal(y[kept], (x * scale)[kept].detach())
+    grad = torch.rand(n, dtype=torch.float64).to(dtype)
+    y.backward(grad)
+    assert torch.equal(x.grad, torch.where(kept, grad * scale, torch.zeros_like(grad)))
+    torch.manual_seed(0)
+    assert torch.equal(ops.dropout(x, p, True), y)
+    assert not torch.equal(ops.dropout(x, p, True), y)  # the generator moved on
+    # inert in eval mode or at p = 0 (the input itself), torch's own at p = 1
+    assert ops.dropout(x, p, False) is x and ops.dropout(x, 0.0, True) is x
+    assert not ops.dropout(x, 1.0, True).any()
+
+
+def test_the_towers_dropout_module_is_ops_dropout_in_training() -> None:
+    model = randomise(make("mlp", dropout=0.3)).train()
+    drops = [m for m in model.mlp.tower if isinstance(m, nn.Dropout)]
+    assert drops and all(type(m) is models_ncf.Dropout for m in drops)
+    hidden = torch.rand(64, 16)
+    torch.manual_seed(5)
+    expected = ops.dropout(hidden, 0.3, True)
+    torch.manual_seed(5)
+    assert torch.equal(drops[0](hidden), expected)
+    drops[0].eval()
+    assert drops[0](hidden) is hidden
+    inplace = models_ncf.Dropout(0.3, inplace=True)  # torch's own: same draws as F.dropout
+    torch.manual_seed(5)
+    reference = F.dropout(hidden.clone(), 0.3, True)
+    torch.manual_seed(5)
+    assert torch.equal(inplace(hidden.clone()), reference)
 
 
 def pretrained_pair(dim: int = 8, mlp_dim: int = 5) -> tuple[GMF, MLP]:
@@ -762,7 +806,7 @@ def test_the_rest_of_the_tower_runs_its_own_layers_only_where_they_are_plain(nam
     Dropout, a layer that is not plain or a hook sends the input through the modules."""
     model = randomise(make(name, dropout=0.5))
     users = torch.tensor([0, 4, 4, 11])
-    assert any(type(m) is nn.Dropout for m in model.mlp.tower)
+    assert any(type(m) is models_ncf.Dropout for m in model.mlp.tower)
     with torch.no_grad():
         hidden = _tower_input(model, users)
         expected = model.mlp.tower[1:](hidden.clone())

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from recsys_compress import ops
 from recsys_compress.models.base import (
     Recommender,
     all_rows,
@@ -29,6 +30,17 @@ from recsys_compress.models.base import (
 TOWER_CHUNK_ELEMENTS = 1 << 21
 
 
+class Dropout(nn.Dropout):
+    """``nn.Dropout`` whose CPU training path draws its mask with ``torch.rand``
+    (:func:`ops.dropout`: ~40% less time than torch's ``bernoulli_``); ``inplace=True`` keeps
+    torch's."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if self.inplace:
+            return super().forward(input)
+        return ops.dropout(input, self.p, self.training)
+
+
 def _plain_layer(module: nn.Module) -> bool:
     """A tower layer :meth:`_MLPBranch.rest_of_tower` may run itself: ``nn.Linear`` with a bias,
     ``nn.ReLU``, or ``nn.Dropout`` that does nothing (eval mode or p=0), with no hooks."""
@@ -36,7 +48,7 @@ def _plain_layer(module: nn.Module) -> bool:
         return False
     if type(module) is nn.Linear:
         return module.bias is not None
-    if type(module) is nn.Dropout:
+    if type(module) in (nn.Dropout, Dropout):
         return not module.training or module.p == 0
     return type(module) is nn.ReLU
 
@@ -50,7 +62,7 @@ def _tower(in_dim: int, layers: Sequence[int], dropout: float) -> nn.Sequential:
         nn.init.zeros_(linear.bias)
         blocks += [linear, nn.ReLU()]
         if dropout > 0:
-            blocks.append(nn.Dropout(dropout))
+            blocks.append(Dropout(dropout))
         in_dim = size
     return nn.Sequential(*blocks)
 
