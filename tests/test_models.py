@@ -374,26 +374,44 @@ def test_dropout_only_acts_in_training():
     assert not torch.equal(a, c)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_dropout_zeroes_a_fraction_p_and_scales_the_rest(dtype: torch.dtype) -> None:
-    """ops.dropout (the towers' CPU dropout): each element zeroed with probability p, the others
-    x / (1 - p); its backward passes the same mask; a seed repeats the draws."""
+@pytest.mark.parametrize(
+    ("dtype", "default"),
+    [
+        (torch.float32, torch.float32),
+        (torch.bfloat16, torch.float32),  # bf16-mixed: a bf16 tensor
+        (torch.bfloat16, torch.bfloat16),  # bf16-true: Lightning sets a bf16 default dtype
+        (torch.float16, torch.float16),
+        (torch.float64, torch.float32),
+    ],
+)
+def test_dropout_zeroes_a_fraction_p_and_scales_the_rest(
+    dtype: torch.dtype, default: torch.dtype
+) -> None:
+    """ops.dropout (the towers' CPU dropout): each element zeroed with probability p, whatever
+    the dtype and the default dtype, the others x / (1 - p) as torch computes it (1 / (1 - p)
+    in x's dtype); its backward passes the same mask; a seed repeats the draws."""
     p, n = 0.1, 2_000_000
-    x = (torch.rand(n, dtype=torch.float64) + 0.5).to(dtype).requires_grad_()
-    torch.manual_seed(0)
-    y = ops.dropout(x, p, True)
+    x = (torch.rand(n, 2, dtype=torch.float64) + 0.5).to(dtype).requires_grad_()  # 2-D
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(default)
+    try:
+        torch.manual_seed(0)
+        y = ops.dropout(x, p, True)
+        torch.manual_seed(0)
+        again = ops.dropout(x, p, True)
+        other = ops.dropout(x, p, True)  # the generator moved on
+    finally:
+        torch.set_default_dtype(previous)
     kept = y != 0
-    # binomial(n, 0.9): sd 424 elements; 5 sd (seeded: the same draws every run). A draw in
-    # bf16 (p on a grid of 2^-8) would keep ~0.3% fewer: 7 sd off.
-    assert abs(int(kept.sum()) - (1 - p) * n) < 5 * (n * p * (1 - p)) ** 0.5
-    scale = torch.tensor(1 / (1 - p)).to(dtype)  # the factor, rounded to x's dtype
+    # binomial(2n, 0.9): sd 600 elements; 5 sd (seeded: the same draws every run). A draw in
+    # bf16 (p on a grid of 2^-8) would keep ~0.2% fewer: 13 sd off.
+    assert abs(int(kept.sum()) - (1 - p) * 2 * n) < 5 * (2 * n * p * (1 - p)) ** 0.5
+    scale = torch.ones((), dtype=dtype).div_(1 - p)  # torch's: noise.div_(1 - p) in x's dtype
     assert y.dtype == dtype and torch.equal(y[kept], (x * scale)[kept].detach())
-    grad = torch.rand(n, dtype=torch.float64).to(dtype)
+    grad = torch.rand(n, 2, dtype=torch.float64).to(dtype)
     y.backward(grad)
     assert torch.equal(x.grad, torch.where(kept, grad * scale, torch.zeros_like(grad)))
-    torch.manual_seed(0)
-    assert torch.equal(ops.dropout(x, p, True), y)
-    assert not torch.equal(ops.dropout(x, p, True), y)  # the generator moved on
+    assert torch.equal(again, y) and not torch.equal(other, y)
     # inert in eval mode or at p = 0 (the input itself), torch's own at p = 1
     assert ops.dropout(x, p, False) is x and ops.dropout(x, 0.0, True) is x
     assert not ops.dropout(x, 1.0, True).any()
